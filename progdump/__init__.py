@@ -1,0 +1,3 @@
+"""progdump: progressive crash dumps (format, writer, reader). No QEMU in here."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Layer plans and producers (generic, linux, illumos)."""
