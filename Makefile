@@ -1,0 +1,48 @@
+# progdump: the user's verbs. See README.md.
+PYTHON ?= python3
+NAME ?= sysrq-panic
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEB_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra makedumpfile busybox-static \
+	dropbear-bin cpio zstd tgt e2fsprogs
+STAMP := .cache/setup.stamp
+
+.PHONY: setup test test-unit test-vm guest-image scenario scenarios regress bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@echo "== setup: Debian packages ($(DEB_PACKAGES))"
+	@if ! dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
+	fi
+	@echo "== setup: Python packages"
+	$(PYTHON) -m pip install -q -e '.[harness,test]'
+	@mkdir -p .cache && touch $(STAMP)
+
+guest-image: setup
+	$(PYTHON) guest-images/linux/build.py
+
+test: setup guest-image
+	$(PYTHON) -m pytest -ra tests/unit tests/vm
+
+test-unit: setup
+	$(PYTHON) -m pytest -ra tests/unit
+
+test-vm: setup guest-image
+	$(PYTHON) -m pytest -ra tests/vm
+
+scenario: setup guest-image
+	$(PYTHON) -m harness.scenario run $(NAME)
+
+scenarios: setup
+	@$(PYTHON) -m harness.scenario list
+
+regress: setup guest-image
+	$(PYTHON) -m harness.scenario regress
+
+bench: setup guest-image
+	$(PYTHON) bench/run.py
+
+clean:
+	rm -rf .cache results build *.egg-info
