@@ -1,1 +1,127 @@
-"""Layer plans and producers (generic, linux, illumos)."""
+"""Layer plans and producers (generic, linux, illumos).
+
+:func:`iter_layers` is what the writer calls: it yields each layer's spec and
+content *when the writer asks for it*, so layer 0 is not delayed by the work
+layer 2 needs (page classification).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Iterator
+
+from progdump.layers.base import Artifact, LayerContent, PageClass, PageClassMap, Producer
+from progdump.layers.generic import GenericProducer, core_artifacts
+from progdump.layers.plan import PART_PAGE_CLASSES, PLANS, LayerSpec, get_plan
+from progdump.snapshot import Snapshot
+
+__all__ = [
+    "LayerSpec",
+    "PLANS",
+    "get_plan",
+    "select_producer",
+    "iter_layers",
+    "build_layers",
+]
+
+log = logging.getLogger(__name__)
+
+
+def select_producer(snapshot: Snapshot) -> Producer:
+    """The most knowledgeable producer that accepts this snapshot.
+
+    A Linux snapshot (VMCOREINFO present) gets the Linux producer; anything it
+    refuses falls back to the generic producer with the reason recorded in
+    ``degraded`` (stored in layer notes, shown by ``progdump info``).
+    """
+    reasons: list[str] = []
+    if snapshot.vmcoreinfo is not None:
+        try:
+            from progdump.layers.linux import LinuxProducer  # noqa: PLC0415
+
+            return LinuxProducer(snapshot)
+        except ImportError as e:
+            reasons.append(f"linux producer unavailable: {e}")
+        except Exception as e:  # the producer reads untrusted memory: any failure degrades
+            reasons.append(f"linux producer refused the snapshot: {e}")
+    else:
+        reasons.append("no VMCOREINFO note: OS-specific producers not tried")
+    p = GenericProducer(snapshot)
+    p.degraded.extend(reasons)
+    return p
+
+
+def _safe(producer: Producer, what: str) -> tuple[LayerContent, list[str]]:
+    """Call producer.panic()/tasks(); on failure fall back to the generic producer."""
+    try:
+        return getattr(producer, what)(), []
+    except Exception as e:
+        if isinstance(producer, GenericProducer):
+            return LayerContent(notes=[f"{what}: generic producer failed: {e}"]), []
+        reason = f"{producer.name} producer failed in {what}(): {type(e).__name__}: {e}; generic used"
+        return getattr(GenericProducer(producer.snapshot), what)(), [reason]
+
+
+def iter_layers(
+    snapshot: Snapshot, plan: str | tuple[LayerSpec, ...] = "progressive", producer: Producer | None = None
+) -> Iterator[tuple[LayerSpec, LayerContent]]:
+    """Yield ``(spec, content)`` per layer of ``plan``, computing each on demand."""
+    specs = get_plan(plan) if isinstance(plan, str) else plan
+    if producer is None:
+        producer = select_producer(snapshot)
+    classes: list[PageClassMap | None] = []  # computed once, lazily
+
+    def page_classes() -> PageClassMap | None:
+        if not classes:
+            try:
+                classes.append(producer.page_classes())
+            except Exception as e:
+                producer.degraded.append(f"{producer.name} page classification failed: {type(e).__name__}: {e}")
+                classes.append(None)
+        return classes[0]
+
+    first = True
+    reported: set[str] = set()  # each degradation is noted once, in the layer where it shows
+    for spec in specs:
+        artifacts: list[Artifact] = []
+        notes: list[str] = []
+        runs = []
+        if first:
+            artifacts += core_artifacts(snapshot)
+            notes.append(f"producer: {producer.name}")
+            first = False
+        for part in spec.parts:
+            if part in ("panic", "tasks"):
+                content, extra = _safe(producer, part)
+                artifacts += content.artifacts
+                notes += content.notes + extra
+                runs.append(content.page_runs)
+            elif part == "all":
+                runs.append(snapshot.pfn_runs)
+            elif part in PART_PAGE_CLASSES:
+                pcm = page_classes()
+                if pcm is None:
+                    notes.append(f"{part}: no page classification ({producer.name} producer); pages go to the last layer")
+                else:
+                    wanted = PART_PAGE_CLASSES[part]
+                    runs.append(lambda pcm=pcm, wanted=wanted: pcm.runs(wanted, snapshot))
+            else:
+                raise ValueError(f"unknown layer part {part!r}")
+        for d in producer.degraded:
+            if d not in reported:
+                reported.add(d)
+                notes.append(f"degraded: {d}")
+        content = LayerContent(
+            artifacts=artifacts,
+            page_runs=lambda runs=tuple(runs): itertools.chain.from_iterable(r() for r in runs),
+            notes=notes,
+        )
+        yield spec, content
+
+
+def build_layers(
+    snapshot: Snapshot, plan: str | tuple[LayerSpec, ...] = "progressive", producer: Producer | None = None
+) -> list[tuple[LayerSpec, LayerContent]]:
+    """All layers at once (tests, ``progdump info``); the writer uses :func:`iter_layers`."""
+    return list(iter_layers(snapshot, plan, producer))

@@ -1,0 +1,86 @@
+"""Plans, generic producer and producer selection (no OS knowledge needed)."""
+
+from __future__ import annotations
+
+from progdump.layers import build_layers, get_plan, select_producer
+from progdump.layers.base import Artifact, LayerContent, PageClass, PageClassMap, Producer
+from progdump.layers.generic import GenericProducer, decode_notes, encode_notes, find_panic_message
+from progdump.snapshot import CpuState, MemoryRange, Note, Snapshot
+
+import pytest
+
+
+def _snap(npages: int = 16, phys: int = 0, vmcoreinfo: bytes | None = None) -> Snapshot:
+    buf = bytearray(npages * 4096)
+    notes = [Note("VMCOREINFO", 0, vmcoreinfo)] if vmcoreinfo is not None else []
+    return Snapshot(
+        ranges=[MemoryRange(phys, len(buf), memoryview(buf))],
+        cpus=[CpuState(0, {"rip": 0xFFFFFFFF81000000, "rsp": 0x1000, "cr3": 0x2000})],
+        notes=notes,
+        console_tail=b"boot\nKernel panic - not syncing: sysrq triggered crash\nmore\n",
+        metadata={"os": "linux", "hostname": "h"},
+    )
+
+
+def test_plans_progressive_order_and_monolithic_single_layer():
+    names = [s.name for s in get_plan("progressive")]
+    assert names == ["panic", "tasks", "kernel", "cache", "all"]
+    mono = get_plan("monolithic")
+    assert len(mono) == 1 and set(mono[0].parts) == {"panic", "tasks", "kernel", "cache", "all"}
+    with pytest.raises(ValueError, match="unknown plan"):
+        get_plan("nope")
+
+
+def test_generic_layers_put_all_memory_last_and_core_artifacts_first():
+    s = _snap()
+    layers = build_layers(s, "progressive")
+    first = {a.name for a in layers[0][1].artifacts}
+    assert {"registers.json", "console.txt", "metadata.json", "elf-notes.bin", "panic.txt"} <= first
+    assert b"sysrq triggered crash" in next(a.data for a in layers[0][1].artifacts if a.name == "panic.txt")
+    assert [list(c.page_runs()) for _, c in layers] == [[], [], [], [], [(0, 16)]]
+    assert any("no page classification" in n for n in layers[2][1].notes)
+
+
+def test_notes_roundtrip_and_truncated_input_does_not_raise():
+    notes = [Note("VMCOREINFO", 0, b"OSRELEASE=6.1\n"), Note("CORE", 1, b"x" * 7)]
+    raw = encode_notes(notes)
+    assert decode_notes(raw) == notes
+    for cut in range(len(raw)):
+        decode_notes(raw[:cut])  # never raises
+
+
+def test_find_panic_message_takes_last_known_form():
+    assert find_panic_message(b"panic[cpu0]/thread=fffffe0: BAD TRAP\n") == "BAD TRAP"
+    assert find_panic_message(b"nothing here") is None
+
+
+class _Classifying(Producer):
+    name = "fake"  # a fake producer, for testing the plan around it
+
+    def panic(self):
+        return LayerContent([Artifact("panic.txt", b"fake")])
+
+    def tasks(self):
+        raise RuntimeError("boom")
+
+    def page_classes(self):
+        m = PageClassMap(0, 16, PageClass.USER)
+        m.set_run(2, 3, PageClass.KERNEL)
+        m.set_run(8, 2, PageClass.CACHE)
+        return m
+
+
+def test_page_class_parts_and_failure_fallback():
+    s = _snap()
+    layers = build_layers(s, "progressive", _Classifying(s))
+    runs = [list(c.page_runs()) for _, c in layers]
+    assert runs[2] == [(2, 3)] and runs[3] == [(8, 2)] and runs[4] == [(0, 16)]
+    assert any("fake producer failed in tasks()" in n for n in layers[1][1].notes)
+
+
+def test_select_producer_falls_back_with_reason():
+    p = select_producer(_snap())
+    assert isinstance(p, GenericProducer) and any("VMCOREINFO" in d for d in p.degraded)
+    p = select_producer(_snap(vmcoreinfo=b"garbage"))
+    # whatever the linux producer's state, a garbage VMCOREINFO must not yield a crash
+    assert p.name in ("generic", "linux")
