@@ -120,6 +120,9 @@ class Snapshot:
     notes: list[Note] = field(default_factory=list)
     console_tail: bytes = b""
     metadata: dict[str, object] = field(default_factory=dict)
+    # What a loader adjusted or ignored (rounded ranges, clipped overlaps,
+    # unreadable notes): shown to the operator, never part of equality.
+    load_warnings: list[str] = field(default_factory=list, compare=False)
     # Objects (mmaps, files) to close with the snapshot.
     _owned: list[object] = field(default_factory=list, repr=False)
 
@@ -234,15 +237,25 @@ class Snapshot:
         finally:
             os.close(fd)
         view = memoryview(mm)
-        mr = []
+        mr: list[MemoryRange] = []
+
+        def release() -> None:
+            for r in mr:
+                r.buffer.release()
+            view.release()
+            mm.close()
+
         for phys, foff, size in ranges:
             if foff < 0 or size < 0 or foff + size > fsize:
-                view.release()
-                mm.close()
+                release()
                 raise SnapshotError(f"{path}: range at file offset {foff:#x}+{size:#x} beyond end of file")
             mr.append(MemoryRange(phys, size, view[foff : foff + size]))
         owned = list(kwargs.pop("_owned", []))  # type: ignore[arg-type]
-        snap = cls(ranges=mr, _owned=owned + [view, mm], **kwargs)  # type: ignore[arg-type]
+        try:
+            snap = cls(ranges=mr, _owned=owned + [view, mm], **kwargs)  # type: ignore[arg-type]
+        except SnapshotError:
+            release()
+            raise
         return snap
 
     @classmethod
