@@ -1,0 +1,375 @@
+"""Results of a scenario: rows, summary, the survivable-layers curve, the table.
+
+Everything here is a pure function of result rows (plus the durable times the
+traces gave), so it is unit-tested without a VM. The output layout::
+
+    results/<scenario>/<UTC timestamp>/
+        trials.csv     one row per real trial or replayed crash state
+        summary.json   the figures (keys listed in SUMMARY_KEYS)
+        report.md      the table, the curve, disagreements and failures
+        curve.png      layers recovered vs reset time, one panel per device model
+        sample/        recovery output of the last real trial with every layer complete
+    results/<scenario>/latest -> <UTC timestamp>
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterable
+
+__all__ = [
+    "Row",
+    "summarize",
+    "percentiles",
+    "write_csv",
+    "read_csv",
+    "write_summary",
+    "plot_curve",
+    "format_table",
+    "write_report_md",
+    "new_results_dir",
+    "SUMMARY_KEYS",
+]
+
+SUMMARY_KEYS = (
+    "scenario",
+    "guest",
+    "device_model",
+    "real_trials",
+    "replayed_states",
+    "false_accepts",
+    "committed_layers_lost",
+    "layer_durable_ms",
+    "monolithic_durable_ms",
+    "agreement",
+)
+
+
+@dataclass
+class Row:
+    """One real trial or one replayed crash state (a line of trials.csv).
+
+    ``t_ms`` is the reset time in milliseconds since the writer opened the
+    device (the trace's time 0). ``statuses`` is the reader's per-layer claim
+    joined by ``/`` (``complete-unverified`` when scoring disagreed).
+    ``kind``, ``seed`` and ``trace`` are what replays the row exactly:
+    ``python -m harness.crashsim replay TRACE --base BASE --t T --kind K --seed S``.
+    """
+
+    scenario: str
+    guest: str
+    device_model: str
+    plan: str
+    source: str  # real | replay
+    trial: int  # real trial number (replays: the trial whose trace they replay, -1 for references)
+    index: int  # state index in the enumeration (-1 for real trials)
+    kind: str  # real: killed | complete ; replay: prefix | random | torn | model
+    seed: int
+    t_ms: float
+    layers_total: int
+    layers_recovered: int
+    statuses: str
+    committed: int  # layers whose commit was durable by t (per the trace)
+    committed_lost: int
+    false_accept: int
+    bytes_recovered: int
+    verified: str  # full | records | none : how deep content was checked
+    agreement: str = ""  # real trials: agree | disagree | n/a
+    trace: str = ""
+    reasons: str = ""
+
+
+def percentiles(values: Iterable[float]) -> dict[str, float | None]:
+    """p50, p95 and max by nearest rank (no interpolation: every figure is a measured one)."""
+    v = sorted(x for x in values if x is not None and not math.isnan(x))
+    if not v:
+        return {"p50": None, "p95": None, "max": None, "n": 0}
+
+    def rank(p: float) -> float:
+        return v[max(0, math.ceil(p * len(v)) - 1)]
+
+    return {"p50": round(rank(0.50), 3), "p95": round(rank(0.95), 3), "max": round(v[-1], 3), "n": len(v)}
+
+
+def summarize(
+    rows: list[Row],
+    *,
+    scenario: str,
+    guest: str,
+    durable_ms: dict[str, dict[str, list[float]]],
+    extra: dict[str, object] | None = None,
+) -> dict[str, object]:
+    """summary.json: totals over all device models, plus a ``per_model`` breakdown.
+
+    ``durable_ms[model][layer name or 'monolithic']`` lists the times (ms since
+    the writer opened the device) at which that layer became durable, one per
+    trace that got that far.
+    """
+    models = sorted({r.device_model for r in rows} | set(durable_ms))
+
+    def block(rs: list[Row], dur: dict[str, list[float]]) -> dict[str, object]:
+        real = [r for r in rs if r.source == "real"]
+        layer_names = [k for k in dur if k != "monolithic"]
+        return {
+            "real_trials": len(real),
+            "replayed_states": sum(1 for r in rs if r.source == "replay"),
+            "false_accepts": sum(r.false_accept for r in rs),
+            "committed_layers_lost": sum(r.committed_lost for r in rs),
+            "layer_durable_ms": {k: percentiles(dur[k]) for k in layer_names},
+            "monolithic_durable_ms": percentiles(dur.get("monolithic", [])),
+            "agreement": {
+                "agree": sum(1 for r in real if r.agreement == "agree"),
+                "disagree": sum(1 for r in real if r.agreement == "disagree"),
+            },
+        }
+
+    per_model = {m: block([r for r in rows if r.device_model == m], durable_ms.get(m, {})) for m in models}
+    merged: dict[str, list[float]] = {}
+    for m in models:
+        for k, v in durable_ms.get(m, {}).items():
+            merged.setdefault(k, []).extend(v)
+    top = {"scenario": scenario, "guest": guest, "device_model": ",".join(models)}
+    top.update(block(rows, merged))
+    top["device_models"] = models
+    top["per_model"] = per_model
+    if extra:
+        top.update(extra)
+    return top
+
+
+def write_csv(rows: list[Row], path: str | os.PathLike[str]) -> None:
+    names = [f.name for f in fields(Row)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=names)
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[Row]:
+    types = {f.name: f.type for f in fields(Row)}
+    out = []
+    with open(path, newline="") as f:
+        for d in csv.DictReader(f):
+            kw = {}
+            for k, v in d.items():
+                t = types.get(k)
+                kw[k] = int(v) if t in (int, "int") else float(v) if t in (float, "float") else v
+            out.append(Row(**kw))
+    return out
+
+
+def write_summary(summary: dict[str, object], path: str | os.PathLike[str]) -> None:
+    Path(path).write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+
+
+def _staircase(durable: dict[str, list[float]], names: list[str]) -> tuple[list[float], list[int]]:
+    """Median durable time per layer as a step function (x in seconds)."""
+    xs, ys = [0.0], [0]
+    for i, name in enumerate(names):
+        v = sorted(durable.get(name, []))
+        if not v:
+            break
+        xs.append(v[len(v) // 2] / 1e3)
+        ys.append(i + 1)
+    return xs, ys
+
+
+def plot_curve(
+    rows: list[Row],
+    durable_ms: dict[str, dict[str, list[float]]],
+    layer_names: list[str],
+    path: str | os.PathLike[str],
+    title: str,
+) -> None:
+    """curve.png: layers recovered vs reset time, progressive and monolithic, a panel per model.
+
+    Monolithic is drawn on the progressive scale: its one layer holds
+    everything, so recovering it counts as all ``len(layer_names)`` layers and
+    losing it as none. Replayed crash states are small dots, real trials large
+    markers; the step lines are the median durable time of each layer.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r.device_model for r in rows} | set(durable_ms))
+    n = max(1, len(models))
+    fig, axes = plt.subplots(1, n, figsize=(6.2 * n, 4.6), squeeze=False, sharey=True)
+    full = len(layer_names)
+    colors = {"progressive": "#1f77b4", "monolithic": "#d62728"}
+    for ax, model in zip(axes[0], models):
+        rs = [r for r in rows if r.device_model == model]
+        xmax = max([r.t_ms / 1e3 for r in rs if r.kind != "complete"] + [0.001])
+        for plan, off in (("progressive", 0.06), ("monolithic", -0.06)):
+            pr = [r for r in rs if r.plan == plan]
+            scale = (lambda r: full if r.layers_recovered else 0) if plan == "monolithic" else (lambda r: r.layers_recovered)
+            rep = [r for r in pr if r.source == "replay"]
+            if rep:
+                ax.scatter(
+                    [r.t_ms / 1e3 for r in rep],
+                    [scale(r) + off for r in rep],
+                    s=6,
+                    alpha=0.25,
+                    color=colors[plan],
+                    linewidths=0,
+                    label=f"{plan}: {len(rep)} replayed states",
+                )
+            real = [r for r in pr if r.source == "real" and r.kind != "complete"]
+            if real:
+                ax.scatter(
+                    [r.t_ms / 1e3 for r in real],
+                    [scale(r) + off for r in real],
+                    s=60,
+                    marker="o" if plan == "progressive" else "X",
+                    facecolors=colors[plan],
+                    edgecolors="black",
+                    linewidths=0.8,
+                    zorder=5,
+                    label=f"{plan}: {len(real)} real resets",
+                )
+            dur = durable_ms.get(model, {})
+            if plan == "progressive":
+                xs, ys = _staircase(dur, layer_names)
+            else:
+                v = sorted(dur.get("monolithic", []))
+                xs, ys = ([0.0, v[len(v) // 2] / 1e3], [0, full]) if v else ([0.0], [0])
+            if len(xs) > 1:
+                xs2 = xs + [max(xmax, xs[-1]) * 1.05]
+                ys2 = ys + [ys[-1]]
+                ax.step(xs2, ys2, where="post", color=colors[plan], linewidth=2, label=f"{plan}: median durable time")
+            xmax = max(xmax, xs[-1] * 1.05)
+        ax.set_xlim(0, xmax * 1.02)
+        ax.set_title(f"{model}")
+        ax.set_xlabel("reset time after the writer started (s)")
+        ax.grid(True, alpha=0.3)
+        ax.set_yticks(range(full + 1))
+        ax.set_yticklabels(["none"] + [f"{i}: {nm}" for i, nm in enumerate(layer_names)])
+    axes[0][0].set_ylabel("layers recovered and verified")
+    axes[0][-1].legend(loc="lower right", fontsize=7, framealpha=0.9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def format_table(summary: dict[str, object], layer_names: list[str]) -> str:
+    """The short table printed at the end of a run (one line per device model)."""
+    per = summary.get("per_model", {})
+    head = ["model", "real", "replayed", "false acc", "lost", "agree"] + [f"L{i} {n} p50/max ms" for i, n in enumerate(layer_names)] + [
+        "monolithic p50 ms"
+    ]
+    lines = [head]
+    for m, b in per.items():  # type: ignore[union-attr]
+        ag = b["agreement"]
+        cells = [m, str(b["real_trials"]), str(b["replayed_states"]), str(b["false_accepts"]), str(b["committed_layers_lost"]), f"{ag['agree']}/{ag['agree'] + ag['disagree']}"]
+        for n in layer_names:
+            d = b["layer_durable_ms"].get(n, {})
+            cells.append(f"{_fmt(d.get('p50'))}/{_fmt(d.get('max'))}")
+        cells.append(_fmt(b["monolithic_durable_ms"].get("p50")))
+        lines.append(cells)
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    out = []
+    for j, r in enumerate(lines):
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def write_report_md(
+    path: str | os.PathLike[str],
+    summary: dict[str, object],
+    rows: list[Row],
+    layer_names: list[str],
+    description: str,
+    extra_lines: list[str] = (),  # type: ignore[assignment]
+) -> None:
+    real = [r for r in rows if r.source == "real"]
+    bad = [r for r in rows if r.false_accept or r.committed_lost]
+    dis = [r for r in real if r.agreement == "disagree"]
+    md = [f"# Scenario `{summary['scenario']}`", "", description.strip(), ""]
+    md += ["## Summary", "", "```", format_table(summary, layer_names), "```", ""]
+    md += [
+        f"- real trials: {summary['real_trials']}, replayed crash states: {summary['replayed_states']}",
+        f"- false accepts: {summary['false_accepts']}, committed layers lost: {summary['committed_layers_lost']}",
+        f"- agreement (real outcome = replay of its trace at its reset time): "
+        f"{summary['agreement']['agree']} agree, {summary['agreement']['disagree']} disagree",  # type: ignore[index]
+        "- durable times are ms from the writer opening the device to the flush that made the layer's commit durable",
+        "",
+        "![layers recovered vs reset time](curve.png)",
+        "",
+    ]
+    md += list(extra_lines)
+    md += ["## Real trials", "", "| model | plan | reset at ms | layers | statuses | committed | lost | false accept | agreement |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in real:
+        md.append(
+            f"| {r.device_model} | {r.plan} | {'end' if r.kind == 'complete' else f'{r.t_ms:.1f}'} | {r.layers_recovered}/{r.layers_total} "
+            f"| {r.statuses} | {r.committed} | {r.committed_lost} | {r.false_accept} | {r.agreement} |"
+        )
+    md.append("")
+    if dis:
+        md += ["## Disagreements (real vs replay)", ""]
+        md += [f"- {r.device_model} {r.plan} trial {r.trial} at {r.t_ms:.1f} ms: {r.reasons}" for r in dis]
+        md.append("")
+    if bad:
+        md += ["## Failures (false accepts, committed layers lost)", "", "Replay one exactly with the command in the row; narrow it with `python -m harness.crashsim narrow ...`.", ""]
+        for r in bad[:50]:
+            md.append(f"- {r.source} {r.device_model} {r.plan} kind={r.kind} t={r.t_ms:.3f} ms seed={r.seed} trace={r.trace}: {r.reasons}")
+        md.append("")
+    Path(path).write_text("\n".join(md) + "\n")
+
+
+def new_results_dir(root: str | os.PathLike[str], scenario: str, stamp: str) -> Path:
+    """Create ``root/scenario/stamp`` and point ``root/scenario/latest`` at it."""
+    base = Path(root) / scenario
+    d = base / stamp
+    d.mkdir(parents=True, exist_ok=False)
+    latest = base / "latest"
+    tmp = base / f".latest.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(stamp)
+    os.replace(tmp, latest)
+    return d
+
+
+@dataclass
+class Progress:
+    """A one-line progress bar on a terminal; plain lines every 10 % elsewhere."""
+
+    label: str
+    total: int
+    done: int = 0
+    _last_pct: int = field(default=-1, repr=False)
+
+    def step(self, n: int = 1, note: str = "") -> None:
+        import sys
+
+        self.done += n
+        pct = int(100 * self.done / max(1, self.total))
+        if sys.stderr.isatty():
+            width = 30
+            fill = int(width * self.done / max(1, self.total))
+            sys.stderr.write(f"\r{self.label:<28} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {note[:40]:<40}")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif pct // 10 != self._last_pct // 10 or self.done >= self.total:
+            sys.stderr.write(f"{self.label}: {self.done}/{self.total} {note}\n")
+            sys.stderr.flush()
+        self._last_pct = pct

@@ -1,0 +1,76 @@
+"""Report: summary keys and figures, CSV round trip, table, curve, results layout."""
+
+from __future__ import annotations
+
+import json
+
+from harness.report import (
+    SUMMARY_KEYS,
+    Row,
+    format_table,
+    new_results_dir,
+    percentiles,
+    plot_curve,
+    read_csv,
+    summarize,
+    write_csv,
+    write_report_md,
+)
+
+NAMES = ["panic", "tasks", "kernel", "cache", "all"]
+
+
+def _row(model="hdd", plan="progressive", source="replay", t=10.0, rec=2, fa=0, lost=0, agreement="", kind="random"):
+    return Row("s", "linux", model, plan, source, 0, 1, kind, 7, t, 5 if plan == "progressive" else 1, rec,
+               "complete/complete/missing/missing/missing", rec, lost, fa, 1000, "records", agreement, "/tmp/tr", "")
+
+
+def test_percentiles_nearest_rank():
+    assert percentiles([]) == {"p50": None, "p95": None, "max": None, "n": 0}
+    p = percentiles(range(1, 101))
+    assert p["p50"] == 50 and p["p95"] == 95 and p["max"] == 100 and p["n"] == 100
+    assert percentiles([3.0])["p95"] == 3.0
+
+
+def test_summary_has_the_issue_keys_and_counts():
+    rows = [_row(), _row(fa=1), _row(source="real", agreement="agree", kind="killed"),
+            _row(model="nvme", source="real", agreement="disagree", lost=1, kind="killed"), _row(model="nvme", plan="monolithic", rec=0)]
+    dur = {"hdd": {"panic": [3.0, 5.0], "tasks": [40.0], "monolithic": [900.0]}, "nvme": {"panic": [1.0]}}
+    s = summarize(rows, scenario="s", guest="linux", durable_ms=dur)
+    for k in SUMMARY_KEYS:
+        assert k in s
+    assert s["real_trials"] == 2 and s["replayed_states"] == 3
+    assert s["false_accepts"] == 1 and s["committed_layers_lost"] == 1
+    assert s["agreement"] == {"agree": 1, "disagree": 1}
+    assert s["layer_durable_ms"]["panic"]["max"] == 5.0 and s["layer_durable_ms"]["panic"]["n"] == 3
+    assert s["monolithic_durable_ms"]["p50"] == 900.0
+    assert s["per_model"]["nvme"]["real_trials"] == 1 and s["device_model"] == "hdd,nvme"
+    json.dumps(s)  # serialisable
+    t = format_table(s, NAMES)
+    assert "hdd" in t and "nvme" in t and "L0 panic" in t
+
+
+def test_csv_round_trip(tmp_path):
+    rows = [_row(), _row(source="real", t=1.5, agreement="agree")]
+    write_csv(rows, tmp_path / "t.csv")
+    assert read_csv(tmp_path / "t.csv") == rows
+
+
+def test_curve_and_report_files(tmp_path):
+    rows = [_row(t=float(i), rec=min(5, i // 20)) for i in range(100)]
+    rows += [_row(plan="monolithic", t=float(i), rec=int(i > 90)) for i in range(100)]
+    rows += [_row(source="real", t=33.0, rec=1, agreement="agree", kind="killed"), _row(model="nvme", t=2.0)]
+    dur = {"hdd": {"panic": [5.0], "tasks": [20.0], "kernel": [40.0], "monolithic": [91.0]}}
+    plot_curve(rows, dur, NAMES, tmp_path / "curve.png", "test")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    s = summarize(rows, scenario="s", guest="linux", durable_ms=dur)
+    write_report_md(tmp_path / "report.md", s, rows, NAMES, "desc")
+    md = (tmp_path / "report.md").read_text()
+    assert "curve.png" in md and "| hdd | progressive | 33.0 |" in md
+
+
+def test_results_dir_and_latest_symlink(tmp_path):
+    d1 = new_results_dir(tmp_path, "x", "20260101T000000Z")
+    d2 = new_results_dir(tmp_path, "x", "20260101T000001Z")
+    assert d1.is_dir() and d2.is_dir()
+    assert (tmp_path / "x" / "latest").resolve() == d2.resolve()
