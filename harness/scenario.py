@@ -1,0 +1,302 @@
+"""The scenario runner: ``python -m harness.scenario run NAME | list | regress``.
+
+A scenario is one TOML file in ``scenarios/`` (format in docs/SCENARIOS.md):
+guest, memory, workload commands, panic trigger, device models, plans, trial
+counts and a seed, and optionally a ``setup`` step (``"module:function"``, a
+context-manager factory) for scenarios that need something built first, such
+as an iSCSI target. One run:
+
+1. real trials (:mod:`harness.trials`): an older dump is put on the dump disk,
+   then per device model one panic is dumped completely with every plan
+   (the reference traces), then ``real`` killed trials per (model, plan): a
+   fresh panic, the writer killed at a random delay, the VM reset, the guest
+   shown to see the disk, recovery scored against ground truth, and the same
+   trace replayed at the same moment to check agreement;
+2. replay (:mod:`harness.crashsim.replay`): ``states`` crash states per
+   reference trace, each scored;
+3. report (:mod:`harness.report`) into ``results/<scenario>/<UTC stamp>/``.
+
+``TRIALS=`` and ``STATES=`` override the counts; ``RESULTS=`` the results root.
+``make regress`` runs the scenarios marked ``ci = true`` and compares each
+summary with ``scenarios/baseline/<name>.json`` (see :func:`compare`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Scenario", "ScenarioError", "load_scenario", "list_scenarios", "compare", "main", "REGRESS_TOLERANCE"]
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO_DIR = ROOT / "scenarios"
+BASELINE_DIR = SCENARIO_DIR / "baseline"
+
+#: layer-0 durable time may be this much worse than the baseline's (ratio on p95 and an
+#: absolute floor, since TCG timing on a shared 2-core machine jitters by tens of ms)
+REGRESS_TOLERANCE = {"ratio": 1.5, "floor_ms": 50.0}
+
+_KNOWN_KEYS = {
+    "description", "guest", "memory_mib", "trigger", "device_models", "plans", "seed", "ci",
+    "workload", "trials", "setup", "expect_holes", "kernel_args",
+}
+
+
+class ScenarioError(Exception):
+    """A scenario file is missing or wrong (the message names the file and key)."""
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    guest: str
+    memory_mib: int
+    trigger: str
+    device_models: list[str]
+    plans: list[str]
+    seed: int
+    ci: bool
+    workload: list[str]
+    real: int
+    states: int
+    setup: str | None = None
+    expect_holes: bool = False
+    kernel_args: list[str] = field(default_factory=list)
+    path: str = ""
+
+    def with_env(self, env: dict[str, str] | None = None) -> "Scenario":
+        """Apply ``TRIALS=`` / ``STATES=`` overrides (non-negative integers)."""
+        env = dict(os.environ if env is None else env)
+        out = Scenario(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        for var, attr in (("TRIALS", "real"), ("STATES", "states")):
+            if env.get(var, "") != "":
+                try:
+                    v = int(env[var])
+                    if v < 0:
+                        raise ValueError
+                except ValueError:
+                    raise ScenarioError(f"{var}={env[var]!r}: want a non-negative integer") from None
+                setattr(out, attr, v)
+        return out
+
+
+def load_scenario(path: str | os.PathLike[str]) -> Scenario:
+    p = Path(path)
+    try:
+        d = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ScenarioError(f"{p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{p}: {e}") from None
+    unknown = set(d) - _KNOWN_KEYS
+    if unknown:
+        raise ScenarioError(f"{p}: unknown keys {', '.join(sorted(unknown))}")
+
+    def need(key: str, typ: type, default: object = None) -> object:
+        v = d.get(key, default)
+        if v is None:
+            raise ScenarioError(f"{p}: missing {key!r}")
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise ScenarioError(f"{p}: {key!r} should be {typ.__name__}, not {type(v).__name__}")
+        return v
+
+    from progdump.devmodel import load_models
+    from progdump.layers.plan import PLANS
+
+    models = need("device_models", list)
+    known = load_models()
+    for m in models:  # type: ignore[union-attr]
+        if m not in known:
+            raise ScenarioError(f"{p}: unknown device model {m!r} (known: {', '.join(sorted(known))})")
+    plans = need("plans", list, ["progressive", "monolithic"])
+    for pl in plans:  # type: ignore[union-attr]
+        if pl not in PLANS:
+            raise ScenarioError(f"{p}: unknown plan {pl!r}")
+    wl = d.get("workload", {})
+    trials = d.get("trials", {})
+    if not isinstance(wl, dict) or not isinstance(trials, dict):
+        raise ScenarioError(f"{p}: [workload] and [trials] must be tables")
+    cmds = wl.get("commands", [])
+    if not isinstance(cmds, list) or not all(isinstance(c, str) for c in cmds):
+        raise ScenarioError(f"{p}: workload.commands must be a list of strings")
+    setup = d.get("setup")
+    if setup is not None and (not isinstance(setup, str) or ":" not in setup):
+        raise ScenarioError(f"{p}: setup must be 'module:function'")
+    mem = need("memory_mib", int)
+    if not 64 <= mem <= 1 << 20:  # type: ignore[operator]
+        raise ScenarioError(f"{p}: memory_mib {mem} out of range")
+    real, states = trials.get("real", 1), trials.get("states", 100)
+    if not isinstance(real, int) or not isinstance(states, int) or real < 0 or states < 0:
+        raise ScenarioError(f"{p}: trials.real and trials.states must be non-negative integers")
+    return Scenario(
+        name=p.stem,
+        description=str(d.get("description", "")),
+        guest=str(need("guest", str)),
+        memory_mib=int(mem),  # type: ignore[arg-type]
+        trigger=str(need("trigger", str)),
+        device_models=list(models),  # type: ignore[arg-type]
+        plans=list(plans),  # type: ignore[arg-type]
+        seed=int(need("seed", int, 1)),  # type: ignore[arg-type]
+        ci=bool(d.get("ci", False)),
+        workload=list(cmds),
+        real=real,
+        states=states,
+        setup=setup,
+        expect_holes=bool(d.get("expect_holes", False)),
+        kernel_args=list(d.get("kernel_args", [])),
+        path=str(p),
+    )
+
+
+def list_scenarios(directory: Path = SCENARIO_DIR) -> list[Scenario]:
+    return [load_scenario(p) for p in sorted(directory.glob("*.toml"))]
+
+
+def find_scenario(name: str, directory: Path = SCENARIO_DIR) -> Scenario:
+    p = directory / f"{name}.toml"
+    if not p.exists():
+        names = ", ".join(s.name for s in list_scenarios(directory))
+        raise ScenarioError(f"no scenario {name!r} (known: {names})")
+    return load_scenario(p)
+
+
+def resolve_setup(spec: str | None):
+    """The setup step's context-manager factory, or None."""
+    if not spec:
+        return None
+    mod, _, fn = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ScenarioError(f"setup {spec!r}: {e}") from None
+
+
+# -- regression comparison -------------------------------------------------------
+
+
+def compare(summary: dict, baseline: dict, tolerance: dict = REGRESS_TOLERANCE) -> tuple[bool, list[str]]:
+    """Compare a run's summary with the committed baseline. Returns (ok, lines to print).
+
+    Fails on any false accept, any committed layer lost, or a layer-0 durable
+    time (p95, per device model) worse than ``baseline * ratio`` and worse by
+    more than ``floor_ms``. Everything else is printed for information.
+    """
+    ok = True
+    lines = [f"{'check':<44} {'baseline':>12} {'this run':>12}  verdict"]
+
+    def line(what: str, b: object, n: object, good: bool) -> None:
+        lines.append(f"{what:<44} {str(b):>12} {str(n):>12}  {'ok' if good else 'FAIL'}")
+
+    fa = int(summary.get("false_accepts", 0))
+    line("false accepts (must be 0)", baseline.get("false_accepts", 0), fa, fa == 0)
+    ok &= fa == 0
+    lost = int(summary.get("committed_layers_lost", 0))
+    line("committed layers lost (must be 0)", baseline.get("committed_layers_lost", 0), lost, lost == 0)
+    ok &= lost == 0
+    per_now = summary.get("per_model", {})
+    per_base = baseline.get("per_model", {})
+    for model in sorted(per_now):
+        now = per_now[model]
+        base = per_base.get(model)
+        first = next(iter(now.get("layer_durable_ms", {})), None)
+        if first is None:
+            continue
+        n95 = now["layer_durable_ms"][first].get("p95")
+        if base is None or first not in base.get("layer_durable_ms", {}):
+            line(f"{model}: layer 0 ({first}) durable p95 ms", "none", n95, True)
+            continue
+        b95 = base["layer_durable_ms"][first].get("p95")
+        good = n95 is not None and (b95 is None or n95 <= max(b95 * tolerance["ratio"], b95 + tolerance["floor_ms"]))
+        if n95 is None:
+            good = False
+        line(f"{model}: layer 0 ({first}) durable p95 ms", b95, n95, good)
+        ok &= good
+    for key in ("real_trials", "replayed_states"):
+        line(key, baseline.get(key), summary.get(key), True)
+    ag = summary.get("agreement", {})
+    bag = baseline.get("agreement", {})
+    line("agreement agree/disagree", f"{bag.get('agree')}/{bag.get('disagree')}", f"{ag.get('agree')}/{ag.get('disagree')}", True)
+    lines.append(
+        f"tolerance: layer-0 p95 may exceed the baseline by x{tolerance['ratio']} or +{tolerance['floor_ms']:.0f} ms, whichever is larger"
+    )
+    return ok, lines
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+def cmd_list() -> int:
+    for s in list_scenarios():
+        tag = " [ci]" if s.ci else ""
+        print(f"{s.name:<22} {s.guest} {s.memory_mib} MiB, {s.trigger}, {'/'.join(s.device_models)}: {s.description}{tag}")
+    return 0
+
+
+def cmd_run(name: str, results_root: str | None = None) -> tuple[int, dict | None]:
+    sc = find_scenario(name).with_env()
+    from harness.trials import run_scenario
+
+    root = results_root or os.environ.get("RESULTS") or str(ROOT / "results")
+    summary = run_scenario(sc, root)
+    bad = summary["false_accepts"] or summary["committed_layers_lost"]
+    return (1 if bad else 0), summary
+
+
+def cmd_regress(update: bool = False) -> int:
+    ok_all = True
+    report: list[str] = []
+    for sc in [s for s in list_scenarios() if s.ci]:
+        print(f"== regress: {sc.name}", flush=True)
+        _, summary = cmd_run(sc.name)
+        assert summary is not None
+        bpath = BASELINE_DIR / f"{sc.name}.json"
+        if update or not bpath.exists():
+            BASELINE_DIR.mkdir(parents=True, exist_ok=True)
+            keep = {k: summary[k] for k in summary if k not in ("results_dir",)}
+            bpath.write_text(json.dumps(keep, indent=2) + "\n")
+            report.append(f"== {sc.name}: baseline written to {bpath.relative_to(ROOT)} (commit it)")
+            ok, lines = compare(summary, keep)
+        else:
+            ok, lines = compare(summary, json.loads(bpath.read_text()))
+        report.append(f"== {sc.name}: {'PASS' if ok else 'FAIL'} (results: {summary.get('results_dir')})")
+        report += ["   " + ln for ln in lines]
+        ok_all &= ok
+    print("\n".join(report))
+    print("regress:", "PASS" if ok_all else "FAIL")
+    return 0 if ok_all else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harness.scenario", description="Run progdump scenarios.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run one scenario")
+    r.add_argument("name")
+    r.add_argument("--results", help="results root (default: results/ or $RESULTS)")
+    sub.add_parser("list", help="list scenarios, one line each")
+    g = sub.add_parser("regress", help="run the CI scenarios and compare with the committed baselines")
+    g.add_argument("--update-baseline", action="store_true", help="write the baselines from this run")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "list":
+            return cmd_list()
+        if a.cmd == "run":
+            t0 = time.monotonic()
+            rc, _ = cmd_run(a.name, a.results)
+            print(f"scenario {a.name}: {'FAIL' if rc else 'ok'} in {time.monotonic() - t0:.0f} s")
+            return rc
+        return cmd_regress(a.update_baseline)
+    except ScenarioError as e:
+        print(f"scenario: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Scenario files load and validate; env overrides; the regression comparison."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.scenario import ScenarioError, compare, list_scenarios, load_scenario, main
+
+
+def test_every_shipped_scenario_loads_and_the_required_ones_exist():
+    names = {s.name for s in list_scenarios()}
+    assert {"sysrq-panic", "oops-under-load", "slow-dump-device", "dump-device-errors"} <= names
+    for s in list_scenarios():
+        assert s.device_models and s.plans and s.memory_mib >= 64 and s.workload
+    assert any(s.ci for s in list_scenarios())
+
+
+def test_env_overrides_counts():
+    s = load_scenario("scenarios/sysrq-panic.toml")
+    s2 = s.with_env({"TRIALS": "7", "STATES": "1000"})
+    assert (s2.real, s2.states) == (7, 1000) and (s.real, s.states) != (7, 1000)
+    with pytest.raises(ScenarioError, match="TRIALS"):
+        s.with_env({"TRIALS": "-1"})
+
+
+def test_bad_scenarios_are_clear_errors(tmp_path):
+    p = tmp_path / "x.toml"
+    p.write_text('guest = "linux"\nmemory_mib = 512\ntrigger = "sysrq"\ndevice_models = ["floppy"]\n')
+    with pytest.raises(ScenarioError, match="unknown device model 'floppy'"):
+        load_scenario(p)
+    p.write_text('guest = "linux"\nmemory_mib = "lots"\n')
+    with pytest.raises(ScenarioError):
+        load_scenario(p)
+    p.write_text('gust = 1\n')
+    with pytest.raises(ScenarioError, match="unknown keys gust"):
+        load_scenario(p)
+    p.write_text("[[[")
+    with pytest.raises(ScenarioError, match="x.toml"):
+        load_scenario(p)
+
+
+def _summary(fa=0, lost=0, p95=10.0, model="hdd"):
+    return {
+        "false_accepts": fa, "committed_layers_lost": lost, "real_trials": 3, "replayed_states": 100,
+        "agreement": {"agree": 3, "disagree": 0},
+        "per_model": {model: {"layer_durable_ms": {"panic": {"p50": p95, "p95": p95, "max": p95}}}},
+    }
+
+
+def test_compare_passes_within_tolerance_and_fails_on_each_rule():
+    base = _summary(p95=100.0)
+    ok, lines = compare(_summary(p95=140.0), base)
+    assert ok and any("tolerance" in ln for ln in lines)
+    assert not compare(_summary(fa=1), base)[0]
+    assert not compare(_summary(lost=2), base)[0]
+    assert not compare(_summary(p95=400.0), base)[0]
+    # the absolute floor: small times may jitter by tens of ms
+    assert compare(_summary(p95=9.0 + 45.0), _summary(p95=9.0))[0]
+    assert not compare(_summary(p95=9.0 + 80.0), _summary(p95=9.0))[0]
+
+
+def test_list_command_prints_one_line_per_scenario(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == len(list_scenarios()) and out[0].split()[0]
+
+
+def test_unknown_scenario_name(capsys):
+    assert main(["run", "no-such-thing"]) == 1
+    assert "no scenario 'no-such-thing'" in capsys.readouterr().err
