@@ -1,0 +1,239 @@
+"""Write throughput and peak memory of ``progdump write`` / ``progdump recover``.
+
+The figures issue 2 asks for, measured in one run on this machine:
+
+* a 1 GiB snapshot (ELF core) that is half zero pages and half mixed data
+  (blend and seed in bench/_snapgen.py; cached under .cache/bench/);
+* baseline: the same snapshot file through ``zstd -1 -T0`` to a file, with
+  an fsync of the output (progdump flushes its device too);
+* ``progdump write SNAPSHOT DEVICE --device-model none`` to a fresh sparse
+  file: wall time, MB/s of snapshot bytes (1 MB = 10^6 bytes) and of device
+  bytes (blocks the device file gained), peak RSS of the child;
+* ``progdump recover DEVICE OUTDIR``: wall time, peak RSS, and a check that
+  sampled pages of the recovered ``vmcore`` equal the snapshot's.
+
+Each tool runs as a child process; peak memory is that child's ``ru_maxrss``
+from ``wait4``. The snapshot file is read once before timing so every
+contender starts with it in the page cache.
+
+Usage: ``python3 bench/write_throughput.py [--size-mib 1024] [--plans progressive,monolithic]``.
+Exit status is non-zero only when something failed to run (or the recovered
+memory differs), never because a figure is slow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _snapgen import DEFAULT_SEED, GEN_VERSION, make_bench_snapshot  # noqa: E402
+
+CACHE = ROOT / ".cache" / "bench"
+MB = 1e6
+
+
+@dataclass
+class Run:
+    name: str
+    argv: list[str]
+    wall_s: float
+    maxrss_kib: int
+    rc: int
+    out_bytes: int | None = None
+    log_tail: str = ""
+
+
+def run_measured(name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None) -> Run:
+    """Run ``argv`` as a child; wall time and that child's peak RSS (wait4)."""
+    log = logdir / f"{name.replace(' ', '_')}.log"
+    with open(log, "wb") as f:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    p.returncode = rc  # reaped by wait4 above
+    tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+    return Run(name, argv, wall, ru.ru_maxrss, rc, log_tail="\n".join(tail))
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(8 << 20):
+            pass
+
+
+def progdump_argv(*args: str) -> list[str]:
+    # The tree's own code, whatever is installed: progdump.cli.main, as the console script runs it.
+    return [sys.executable, "-c", "import sys; from progdump.cli import main; sys.exit(main())", *args]
+
+
+def check_vmcore(snapshot: Path, vmcore: Path, samples: int, seed: int) -> str:
+    """Compare sampled pages of the recovered vmcore with the snapshot; '' when equal."""
+    from progdump.elfcore import load_elf_snapshot
+    from progdump.snapshot import PAGE_SIZE
+
+    with load_elf_snapshot(snapshot) as s, load_elf_snapshot(vmcore) as v:
+        pfns = [pfn for first, n in s.pfn_runs() for pfn in (first, first + n - 1)]
+        rng = random.Random(seed)
+        runs = list(s.pfn_runs())
+        for _ in range(samples):
+            first, n = rng.choice(runs)
+            pfns.append(first + rng.randrange(n))
+        missing = 0
+        for pfn in pfns:
+            addr = pfn * PAGE_SIZE
+            if not v.has_phys(addr, PAGE_SIZE):
+                missing += 1
+                continue
+            if v.read_phys(addr, PAGE_SIZE) != s.read_phys(addr, PAGE_SIZE):
+                return f"page {pfn:#x} differs between snapshot and recovered vmcore"
+        if missing:
+            return f"{missing} of {len(pfns)} sampled pages missing from a complete recovery"
+    return ""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024, help="snapshot size (default 1024)")
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ap.add_argument("--plans", default="progressive", help="comma-separated plans to time (default progressive)")
+    ap.add_argument("--samples", type=int, default=2000, help="vmcore pages compared after recover")
+    ap.add_argument("--keep", action="store_true", help="keep the device and recovery directory")
+    ap.add_argument("--json", type=Path, default=CACHE / "write_throughput.json", help="where to save figures")
+    a = ap.parse_args()
+
+    size = a.size_mib << 20
+    CACHE.mkdir(parents=True, exist_ok=True)
+    snap = CACHE / f"snapshot-{a.size_mib}m-s{a.seed}-v{GEN_VERSION}.elf"
+    t0 = time.perf_counter()
+    desc = make_bench_snapshot(snap, size, a.seed)
+    gen_s = time.perf_counter() - t0
+    print(f"snapshot: {snap} ({size / MB:.0f} MB of guest memory, pages {desc['pages']}; ready in {gen_s:.1f} s)")
+    warm(snap)
+
+    work = Path(tempfile.mkdtemp(prefix="write-throughput-", dir=CACHE))
+    runs: list[Run] = []
+    failures: list[str] = []
+    try:
+        # Baseline: zstd -1 -T0 over the same snapshot bytes, output fsynced.
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            failures.append("zstd not found (Debian package zstd)")
+        else:
+            out = work / "snapshot.zst"
+            r = run_measured("zstd -1 -T0", [zstd, "-1", "-T0", "-q", "-f", str(snap), "-o", str(out)], work)
+            t1 = time.perf_counter()
+            if r.rc == 0:
+                fsync_path(out)
+                r.wall_s += time.perf_counter() - t1
+                r.out_bytes = out.stat().st_size
+                out.unlink()
+            else:
+                failures.append(f"zstd exited {r.rc}: {r.log_tail}")
+            runs.append(r)
+
+        cli = ROOT / "progdump" / "cli.py"
+        if not cli.exists():
+            print("progdump/cli.py is not in the tree yet: progdump write/recover rows skipped")
+        else:
+            for plan in [p for p in a.plans.split(",") if p]:
+                dev = work / f"device-{plan}.img"
+                dev.unlink(missing_ok=True)
+                with open(dev, "wb") as f:
+                    f.truncate(size + size // 4 + (64 << 20))  # sparse; roomy for any plan
+                blocks0 = dev.stat().st_blocks
+                w = run_measured(
+                    f"progdump write ({plan})",
+                    progdump_argv("write", str(snap), str(dev), "--plan", plan, "--device-model", "none"),
+                    work,
+                )
+                w.out_bytes = (dev.stat().st_blocks - blocks0) * 512
+                runs.append(w)
+                if w.rc != 0:
+                    failures.append(f"progdump write --plan {plan} exited {w.rc}:\n{w.log_tail}")
+                    continue
+                outdir = work / f"recovered-{plan}"
+                rec = run_measured(f"progdump recover ({plan})", progdump_argv("recover", str(dev), str(outdir)), work)
+                runs.append(rec)
+                if rec.rc != 0:
+                    failures.append(f"progdump recover exited {rec.rc}:\n{rec.log_tail}")
+                    continue
+                vmcore = outdir / "vmcore"
+                if vmcore.exists():
+                    rec.out_bytes = vmcore.stat().st_blocks * 512
+                    err = check_vmcore(snap, vmcore, a.samples, a.seed)
+                    if err:
+                        failures.append(f"recover ({plan}): {err}")
+                else:
+                    failures.append(f"recover ({plan}): no vmcore in {outdir}")
+                if not a.keep:
+                    dev.unlink(missing_ok=True)
+                    shutil.rmtree(outdir, ignore_errors=True)
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print_table(runs, size)
+    zs = next((r for r in runs if r.name.startswith("zstd") and r.rc == 0), None)
+    ratios = {}
+    for r in runs:
+        if r.name.startswith("progdump write") and r.rc == 0 and zs:
+            ratios[r.name] = (size / r.wall_s) / (size / zs.wall_s)
+            print(f"{r.name} / zstd -1 -T0 throughput: {ratios[r.name]:.2f}x")
+    result = {
+        "bench": "write_throughput",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+        "snapshot": {k: desc[k] for k in ("size", "seed", "gen_version", "blend", "pages", "zero_fraction")},
+        "runs": [asdict(r) | {"snapshot_MBps": size / MB / r.wall_s} for r in runs],
+        "ratios_vs_zstd": ratios,
+        "failures": failures,
+    }
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(result, indent=1))
+    print(f"figures saved to {a.json}")
+    for f in failures:
+        print(f"FAILED: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def print_table(runs: list[Run], size: int) -> None:
+    hdr = f"{'':28} {'wall s':>8} {'snap MB/s':>10} {'out MB':>9} {'out MB/s':>9} {'max RSS MiB':>12} {'rc':>3}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in runs:
+        out = f"{r.out_bytes / MB:9.1f}" if r.out_bytes is not None else f"{'-':>9}"
+        outr = f"{r.out_bytes / MB / r.wall_s:9.1f}" if r.out_bytes is not None and r.wall_s else f"{'-':>9}"
+        print(
+            f"{r.name:28} {r.wall_s:8.2f} {size / MB / r.wall_s:10.1f} {out} {outr} "
+            f"{r.maxrss_kib / 1024:12.1f} {r.rc:3d}"
+        )
+    print("snap MB/s: snapshot bytes / wall; out: compressed file (zstd), device bytes written (write),")
+    print("vmcore file blocks (recover); 1 MB = 10^6 bytes; RSS from wait4 of the child")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
