@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +56,26 @@ class Run:
     rc: int
     out_bytes: int | None = None
     log_tail: str = ""
+    peak_anon_kib: int = 0  # sampled RssAnon: memory of its own, without mapped file pages
+
+
+class AnonSampler(threading.Thread):
+    """Poll /proc/PID/status every 20 ms for the peak RssAnon (Linux; 0 elsewhere)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            self.peak = max(self.peak, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
+            self.stop.wait(0.02)
 
 
 def run_measured(name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None) -> Run:
@@ -63,12 +84,16 @@ def run_measured(name: str, argv: list[str], logdir: Path, env: dict[str, str] |
     with open(log, "wb") as f:
         t0 = time.perf_counter()
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        sampler = AnonSampler(p.pid)
+        sampler.start()
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
     rc = os.waitstatus_to_exitcode(status)
     p.returncode = rc  # reaped by wait4 above
     tail = log.read_text(errors="replace").strip().splitlines()[-8:]
-    return Run(name, argv, wall, ru.ru_maxrss, rc, log_tail="\n".join(tail))
+    return Run(name, argv, wall, ru.ru_maxrss, rc, log_tail="\n".join(tail), peak_anon_kib=sampler.peak)
 
 
 def fsync_path(path: Path) -> None:
@@ -85,9 +110,21 @@ def warm(path: Path) -> None:
             pass
 
 
+CLI_MODULE = "progdump.cli"
+
+
 def progdump_argv(*args: str) -> list[str]:
     # The tree's own code, whatever is installed: progdump.cli.main, as the console script runs it.
-    return [sys.executable, "-c", "import sys; from progdump.cli import main; sys.exit(main())", *args]
+    return [sys.executable, "-c", f"import sys; from {CLI_MODULE} import main; sys.exit(main())", *args]
+
+
+def cli_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(CLI_MODULE) is not None
+    except ImportError:
+        return False
 
 
 def check_vmcore(snapshot: Path, vmcore: Path, samples: int, seed: int) -> str:
@@ -123,7 +160,9 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=2000, help="vmcore pages compared after recover")
     ap.add_argument("--keep", action="store_true", help="keep the device and recovery directory")
     ap.add_argument("--json", type=Path, default=CACHE / "write_throughput.json", help="where to save figures")
+    ap.add_argument("--cli-module", default=CLI_MODULE, help=argparse.SUPPRESS)  # to test this bench itself
     a = ap.parse_args()
+    globals()["CLI_MODULE"] = a.cli_module
 
     size = a.size_mib << 20
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -155,9 +194,8 @@ def main() -> int:
                 failures.append(f"zstd exited {r.rc}: {r.log_tail}")
             runs.append(r)
 
-        cli = ROOT / "progdump" / "cli.py"
-        if not cli.exists():
-            print("progdump/cli.py is not in the tree yet: progdump write/recover rows skipped")
+        if not cli_available():
+            print(f"{CLI_MODULE} is not in the tree yet: progdump write/recover rows skipped")
         else:
             for plan in [p for p in a.plans.split(",") if p]:
                 dev = work / f"device-{plan}.img"
@@ -221,18 +259,22 @@ def main() -> int:
 
 
 def print_table(runs: list[Run], size: int) -> None:
-    hdr = f"{'':28} {'wall s':>8} {'snap MB/s':>10} {'out MB':>9} {'out MB/s':>9} {'max RSS MiB':>12} {'rc':>3}"
+    hdr = (
+        f"{'':32} {'wall s':>8} {'snap MB/s':>10} {'out MB':>9} {'out MB/s':>9} {'max RSS MiB':>12} "
+        f"{'anon MiB':>9} {'rc':>3}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in runs:
         out = f"{r.out_bytes / MB:9.1f}" if r.out_bytes is not None else f"{'-':>9}"
         outr = f"{r.out_bytes / MB / r.wall_s:9.1f}" if r.out_bytes is not None and r.wall_s else f"{'-':>9}"
         print(
-            f"{r.name:28} {r.wall_s:8.2f} {size / MB / r.wall_s:10.1f} {out} {outr} "
-            f"{r.maxrss_kib / 1024:12.1f} {r.rc:3d}"
+            f"{r.name:32} {r.wall_s:8.2f} {size / MB / r.wall_s:10.1f} {out} {outr} "
+            f"{r.maxrss_kib / 1024:12.1f} {r.peak_anon_kib / 1024:9.1f} {r.rc:3d}"
         )
     print("snap MB/s: snapshot bytes / wall; out: compressed file (zstd), device bytes written (write),")
-    print("vmcore file blocks (recover); 1 MB = 10^6 bytes; RSS from wait4 of the child")
+    print("vmcore file blocks (recover); 1 MB = 10^6 bytes. max RSS: ru_maxrss from wait4 of the child")
+    print("(counts mapped snapshot pages); anon: peak RssAnon sampled every 20 ms (its own memory).")
 
 
 if __name__ == "__main__":

@@ -623,12 +623,12 @@ def load_elf_snapshot(path: str | os.PathLike[str]) -> Snapshot:
         ranges = []
         for p in plan:
             if p.nfile == 0:
-                buf = zview[: p.size]
+                ranges.append(MemoryRange(p.phys, p.size, zview[: p.size]))
             elif p.nfile < p.size:  # a single partly-filled page: the only copy, bounded
                 buf = memoryview(bytes(mm[p.foff : p.foff + p.nfile]) + bytes(p.size - p.nfile))
+                ranges.append(MemoryRange(p.phys, p.size, buf))
             else:
-                buf = view[p.foff : p.foff + p.size]
-            ranges.append(MemoryRange(p.phys, p.size, buf))
+                ranges.append(MemoryRange(p.phys, p.size, view[p.foff : p.foff + p.size], mm, p.foff))
         snap = Snapshot(
             ranges=ranges,
             cpus=fields.cpus,
@@ -889,6 +889,7 @@ def save_elf_snapshot(snapshot: Snapshot, path: str | os.PathLike[str]) -> None:
                 while off < r.size and left > 0:
                     n = min(_SCAN, r.size - off, left)
                     _write_sparse(w, r.buffer[off : off + n])
+                    snapshot.release_phys(r.phys_start + off, n)  # keep the resident set bounded
                     off += n
                     left -= n
 

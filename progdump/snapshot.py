@@ -47,6 +47,10 @@ class MemoryRange:
     phys_start: int
     size: int
     buffer: memoryview
+    # The mmap ``buffer`` views and where in it the range starts, when known:
+    # lets :meth:`Snapshot.release_phys` drop pages already consumed.
+    backing: mmap.mmap | None = field(default=None, compare=False, repr=False)
+    backing_offset: int = field(default=0, compare=False, repr=False)
 
     @property
     def phys_end(self) -> int:
@@ -211,6 +215,31 @@ class Snapshot:
             length -= n
         return bytes(out)
 
+    def release_phys(self, paddr: int, length: int) -> None:
+        """Advise that ``[paddr, paddr + length)`` will not be read again soon.
+
+        Drops those pages from this process's mapping (``MADV_DONTNEED`` on the
+        read-only file mapping; the data stays in the page cache and a later
+        read faults it back in), so a writer streaming through a large
+        snapshot keeps its resident set bounded. Advisory: a no-op where the
+        range has no known mmap or the platform lacks madvise.
+        """
+        end = paddr + length
+        i = 0
+        while i < len(self.ranges) and paddr < end:
+            r = self.ranges[i]
+            i += 1
+            if r.phys_end <= paddr or r.phys_start >= end or r.backing is None:
+                continue
+            lo = r.backing_offset + max(paddr, r.phys_start) - r.phys_start
+            hi = r.backing_offset + min(end, r.phys_end) - r.phys_start
+            lo -= lo % mmap.PAGESIZE  # outward rounding is harmless on a read-only mapping
+            hi += -hi % mmap.PAGESIZE
+            try:
+                r.backing.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(r.backing)) - lo)
+            except (AttributeError, OSError, ValueError):
+                pass
+
     def page(self, pfn: int) -> memoryview:
         """Zero-copy view of one page frame."""
         return self.view_phys(pfn * PAGE_SIZE, PAGE_SIZE)
@@ -249,7 +278,7 @@ class Snapshot:
             if foff < 0 or size < 0 or foff + size > fsize:
                 release()
                 raise SnapshotError(f"{path}: range at file offset {foff:#x}+{size:#x} beyond end of file")
-            mr.append(MemoryRange(phys, size, view[foff : foff + size]))
+            mr.append(MemoryRange(phys, size, view[foff : foff + size], mm, foff))
         owned = list(kwargs.pop("_owned", []))  # type: ignore[arg-type]
         try:
             snap = cls(ranges=mr, _owned=owned + [view, mm], **kwargs)  # type: ignore[arg-type]

@@ -74,3 +74,30 @@ def test_close_is_idempotent(tmp_path):
     s = Snapshot.from_file_ranges(f, [(0, 0, PAGE_SIZE)])
     s.close()
     s.close()
+
+
+def _rss_file_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise LookupError
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_release_phys_drops_consumed_pages_from_the_resident_set(tmp_path):
+    f = tmp_path / "ram.bin"
+    size = 64 << 20
+    with open(f, "wb") as fh:
+        fh.write(b"\x5a" * size)
+    with Snapshot.from_file_ranges(f, [(0x100000, 0, size)]) as s:
+        before = _rss_file_kib()
+        total = 0
+        for off in range(0, size, 1 << 20):
+            total += s.view_phys(0x100000 + off, 1 << 20)[4095]  # touch every page
+            total += sum(s.view_phys(0x100000 + off, 1 << 20)[::4096])
+        grown = _rss_file_kib()
+        s.release_phys(0x100000, size)
+        after = _rss_file_kib()
+        assert grown - before > 48 * 1024, (before, grown)
+        assert after - before < 8 * 1024, (before, grown, after)
+        assert s.read_phys(0x100000 + size - 1, 1) == b"\x5a"  # still readable afterwards
