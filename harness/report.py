@@ -58,7 +58,7 @@ class Row:
     device (the trace's time 0). ``statuses`` is the reader's per-layer claim
     joined by ``/`` (``complete-unverified`` when scoring disagreed).
     ``kind``, ``seed`` and ``trace`` are what replays the row exactly:
-    ``python -m harness.crashsim replay TRACE --base BASE --t T --kind K --seed S``.
+    ``python -m harness.crashsim replay TRACE --base BASE --t T_S --kind K --seed S``.
     """
 
     scenario: str
@@ -82,6 +82,8 @@ class Row:
     agreement: str = ""  # real trials: agree | disagree | n/a
     trace: str = ""
     reasons: str = ""
+    #: the state's exact time in seconds (t_ms is for people; replay from this)
+    t_s: float = 0.0
 
 
 def percentiles(values: Iterable[float]) -> dict[str, float | None]:
