@@ -368,8 +368,11 @@ def _cpus_from_json(desc: bytes) -> list[CpuState]:
         index, regs, raw = item.get("index"), item.get("regs"), item.get("prstatus")
         if not isinstance(index, int) or isinstance(index, bool) or not isinstance(regs, dict):
             raise ValueError("CPU entry lacks an integer index or a regs object")
-        if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in regs.items()):
-            raise ValueError(f"CPU {index}: registers must be name -> integer")
+        if not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= U64
+            for k, v in regs.items()
+        ):
+            raise ValueError(f"CPU {index}: registers must be name -> unsigned 64-bit integer")
         if raw is not None and (not isinstance(raw, str) or len(raw) > 2 * MAX_PRSTATUS_HEX):
             raise ValueError(f"CPU {index}: prstatus must be a hex string of at most {MAX_PRSTATUS_HEX} bytes")
         cpus.append(CpuState(index, dict(regs), bytes.fromhex(raw) if raw is not None else None))

@@ -382,6 +382,20 @@ def test_bad_progdump_notes_are_ignored_with_warning(tmp):
         assert any("CPU registers note ignored" in w for w in s.load_warnings)
 
 
+@pytest.mark.parametrize(
+    "doc",
+    [b'[{"index": 0, "regs": {"rip": -1}}]', b'[{"index": 0, "regs": {"rip": 18446744073709551616}}]',
+     b'[{"index": "0", "regs": {}}]', b'[{"index": 0, "regs": {"rip": true}}]', b"[" * 100000,
+     b'[{"index": 0, "regs": {}, "prstatus": "zz"}]'],  # fmt: skip
+)
+def test_hostile_cpu_registers_note_falls_back_to_prstatus(tmp, doc):
+    notes = note_bytes(b"PROGDUMP", 0x50440003, doc) + note_bytes(b"CORE", 1, build_prstatus({"rip": 0x42}, 1))
+    path = write(tmp, "h.elf", build_core([(0, bytes(0x1000), 0x1000)], notes))
+    with load_elf_snapshot(path) as s:
+        assert [c.regs["rip"] for c in s.cpus] == [0x42]
+        assert any("CPU registers note ignored" in w for w in s.load_warnings)
+
+
 # -- writing and round trip ------------------------------------------------------
 
 
