@@ -1,0 +1,473 @@
+"""The sync facade over the async machine: boot, run, panic, capture, reset.
+
+Why a facade: the scenario runner, the tests and the CLI think in steps;
+QMP, the console and the command channel are concurrent streams. A
+:class:`GuestSession` runs the async :class:`~harness.qemu.machine.Machine`
+on a private event-loop thread and exposes one blocking call per step, each
+timed. It is a context manager and never leaves QEMU behind (see
+``harness/qemu/machine.py`` for the rules). Example in docs/GUESTS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import mmap
+import os
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+from harness.errors import BootError, CaptureError, GuestTimeout, HarnessError, PanicError, QemuError
+from harness.guests import get_profile
+from harness.guests.base import GuestProfile, parse_marker_json
+from harness.qemu.accel import choose_accel
+from harness.qemu.argv import DiskSpec, MachineConfig
+from harness.qemu.capture import capture_state
+from harness.qemu.cmdchan import CommandResult
+from harness.qemu.console import first_match
+from harness.qemu.machine import Machine, RunDir
+from harness.timeouts import Timeouts, timeouts_for
+from progdump.snapshot import MemoryRange, Snapshot
+
+__all__ = ["GuestSession", "BootResult", "PanicResult", "CommandResult"]
+
+T = TypeVar("T")
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class BootResult:
+    boot_id: str  # the guest's per-boot nonce
+    seconds: float  # cont (or system_reset) to the ready line
+    markers: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PanicResult:
+    trigger: str
+    trigger_ns: int  # host CLOCK_REALTIME when the trigger was sent
+    event_ns: int  # QEMU's timestamp of GUEST_PANICKED
+    event_latency_ms: float  # trigger sent -> event received
+    stop_ms: float  # event received -> VM stopped
+    panic_string: str  # from "Kernel panic - not syncing: ..." on the console
+    console_complete: bool  # the panic's last line reached the console before the stop
+    status: str  # QMP run state after the stop (expected "paused")
+
+
+class _Loop:
+    """An asyncio loop on a daemon thread; ``call`` runs a coroutine there and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="progdump-guest", daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        try:
+            return fut.result(timeout)
+        except BaseException:
+            fut.cancel()
+            raise
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class GuestSession:
+    """One guest under QEMU, step by step. See the module docstring.
+
+    ``dump_disk``: a raw image given to the guest as virtio-blk with serial
+    ``pddump`` (created sparse at 64 MiB if missing). ``disks``: more images
+    (paths or :class:`DiskSpec`). ``accel``: ``auto`` (KVM only after a probe
+    boot proves it, else TCG), ``tcg`` or ``kvm``; ``PROGDUMP_ACCEL``
+    overrides ``auto``. ``knobs``: guest settings (Linux: ``panic_print``,
+    ``hung_task_panic`` ...). ``shared_ram``: guest RAM on a shared file
+    (zero-copy capture); False makes capture fall back to ``pmemsave``.
+    ``ssh``: forward a free 127.0.0.1 port to the guest's dropbear.
+    """
+
+    def __init__(self, guest: str = "linux", mem_mib: int = 512, dump_disk: Path | None = None,
+                 workdir: Path | None = None, *, smp: int = 1, disks: Sequence[Path | DiskSpec] = (),
+                 accel: str = "auto", knobs: dict[str, str] | None = None, shared_ram: bool = True,
+                 ssh: bool = False, log: Callable[[str], None] | None = None,
+                 profile: GuestProfile | None = None, timeouts: Timeouts | None = None) -> None:
+        self.profile = profile or get_profile(guest)
+        self.guest = self.profile.name
+        self.mem_mib = mem_mib
+        self.smp = smp
+        self.dump_disk = Path(dump_disk) if dump_disk is not None else None
+        self.disks = [d if isinstance(d, DiskSpec) else DiskSpec(Path(d), f"disk{i}")
+                      for i, d in enumerate(disks)]
+        self.workdir = Path(workdir) if workdir is not None else Path(f"/tmp/progdump-{os.getpid()}")
+        self.accel_request = accel
+        self.knobs = dict(knobs or {})
+        self.shared_ram = shared_ram
+        self.ssh = ssh
+        self.ssh_port: int | None = None
+        self._log = log or (lambda s: None)
+        self._timeouts_override = timeouts
+        self.t: Timeouts = timeouts or timeouts_for("tcg")
+        self.accel: str | None = None
+        self.accel_reason = ""
+        self.machine: Machine | None = None
+        self.markers: dict[str, Any] = {}
+        self.boot_id: str | None = None
+        self.timings: dict[str, float] = {}  # last duration of each step, seconds
+        self.history: list[tuple[str, float]] = []
+        self.last_panic: PanicResult | None = None
+        self._loop: _Loop | None = None
+        self._live: list[weakref.ref[Snapshot]] = []
+        self._closed = False
+
+    # ---- plumbing ----------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        self._log(f"[{self.guest}] {msg}")
+
+    def _step(self, name: str, t0: float) -> float:
+        dt = time.monotonic() - t0
+        self.timings[name] = dt
+        self.history.append((name, dt))
+        self.log(f"{name}: {dt * 1000:.0f} ms")
+        return dt
+
+    def call(self, coro: Awaitable[T], timeout: float | None = None) -> T:
+        """Run a coroutine on the session's loop (for direct Machine use)."""
+        if self._loop is None:
+            raise HarnessError("session not started (use it as a context manager or call start())")
+        return self._loop.call(coro, timeout)
+
+    @property
+    def m(self) -> Machine:
+        if self.machine is None or not self.machine.alive():
+            raise HarnessError("no running machine: call boot() first")
+        return self.machine
+
+    def __enter__(self) -> "GuestSession":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self._loop is None:
+            self.profile.check_image()
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._loop = _Loop()
+
+    def close(self) -> None:
+        """Quit QEMU (kill if needed), stop the loop thread. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.machine is not None and self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.call(self.machine.close(), 30)
+        finally:
+            if self.machine is not None and self.machine.proc is not None and self.machine.proc.poll() is None:
+                self.machine.proc.kill()
+                self.machine.proc.wait(10)
+            if self._loop is not None:
+                self._loop.close()
+
+    # ---- configuration --------------------------------------------------------------------
+    def _config(self, rundir: RunDir) -> MachineConfig:
+        spec = self.profile.boot_spec(self.knobs)
+        disks = list(self.disks)
+        dump = None
+        if self.dump_disk is not None:
+            if not self.dump_disk.exists():
+                with open(self.dump_disk, "wb") as f:
+                    f.truncate(64 * MiB)
+            dump = DiskSpec(self.dump_disk, "pddump", serial="pddump")
+        if spec.boot_disk is not None:
+            disks.insert(0, DiskSpec(spec.boot_disk, "pdboot", fmt="qcow2"))
+        if self.ssh:
+            self.ssh_port = _free_port()
+        assert self.accel is not None
+        return MachineConfig(
+            qmp_socket=rundir.qmp, console_socket=rundir.console,
+            cmd_socket=rundir.cmd if spec.cmd_channel else None,
+            mem_mib=self.mem_mib, smp=self.smp, accel=self.accel,
+            kernel=spec.kernel, initrd=spec.initrd, append=spec.append,
+            ram_file=rundir.ram, dump_disk=dump, disks=tuple(disks),
+            ssh_port=self.ssh_port, extra_args=spec.extra_args,
+        )
+
+    def command_line(self) -> list[str]:
+        """The QEMU argv this session would run (for ``--show-command``); starts nothing."""
+        from harness.qemu.argv import build_argv
+
+        if self.accel is None:
+            self.accel = self.accel_request if self.accel_request in ("tcg", "kvm") else "tcg"
+        rd = RunDir.__new__(RunDir)
+        rd.sock_dir = Path("/tmp/pd-qemu-XXXXXX")
+        rd.shm_dir = Path("/dev/shm/pd-ram-XXXXXX") if self.shared_ram else None
+        return build_argv(self._config(rd))
+
+    # ---- steps ----------------------------------------------------------------------------
+    def boot(self, timeout: float | None = None) -> BootResult:
+        """Launch QEMU (first call) and wait until the guest is ready for commands."""
+        self.start()
+        t0 = time.monotonic()
+        if self.machine is None:
+            if self.accel is None:
+                self.accel, self.accel_reason = choose_accel(self.accel_request, self.profile)
+                self.t = self._timeouts_override or timeouts_for(self.accel)
+                self.log(f"accelerator: {self.accel} ({self.accel_reason})")
+            rundir = RunDir(shm=self.shared_ram)
+            try:
+                cfg = self._config(rundir)
+            except BaseException:
+                rundir.remove()
+                raise
+            self.machine = Machine(cfg, rundir, self.t, self.workdir / "console.log",
+                                   self.workdir / "qemu.log", self.log)
+            self.call(self.machine.launch())
+            self._step("launch", t0)
+        t1 = time.monotonic()
+        res = self.call(self._boot(resume=True, timeout=timeout))
+        self._step("boot", t1)
+        return res
+
+    async def _boot(self, resume: bool, timeout: float | None, since: int = 0) -> BootResult:
+        m = self.m
+        assert m.console is not None
+        t0 = time.monotonic()
+        if resume:
+            await m.cont()
+        limit = timeout or self.t.boot
+        try:
+            hit = await m.console.wait_for(self.profile.ready_patterns(), since=since, timeout=limit)
+        except asyncio.TimeoutError:
+            raise GuestTimeout(f"{self.guest}: no ready line within {limit:.0f} s; console tail:\n"
+                               f"{m.console.buffer.tail(2000).decode('utf-8', 'replace')}") from None
+        except EOFError:
+            m._check_alive("during boot")
+            raise BootError("console closed during boot") from None
+        if hit.failure:
+            raise BootError(f"{self.guest}: boot failed ({hit.pattern.name}): {hit.line.decode('utf-8', 'replace')}")
+        seconds = time.monotonic() - t0
+        boot_id = hit.group(1)
+        mk = first_match(m.console.buffer.lines_since(since), [self.profile.marker_pattern()])
+        markers: dict[str, Any] = {}
+        if mk is not None:
+            try:
+                markers = parse_marker_json(mk.group(1))
+            except ValueError as e:
+                raise BootError(f"{self.guest}: bad marker report: {e}") from None
+        if m.cmd is not None:
+            try:
+                hello = await m.cmd.wait_hello(self.t.command)
+            except asyncio.TimeoutError:
+                raise GuestTimeout("the guest's command server did not say hello") from None
+            if hello != boot_id:
+                raise BootError(f"command server of boot {hello} answered, expected {boot_id}")
+        self.markers = markers
+        self.boot_id = boot_id
+        return BootResult(boot_id, seconds, markers)
+
+    def run(self, cmd: str, timeout: float | None = None, check: bool = False) -> CommandResult:
+        """Run a shell command in the guest; ``check`` raises on a non-zero status."""
+        m = self.m
+        if m.cmd is None:
+            raise HarnessError("this guest has no command channel")
+        t0 = time.monotonic()
+        limit = timeout or self.t.command
+        try:
+            res = self.call(m.cmd.run(cmd, limit))
+        except asyncio.TimeoutError:
+            raise GuestTimeout(f"command did not finish within {limit:.0f} s: {cmd[:200]!r}") from None
+        self._step("run", t0)
+        if check and res.status != 0:
+            raise HarnessError(f"guest command failed with status {res.status}: {cmd[:200]!r}\n{res.text[-2000:]}")
+        return res
+
+    def panic(self, trigger: str = "sysrq") -> PanicResult:
+        """Make the guest panic; return once GUEST_PANICKED arrived and the VM is stopped."""
+        if trigger not in self.profile.triggers:
+            raise ValueError(f"unknown trigger {trigger!r} for {self.guest} (known: {', '.join(self.profile.triggers)})")
+        t0 = time.monotonic()
+        res = self.call(self._panic(trigger))
+        self._step("panic", t0)
+        self.last_panic = res
+        return res
+
+    async def _panic(self, trigger: str) -> PanicResult:
+        m = self.m
+        assert m.console is not None
+        start_pat, end_pat = self.profile.panic_patterns()
+        cursor = m.console.cursor()
+        async with m.listen("GUEST_PANICKED") as lst:
+            trigger_ns = time.time_ns()
+            t0 = time.monotonic()
+            await self.profile.trigger(trigger, m)
+            try:
+                ev = await m.next_event(lst, self.t.panic_event)
+            except asyncio.TimeoutError:
+                raise PanicError(f"trigger {trigger!r}: no GUEST_PANICKED within {self.t.panic_event:.0f} s; "
+                                 f"console tail:\n{m.console.buffer.tail(2000).decode('utf-8', 'replace')}") from None
+        t_ev = time.monotonic()
+        ts = ev.get("timestamp") or {}
+        try:
+            event_ns = int(ts["seconds"]) * 1_000_000_000 + int(ts["microseconds"]) * 1000
+        except (KeyError, TypeError, ValueError):
+            event_ns = time.time_ns()
+        complete = True
+        try:
+            await m.console.wait_for([end_pat], since=cursor, timeout=self.t.panic_console)
+        except (asyncio.TimeoutError, EOFError):
+            complete = False
+        await m.stop()
+        t_stop = time.monotonic()
+        hit = first_match(m.console.buffer.lines_since(cursor), [start_pat])
+        status = await m.status()
+        return PanicResult(
+            trigger=trigger, trigger_ns=trigger_ns, event_ns=event_ns,
+            event_latency_ms=(t_ev - t0) * 1000, stop_ms=(t_stop - t_ev) * 1000,
+            panic_string=hit.group(1) if hit else "", console_complete=complete, status=status,
+        )
+
+    def capture(self, method: str = "auto") -> Snapshot:
+        """Snapshot of the stopped guest (zero-copy over guest RAM when shared).
+
+        A shared-RAM snapshot is a live view of the guest's memory: it stays
+        exact while the guest is stopped. :meth:`reset` first copies any such
+        snapshot still open (``preserve_snapshots``), so it stays exact after.
+        """
+        m = self.m
+        assert m.console is not None
+        t0 = time.monotonic()
+        meta: dict[str, Any] = {
+            "os": self.profile.os,
+            "release": str(self.markers.get("release", "")),
+            "hostname": str(self.markers.get("hostname", "")),
+            "ram_bytes": self.mem_mib * MiB,
+            "guest": self.guest,
+            "accel": self.accel,
+            "boot_id": self.boot_id,
+        }
+        if self.last_panic is not None:
+            meta.update(panic_event_ns=self.last_panic.event_ns, panic_trigger=self.last_panic.trigger,
+                        panic_string=self.last_panic.panic_string)
+        res = self.call(capture_state(m, self.workdir, method, m.console.buffer.tail(64 * 1024), meta))
+        snap = res.snapshot
+        vmci = snap.vmcoreinfo or {}
+        if vmci.get("OSRELEASE"):
+            snap.metadata["release"] = vmci["OSRELEASE"]
+        if res.warnings:
+            self.log("capture warnings: " + "; ".join(res.warnings))
+        if snap.metadata.get("capture_method") == "shared-memory-backend":
+            self._live.append(weakref.ref(snap))
+        self._step("capture", t0)
+        if self.last_panic is not None:
+            self.timings["event_to_snapshot"] = (time.time_ns() - self.last_panic.event_ns) / 1e9
+        return snap
+
+    def reset(self, preserve_snapshots: bool = True, timeout: float | None = None) -> BootResult:
+        """Hard reset (``system_reset`` + ``cont``) and wait until ready again."""
+        m = self.m
+        assert m.console is not None
+        t0 = time.monotonic()
+        if preserve_snapshots:
+            self._detach_snapshots()
+        if m.cmd is not None:
+            self.call(self._expect_restart())
+        cursor = m.console.cursor()
+        self.call(m.system_reset())
+        self.last_panic = None
+        res = self.call(self._boot(resume=False, timeout=timeout, since=cursor))
+        self._step("reset", t0)
+        return res
+
+    async def _expect_restart(self) -> None:
+        assert self.m.cmd is not None
+        self.m.cmd.expect_restart()
+
+    def _detach_snapshots(self) -> None:
+        """Copy RAM under still-open shared snapshots into private memory (guest is stopped)."""
+        for ref in self._live:
+            snap = ref()
+            if snap is None or not snap.ranges or not snap._owned:
+                continue
+            t0 = time.monotonic()
+            fd = os.memfd_create("progdump-snapshot", os.MFD_CLOEXEC)
+            try:
+                total = sum(r.size for r in snap.ranges)
+                os.ftruncate(fd, total)
+                mm = mmap.mmap(fd, total)
+            finally:
+                os.close(fd)
+            view = memoryview(mm)
+            off = 0
+            new = []
+            for r in snap.ranges:
+                view[off : off + r.size] = r.buffer
+                new.append(MemoryRange(r.phys_start, r.size, view[off : off + r.size]))
+                off += r.size
+            old_ranges, old_owned = snap.ranges, snap._owned
+            snap.ranges = new
+            snap._owned = [view, mm]
+            for r in old_ranges:
+                with contextlib.suppress(BufferError):
+                    r.buffer.release()
+            for o in reversed(old_owned):
+                with contextlib.suppress(BufferError, ValueError):
+                    o.release() if isinstance(o, memoryview) else o.close()  # type: ignore[attr-defined]
+            self._step("detach_snapshot", t0)
+        self._live.clear()
+
+    # ---- disks, ssh ------------------------------------------------------------------------
+    def add_disk(self, path: Path, disk_id: str, bus: str = "scsi", serial: str | None = None) -> None:
+        t0 = time.monotonic()
+        self.call(self.m.add_disk(DiskSpec(Path(path), disk_id, bus=bus, serial=serial)))
+        self._step("add_disk", t0)
+
+    def remove_disk(self, disk_id: str) -> None:
+        t0 = time.monotonic()
+        self.call(self.m.remove_disk(disk_id))
+        self._step("remove_disk", t0)
+
+    def ssh_client(self, timeout: float = 30.0) -> Any:
+        """A connected paramiko SSHClient (needs ``ssh=True``); host key pinned from the image."""
+        import paramiko
+
+        if self.ssh_port is None:
+            raise HarnessError("session started without ssh=True")
+        man = getattr(self.profile, "manifest", {})
+        image_dir = getattr(self.profile, "image_dir", None)
+        key = paramiko.Ed25519Key.from_private_key_file(str(Path(image_dir) / man["ssh"]["key"]))
+        client = paramiko.SSHClient()
+        kt, kb = man["ssh"]["host_key"].split()[:2]
+        client.get_host_keys().add(f"[127.0.0.1]:{self.ssh_port}", kt, paramiko.Ed25519Key(data=__import__("base64").b64decode(kb)))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        client.connect("127.0.0.1", port=self.ssh_port, username=man["ssh"].get("user", "root"), pkey=key,
+                       timeout=timeout, allow_agent=False, look_for_keys=False)
+        return client
+
+    @property
+    def console_text(self) -> str:
+        if self.machine is None or self.machine.console is None:
+            return ""
+        return self.machine.console.buffer.text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,81 @@
+"""Guest profiles: what differs between guest OSes, behind one interface.
+
+Why: the controller is generic; a profile tells it how to boot the guest,
+which console lines mean ready / booted-badly / panicked, how to trigger each
+kind of panic and how to read the ground-truth markers. ``linux`` is built by
+``guest-images/linux``; ``omnios`` (another issue) is a second profile.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.qemu.console import Pattern
+from harness.qemu.machine import Machine
+
+__all__ = ["BootSpec", "GuestProfile", "parse_marker_json", "MAX_MARKER_JSON"]
+
+MAX_MARKER_JSON = 8192
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """How QEMU boots this guest: a kernel + initrd, or a boot disk."""
+
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    boot_disk: Path | None = None
+    cmd_channel: bool = True  # guest serves the virtio-serial command port
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def parse_marker_json(text: str) -> dict[str, Any]:
+    """Decode a marker report (bounded; must be a flat JSON object)."""
+    if len(text) > MAX_MARKER_JSON:
+        raise ValueError(f"marker report of {len(text)} bytes exceeds {MAX_MARKER_JSON}")
+    doc = json.loads(text)
+    if not isinstance(doc, dict):
+        raise ValueError("marker report is not a JSON object")
+    for k, v in doc.items():
+        if not isinstance(v, (str, int, float, bool)) or isinstance(v, bool):
+            raise ValueError(f"marker {k!r} is not a string or number")
+    return doc
+
+
+class GuestProfile(ABC):
+    name: str = "?"
+    os: str = "unknown"
+    triggers: tuple[str, ...] = ()
+
+    @abstractmethod
+    def check_image(self) -> None:
+        """Raise :class:`harness.errors.ImageMissing` (with the fix) when not usable."""
+
+    @abstractmethod
+    def boot_spec(self, knobs: dict[str, str]) -> BootSpec:
+        """Boot description; ``knobs`` are guest settings a scenario asks for."""
+
+    @abstractmethod
+    def ready_patterns(self) -> list[Pattern]:
+        """Success pattern ``ready`` (group 1: boot id), failure patterns for bad boots."""
+
+    @abstractmethod
+    def marker_pattern(self) -> Pattern:
+        """Console line carrying the markers report (group 1: JSON)."""
+
+    @abstractmethod
+    def panic_patterns(self) -> tuple[Pattern, Pattern]:
+        """(first line of a panic, group 1 = panic string; last line of the panic report)."""
+
+    @abstractmethod
+    async def trigger(self, name: str, machine: Machine) -> None:
+        """Make the guest panic by way ``name`` (one of :attr:`triggers`); returns once sent."""
+
+    def prepare_trigger(self, name: str) -> list[str]:
+        """Shell commands to run in the guest before ``trigger`` (may be empty)."""
+        return []

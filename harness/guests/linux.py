@@ -1,0 +1,119 @@
+"""The Linux stand-in guest (built by ``guest-images/linux``; see docs/GUESTS.md).
+
+Panic triggers, all real kernel paths:
+
+* ``sysrq``: ``echo c > /proc/sysrq-trigger`` (``panic("sysrq triggered crash")``);
+* ``nmi``: QMP ``inject-nmi``; the guest set ``kernel.unknown_nmi_panic=1``;
+* ``hung-task``: a writer blocked in D state on a frozen ext2 (loop device,
+  ``fsfreeze``) with ``hung_task_panic=1`` and a 2 s detector period;
+* ``init-exit``: PID 1 exits (``Attempted to kill init!``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ImageMissing
+from harness.guests.base import BootSpec, GuestProfile
+from harness.qemu.console import Pattern
+from harness.qemu.machine import Machine
+
+__all__ = ["LinuxGuest", "default_image_dir"]
+
+REPO = Path(__file__).resolve().parent.parent.parent
+KNOBS = ("panic_print", "hung_task_panic", "hung_task_timeout", "softlockup_panic", "panic_on_oops")
+
+HUNG_TASK_SCRIPT = """\
+set -e
+sysctl -qw kernel.hung_task_panic=1 kernel.hung_task_timeout_secs=2
+dd if=/dev/zero of=/run/pdhung.img bs=1M count=8 2>/dev/null
+dev=$(losetup -f)
+losetup "$dev" /run/pdhung.img
+mke2fs -q "$dev" >/dev/null 2>&1
+mkdir -p /mnt/pdhung
+mount -t ext2 "$dev" /mnt/pdhung
+fsfreeze -f /mnt/pdhung
+(echo blocked > /mnt/pdhung/writer) </dev/null >/dev/null 2>&1 &
+"""
+
+
+def default_image_dir() -> Path:
+    env = os.environ.get("PROGDUMP_GUEST_LINUX_DIR")
+    return Path(env) if env else REPO / ".cache" / "guest" / "linux"
+
+
+class LinuxGuest(GuestProfile):
+    name = "linux"
+    os = "linux"
+    triggers = ("sysrq", "nmi", "hung-task", "init-exit")
+
+    def __init__(self, image_dir: Path | None = None) -> None:
+        self.image_dir = image_dir or default_image_dir()
+        self._manifest: dict[str, Any] | None = None
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        if self._manifest is None:
+            self.check_image()
+        assert self._manifest is not None
+        return self._manifest
+
+    def check_image(self) -> None:
+        man = self.image_dir / "manifest.json"
+        try:
+            doc = json.loads(man.read_text())
+            for key in ("vmlinuz", "initramfs"):
+                if not (self.image_dir / doc[key]["path"]).is_file():
+                    raise ImageMissing(f"{self.image_dir / doc[key]['path']} missing; run `make guest-image`")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ImageMissing(f"no usable Linux guest image in {self.image_dir} ({e}); run `make guest-image`") from None
+        self._manifest = doc
+
+    def boot_spec(self, knobs: dict[str, str]) -> BootSpec:
+        man = self.manifest
+        extra = []
+        for k, v in sorted(knobs.items()):
+            if k not in KNOBS:
+                raise ValueError(f"unknown linux guest knob {k!r} (known: {', '.join(KNOBS)})")
+            if not str(v).isdigit() and not str(v).lower().startswith("0x"):
+                raise ValueError(f"knob {k}={v!r} is not a number")
+            extra.append(f"pd.{k}={v}")
+        return BootSpec(
+            kernel=self.image_dir / man["vmlinuz"]["path"],
+            initrd=self.image_dir / man["initramfs"]["path"],
+            append=" ".join([man.get("cmdline", "console=ttyS0")] + extra),
+        )
+
+    def ready_patterns(self) -> list[Pattern]:
+        return [
+            Pattern.of("ready", rb"^PROGDUMP-READY ([0-9a-f]{16})\s*$"),
+            Pattern.of("boot-panic", rb"Kernel panic - not syncing: (.*)", failure=True),
+            Pattern.of("no-init", rb"(No working init found|Run /init as init process.*failed)", failure=True),
+        ]
+
+    def marker_pattern(self) -> Pattern:
+        return Pattern.of("markers", rb"^PROGDUMP-MARKERS (\{.*\})\s*$")
+
+    def panic_patterns(self) -> tuple[Pattern, Pattern]:
+        return (
+            Pattern.of("panic", rb"Kernel panic - not syncing: (.*?)\s*$"),
+            Pattern.of("panic-end", rb"---\[ end Kernel panic - not syncing: (.*?) \]---"),
+        )
+
+    async def trigger(self, name: str, machine: Machine) -> None:
+        if name == "nmi":
+            await machine.inject_nmi()
+            return
+        scripts = {
+            "sysrq": "echo c > /proc/sysrq-trigger",
+            "init-exit": "echo exit > /run/initctl",
+            "hung-task": HUNG_TASK_SCRIPT,
+        }
+        if name not in scripts:
+            raise ValueError(f"unknown trigger {name!r} for linux (known: {', '.join(self.triggers)})")
+        if machine.cmd is None:
+            raise ValueError("the command channel is not connected")
+        await machine.cmd.fire(scripts[name])
