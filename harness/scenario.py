@@ -45,7 +45,7 @@ REGRESS_TOLERANCE = {"ratio": 1.5, "floor_ms": 50.0}
 
 _KNOWN_KEYS = {
     "description", "guest", "memory_mib", "trigger", "device_models", "plans", "seed", "ci",
-    "workload", "trials", "setup", "expect_holes", "kernel_args",
+    "workload", "trials", "setup", "expect_holes", "knobs",
 }
 
 
@@ -69,7 +69,7 @@ class Scenario:
     states: int
     setup: str | None = None
     expect_holes: bool = False
-    kernel_args: list[str] = field(default_factory=list)
+    knobs: dict[str, str] = field(default_factory=dict)
     path: str = ""
 
     def with_env(self, env: dict[str, str] | None = None) -> "Scenario":
@@ -151,7 +151,7 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
         states=states,
         setup=setup,
         expect_holes=bool(d.get("expect_holes", False)),
-        kernel_args=list(d.get("kernel_args", [])),
+        knobs={str(k): str(v) for k, v in dict(d.get("knobs", {})).items()},
         path=str(p),
     )
 

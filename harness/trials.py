@@ -298,7 +298,8 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
         if setup_fn is not None:
             overrides = stack.enter_context(setup_fn(sc, work)) or {}
             setup = overrides
-        kw = dict(guest=sc.guest, mem_mib=sc.memory_mib, dump_disk=overrides.get("dump_disk", image), workdir=str(work / "guest"))
+        kw = dict(guest=sc.guest, mem_mib=sc.memory_mib, dump_disk=Path(overrides.get("dump_disk", image)),
+                  workdir=work / "guest", knobs=dict(sc.knobs), log=lambda s: None)
         kw.update(overrides.get("session_kwargs", {}))
         g = stack.enter_context(GuestSession(**kw))
         t0 = time.monotonic()
@@ -308,7 +309,7 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
         def workload() -> None:
             t = time.monotonic()
             for cmd in sc.workload:
-                st, out = _run_cmd(g, cmd)
+                st, out = _run_cmd(g, cmd, timeout=600.0)
                 if st != 0:
                     ph.notes.append(f"workload command exited {st}: {cmd[:60]} ({out.strip()[-120:]})")
             _timed(ph, "workload_s", t)

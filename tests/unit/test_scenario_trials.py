@@ -1,0 +1,68 @@
+"""Pure helpers of the real-trial runner: durable times, holes, image restore, argv."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from harness.crashsim.trace import read_trace
+from harness.trials import durable_times, failed_layers, restore_image, writer_argv
+from progdump.device import DeviceError
+from progdump.devmodel import DeviceModel, FaultRegion, ModelledDevice
+
+from tests.unit.test_devmodel import FakeClock, MemDevice
+
+
+def _trace(tmp_path, faults=()):
+    clk = FakeClock()
+    dev = ModelledDevice(MemDevice(1 << 20), DeviceModel("t", 1e6, 1e-4, 0, 5e-3, 1 << 16, 512, faults=tuple(faults)),
+                         str(tmp_path / "tr"), now=clk.now, sleep=clk.sleep)
+    off = 4096
+    for k in range(3):
+        for _ in range(4):
+            try:
+                dev.write(off, b"x" * 4096)
+            except DeviceError:
+                pass  # the writer carries on past a bad region
+            off += 4096
+        dev.write(512 * (1 + k), b"c" * 512)
+        dev.flush()
+        dev.mark(f"layer {k}")
+    dev.close()
+    return read_trace(str(tmp_path / "tr"))
+
+
+def test_durable_times_are_the_flush_completions_after_each_commit(tmp_path):
+    tr = _trace(tmp_path)
+    d = durable_times(tr, ["a", "b", "c"], "progressive")
+    assert list(d) == ["a", "b", "c"]
+    assert [round(v, 9) for v in d.values()] == [round(f.t_complete, 9) for f in tr.flushes]
+    assert d["a"] < d["b"] < d["c"]
+    assert list(durable_times(tr, ["all"], "monolithic")) == ["monolithic"]
+
+
+def test_failed_layers_names_the_layer_with_the_bad_write(tmp_path):
+    # region at 0.02 of 1 MiB = sector 40 (20 KiB): inside layer 1's writes (20..36 KiB)
+    tr = _trace(tmp_path, faults=[FaultRegion(0.02, 4096)])
+    assert tr.failed_writes and failed_layers(tr) == {1}
+    (tmp_path / "clean").mkdir()
+    assert failed_layers(_trace(tmp_path / "clean")) == set()
+
+
+def test_restore_image_writes_only_what_differs(tmp_path):
+    base = tmp_path / "b"
+    dump = tmp_path / "d"
+    data = os.urandom(3 << 20)
+    base.write_bytes(data)
+    changed = bytearray(data)
+    changed[5 << 19] ^= 1
+    dump.write_bytes(bytes(changed) + b"extra")
+    n = restore_image(str(base), str(dump), chunk=1 << 20)
+    assert n == 1 << 20 and dump.read_bytes() == data
+    assert restore_image(str(base), str(dump)) == 0
+
+
+def test_writer_argv_is_the_user_command():
+    a = writer_argv("s.elf", "d.img", "progressive", "hdd", "t.trace")
+    assert a[1:] == ["-m", "progdump.cli", "write", "s.elf", "d.img", "--plan", "progressive", "--device-model", "hdd", "--trace", "t.trace"]
