@@ -36,6 +36,9 @@ __all__ = [
     "SUMMARY_KEYS",
 ]
 
+#: the curve's x axis is logarithmic; earlier resets are drawn here (seconds)
+XMIN_S = 1e-4
+
 SUMMARY_KEYS = (
     "scenario",
     "guest",
@@ -203,7 +206,7 @@ def plot_curve(
 
     models = sorted({r.device_model for r in rows} | set(durable_ms))
     n = max(1, len(models))
-    fig, axes = plt.subplots(1, n, figsize=(6.2 * n, 4.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, n, figsize=(6.2 * n + 0.8, 5.4), squeeze=False, sharey=True)
     full = len(layer_names)
     colors = {"progressive": "#1f77b4", "monolithic": "#d62728"}
     for ax, model in zip(axes[0], models):
@@ -215,18 +218,18 @@ def plot_curve(
             rep = [r for r in pr if r.source == "replay"]
             if rep:
                 ax.scatter(
-                    [r.t_ms / 1e3 for r in rep],
+                    [max(XMIN_S, r.t_ms / 1e3) for r in rep],
                     [scale(r) + off for r in rep],
                     s=6,
                     alpha=0.25,
                     color=colors[plan],
                     linewidths=0,
-                    label=f"{plan}: {len(rep)} replayed states",
+                    label=f"{plan}: replayed crash states",
                 )
             real = [r for r in pr if r.source == "real" and r.kind != "complete"]
             if real:
                 ax.scatter(
-                    [r.t_ms / 1e3 for r in real],
+                    [max(XMIN_S, r.t_ms / 1e3) for r in real],
                     [scale(r) + off for r in real],
                     s=60,
                     marker="o" if plan == "progressive" else "X",
@@ -234,7 +237,7 @@ def plot_curve(
                     edgecolors="black",
                     linewidths=0.8,
                     zorder=5,
-                    label=f"{plan}: {len(real)} real resets",
+                    label=f"{plan}: real resets (SIGKILL + system_reset)",
                 )
             dur = durable_ms.get(model, {})
             if plan == "progressive":
@@ -242,21 +245,36 @@ def plot_curve(
             else:
                 v = sorted(dur.get("monolithic", []))
                 xs, ys = ([0.0, v[len(v) // 2] / 1e3], [0, full]) if v else ([0.0], [0])
+            xs = [max(XMIN_S, x) for x in xs]
             if len(xs) > 1:
                 xs2 = xs + [max(xmax, xs[-1]) * 1.05]
                 ys2 = ys + [ys[-1]]
-                ax.step(xs2, ys2, where="post", color=colors[plan], linewidth=2, label=f"{plan}: median durable time")
+                what = "median durable time of each layer" if plan == "progressive" else "one layer, durable at the end"
+                ax.step(xs2, ys2, where="post", color=colors[plan], linewidth=2, label=f"{plan}: {what}")
             xmax = max(xmax, xs[-1] * 1.05)
-        ax.set_xlim(0, xmax * 1.02)
-        ax.set_title(f"{model}")
-        ax.set_xlabel("reset time after the writer started (s)")
-        ax.grid(True, alpha=0.3)
+        ax.set_xscale("log")
+        ax.set_xlim(XMIN_S * 0.8, xmax * 1.1)
+        n_real = sum(1 for r in rs if r.source == "real" and r.kind != "complete")
+        n_rep = sum(1 for r in rs if r.source == "replay")
+        ax.set_title(f"{model}: {n_real} real resets, {n_rep} replayed states", fontsize=10)
+        ax.set_xlabel(f"reset time after the writer started (s, log; t < {XMIN_S * 1e3:g} ms drawn at {XMIN_S * 1e3:g} ms)")
+        ax.grid(True, which="both", alpha=0.25)
         ax.set_yticks(range(full + 1))
-        ax.set_yticklabels(["none"] + [f"{i}: {nm}" for i, nm in enumerate(layer_names)])
+        ax.set_yticklabels(["nothing"] + [nm if i == 0 else f"+ {nm}" for i, nm in enumerate(layer_names)])
     axes[0][0].set_ylabel("layers recovered and verified")
-    axes[0][-1].legend(loc="lower right", fontsize=7, framealpha=0.9)
+    for ax in axes[0]:
+        ax.axhline(0, color="grey", linewidth=0.5)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    seen = set(labels)
+    for ax in axes[0][1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in seen:
+                seen.add(lab)
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, framealpha=0.9)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
