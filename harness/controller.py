@@ -228,6 +228,7 @@ class GuestSession:
                 self.accel, self.accel_reason = choose_accel(self.accel_request, self.profile)
                 self.t = self._timeouts_override or timeouts_for(self.accel)
                 self.log(f"accelerator: {self.accel} ({self.accel_reason})")
+                t0 = self._step("accel_choice", t0) * 0 + time.monotonic()
             rundir = RunDir(shm=self.shared_ram)
             try:
                 cfg = self._config(rundir)
@@ -408,16 +409,21 @@ class GuestSession:
             try:
                 total = sum(r.size for r in snap.ranges)
                 os.ftruncate(fd, total)
-                mm = mmap.mmap(fd, total)
+                off = 0
+                layout = []
+                for r in snap.ranges:
+                    # pwrite from the mapped view: no page faults on the destination side
+                    done = 0
+                    while done < r.size:
+                        n = os.pwrite(fd, r.buffer[done : done + (64 << 20)], off + done)
+                        done += n
+                    layout.append((r.phys_start, off, r.size))
+                    off += r.size
+                mm = mmap.mmap(fd, total, access=mmap.ACCESS_READ)
             finally:
                 os.close(fd)
             view = memoryview(mm)
-            off = 0
-            new = []
-            for r in snap.ranges:
-                view[off : off + r.size] = r.buffer
-                new.append(MemoryRange(r.phys_start, r.size, view[off : off + r.size]))
-                off += r.size
+            new = [MemoryRange(p, size, view[o : o + size]) for p, o, size in layout]
             old_ranges, old_owned = snap.ranges, snap._owned
             snap.ranges = new
             snap._owned = [view, mm]

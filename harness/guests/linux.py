@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ImageMissing
+from harness.errors import ImageMissing, PanicError
 from harness.guests.base import BootSpec, GuestProfile
 from harness.qemu.console import Pattern
 from harness.qemu.machine import Machine
@@ -26,16 +26,22 @@ __all__ = ["LinuxGuest", "default_image_dir"]
 REPO = Path(__file__).resolve().parent.parent.parent
 KNOBS = ("panic_print", "hung_task_panic", "hung_task_timeout", "softlockup_panic", "panic_on_oops")
 
-HUNG_TASK_SCRIPT = """\
+# Set up a frozen filesystem (run and checked before the trigger fires).
+HUNG_TASK_SETUP = """\
 set -e
-sysctl -qw kernel.hung_task_panic=1 kernel.hung_task_timeout_secs=2
 dd if=/dev/zero of=/run/pdhung.img bs=1M count=8 2>/dev/null
 dev=$(losetup -f)
 losetup "$dev" /run/pdhung.img
 mke2fs -q "$dev" >/dev/null 2>&1
 mkdir -p /mnt/pdhung
 mount -t ext2 "$dev" /mnt/pdhung
-fsfreeze -f /mnt/pdhung
+fsfreeze --freeze /mnt/pdhung
+"""
+# The writer blocks in D state (sb_start_write on the frozen fs); the detector
+# (period 2 s) panics once it has been blocked for a full period.
+HUNG_TASK_FIRE = """\
+sysctl -qw kernel.hung_task_panic=1
+sysctl -qw kernel.hung_task_timeout_secs=2
 (echo blocked > /mnt/pdhung/writer) </dev/null >/dev/null 2>&1 &
 """
 
@@ -110,10 +116,14 @@ class LinuxGuest(GuestProfile):
         scripts = {
             "sysrq": "echo c > /proc/sysrq-trigger",
             "init-exit": "echo exit > /run/initctl",
-            "hung-task": HUNG_TASK_SCRIPT,
+            "hung-task": HUNG_TASK_FIRE,
         }
         if name not in scripts:
             raise ValueError(f"unknown trigger {name!r} for linux (known: {', '.join(self.triggers)})")
         if machine.cmd is None:
-            raise ValueError("the command channel is not connected")
+            raise PanicError("the command channel is not connected")
+        if name == "hung-task":
+            res = await machine.cmd.run(HUNG_TASK_SETUP, machine.t.command)
+            if res.status != 0:
+                raise PanicError(f"hung-task setup failed (status {res.status}): {res.text[-500:]}")
         await machine.cmd.fire(scripts[name])
