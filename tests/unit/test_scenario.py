@@ -68,3 +68,18 @@ def test_list_command_prints_one_line_per_scenario(capsys):
 def test_unknown_scenario_name(capsys):
     assert main(["run", "no-such-thing"]) == 1
     assert "no scenario 'no-such-thing'" in capsys.readouterr().err
+
+
+def test_setup_step_resolves_to_a_callable_and_bad_ones_are_errors(tmp_path):
+    from harness.scenario import resolve_setup
+
+    assert resolve_setup(None) is None
+    assert resolve_setup("contextlib:nullcontext") is not None
+    with pytest.raises(ScenarioError, match="setup 'nope.nope:f'"):
+        resolve_setup("nope.nope:f")
+    p = tmp_path / "s.toml"
+    p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="no-colon"\n[workload]\ncommands=["true"]\n')
+    with pytest.raises(ScenarioError, match="module:function"):
+        load_scenario(p)
+    p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="contextlib:nullcontext"\n[workload]\ncommands=["true"]\n')
+    assert load_scenario(p).setup == "contextlib:nullcontext"
