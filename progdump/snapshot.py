@@ -306,7 +306,10 @@ class Snapshot:
                 r.buffer.release()
             except Exception:
                 pass
-        for obj in reversed(self._owned):
+        # Views first: an mmap refuses to close while a view of it is exported
+        # (and would keep its file descriptor open).
+        owned = list(reversed(self._owned))
+        for obj in [o for o in owned if isinstance(o, memoryview)] + [o for o in owned if not isinstance(o, memoryview)]:
             try:
                 if isinstance(obj, memoryview):
                     obj.release()
