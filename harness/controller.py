@@ -423,7 +423,7 @@ class GuestSession:
             finally:
                 os.close(fd)
             view = memoryview(mm)
-            new = [MemoryRange(p, size, view[o : o + size]) for p, o, size in layout]
+            new = [MemoryRange(p, size, view[o : o + size], backing=mm, backing_offset=o) for p, o, size in layout]
             old_ranges, old_owned = snap.ranges, snap._owned
             snap.ranges = new
             snap._owned = [view, mm]

@@ -1,0 +1,247 @@
+"""The Linux stand-in under real QEMU: boot, panic, capture, reset, no leaks.
+
+Slow (TCG boots take ~3 s each); skips, saying why, without QEMU or the
+image. Figures live in bench/guest_timings.py; nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from harness.qemu.capture import COMPARED_REGS, dump_elf
+from progdump.snapshot import PAGE_SIZE, Snapshot
+
+pytestmark = pytest.mark.vm
+
+
+def find_in_ram(snap: Snapshot, needle: bytes) -> int | None:
+    """Guest-physical address of the first occurrence of ``needle`` (within one range)."""
+    for r in snap.ranges:
+        i = r.buffer.obj.find(needle, 0) if False else bytes(r.buffer).find(needle)  # noqa: SIM108
+        if i >= 0:
+            return r.phys_start + i
+    return None
+
+
+def find_full_page(snap: Snapshot, page: bytes) -> int | None:
+    """Guest-physical address of a page-aligned page equal to ``page``."""
+    assert len(page) == PAGE_SIZE
+    for r in snap.ranges:
+        data = bytes(r.buffer)
+        i = data.find(page)
+        while i >= 0:
+            aligned = -(-i // PAGE_SIZE) * PAGE_SIZE
+            if data[aligned : aligned + PAGE_SIZE] == page:
+                return r.phys_start + aligned
+            i = data.find(page, aligned + 1)
+    return None
+
+
+def check_markers(snap: Snapshot, markers: dict[str, Any]) -> None:
+    anon = markers["anon_unit"].encode()
+    cache = markers["cache_unit"].encode()
+    assert len(anon) == 32 and len(cache) == 32
+    assert find_in_ram(snap, anon * 64) is not None, "anonymous-memory marker not in RAM"
+    assert find_full_page(snap, cache * (PAGE_SIZE // 32)) is not None, "page-cache marker page not in RAM"
+    assert find_in_ram(snap, markers["kmsg"].encode()) is not None, "kernel-log marker not in RAM"
+    assert find_in_ram(snap, b"pdmarker\x00") is not None, "marker task's comm not in RAM"
+
+
+def check_registers(snap: Snapshot) -> None:
+    vmci = snap.vmcoreinfo
+    assert vmci is not None, "no VMCOREINFO note (qemu_fw_cfg not loaded?)"
+    stext = int(vmci["SYMBOL(_stext)"], 16)
+    for cpu in snap.cpus:
+        r = cpu.regs
+        assert stext <= r["rip"] < stext + (64 << 20), f"CPU {cpu.index}: RIP {r['rip']:#x} not in kernel text"
+        assert r["cr3"] and r["cr3"] % PAGE_SIZE == 0 and snap.has_phys(r["cr3"] & ~0xFFF, PAGE_SIZE)
+        assert r["cr0"] & 0x80000001 == 0x80000001
+        assert r["efer"] & 0x500 == 0x500
+        assert r["cs"] == 0x10
+        assert cpu.prstatus is not None and len(cpu.prstatus) == 336
+
+
+@pytest.fixture(scope="module")
+def session(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One booted 512 MiB guest shared by the tests below (each resets after its panic)."""
+    request.getfixturevalue("linux_guest")
+    from harness.controller import GuestSession
+
+    work = tmp_path_factory.mktemp("guest")
+    s = GuestSession("linux", mem_mib=512, dump_disk=work / "dump.img", workdir=work)
+    with s:
+        s.boot()
+        yield s
+
+
+def _ready(s: Any) -> None:
+    if s.call(s.m.status()) != "running":
+        s.reset()
+
+
+def test_boot_to_ready(session: Any) -> None:
+    _ready(session)
+    assert re.fullmatch(r"[0-9a-f]{16}", session.boot_id)
+    assert session.markers["nonce"] == session.boot_id
+    assert session.timings["boot"] > 0
+    r = session.run("cat /proc/sys/kernel/panic_on_oops /proc/sys/kernel/unknown_nmi_panic; "
+                    "cat /sys/block/vda/serial; echo; test -d /sys/firmware/qemu_fw_cfg/by_name/etc/vmcoreinfo")
+    assert r.status == 0, r.text
+    assert r.text.split()[:3] == ["1", "1", "pddump"]
+    bad = session.run("exit 7")
+    assert bad.status == 7
+
+
+def test_sysrq_panic_capture(session: Any, tmp_path: Path) -> None:
+    _ready(session)
+    markers = dict(session.markers)
+    p = session.panic("sysrq")
+    assert p.status == "paused"
+    assert p.panic_string == "sysrq triggered crash"
+    assert p.console_complete
+    assert p.event_ns >= p.trigger_ns - 10**9
+    with session.capture() as snap:
+        assert snap.metadata["capture_method"] == "shared-memory-backend"
+        assert snap.metadata["panic_event_ns"] == p.event_ns
+        assert snap.metadata["os"] == "linux" and snap.metadata["ram_bytes"] == 512 << 20
+        assert snap.metadata["release"] == snap.vmcoreinfo["OSRELEASE"] == markers["release"]
+        assert snap.metadata["capture_warnings"] == []
+        assert snap.total_bytes > 500 << 20
+        check_markers(snap, markers)
+        assert find_in_ram(snap, b"Kernel panic - not syncing: sysrq triggered crash") is not None
+        assert b"---[ end Kernel panic - not syncing: sysrq triggered crash ]---" in snap.console_tail
+        check_registers(snap)
+
+        # registers and bytes equal to QEMU's own dump-guest-memory ELF
+        elf = tmp_path / "full.elf"
+        session.call(dump_elf(session.m, elf))
+        with Snapshot.from_elf(elf) as ref:
+            assert len(ref.cpus) == len(snap.cpus)
+            for a, b in zip(snap.cpus, ref.cpus):
+                for name in COMPARED_REGS:
+                    assert a.regs[name] == b.regs[name], f"CPU {a.index} {name}"
+                assert a.prstatus == b.prstatus
+            for r in snap.ranges:
+                assert ref.read_phys(r.phys_start, r.size) == bytes(r.buffer), f"range {r.phys_start:#x}"
+        os.chmod(elf, 0o600)
+        elf.unlink()
+
+        # the pmemsave fallback gives the same bytes
+        with session.capture("pmemsave") as slow:
+            assert slow.metadata["capture_method"] == "qmp-pmemsave"
+            assert [(r.phys_start, r.size) for r in slow.ranges] == [(r.phys_start, r.size) for r in snap.ranges]
+            for a, b in zip(snap.ranges, slow.ranges):
+                assert a.buffer == b.buffer, f"range {a.phys_start:#x} differs"
+    session.reset()
+
+
+def test_nmi_panic(session: Any) -> None:
+    _ready(session)
+    markers = dict(session.markers)
+    p = session.panic("nmi")
+    assert p.status == "paused"
+    assert p.panic_string == "NMI: Not continuing"
+    with session.capture() as snap:
+        check_markers(snap, markers)
+        check_registers(snap)
+        assert find_in_ram(snap, b"Kernel panic - not syncing: NMI: Not continuing") is not None
+    session.reset()
+
+
+def test_hung_task_panic(session: Any) -> None:
+    _ready(session)
+    p = session.panic("hung-task")
+    assert p.status == "paused"
+    assert p.panic_string == "hung_task: blocked tasks"
+    assert "blocked for more than" in session.console_text
+    session.reset()
+
+
+def test_reset_reboots_and_preserves_open_snapshot(session: Any) -> None:
+    _ready(session)
+    before = dict(session.markers)
+    session.panic("sysrq")
+    snap = session.capture()
+    try:
+        b = session.reset()
+        assert b.boot_id != before["nonce"]
+        assert session.run("echo again").text == "again\n"
+        # the snapshot was copied before the reset: old markers still there, new ones not
+        assert find_in_ram(snap, before["anon_unit"].encode() * 64) is not None
+        assert find_in_ram(snap, session.markers["anon_unit"].encode() * 8) is None
+    finally:
+        snap.close()
+
+
+def test_hotplug_disk(session: Any, tmp_path: Path) -> None:
+    _ready(session)
+    img = tmp_path / "extra.img"
+    with open(img, "wb") as f:
+        f.truncate(8 << 20)
+        f.write(b"PD-HOTPLUG-DISK")
+    session.add_disk(img, "extra1", bus="scsi", serial="pdextra")
+    r = session.run("for i in 1 2 3 4 5 6 7 8 9 10; do ls /dev/sd? >/dev/null 2>&1 && break; sleep 0.2; done; "
+                    "head -c 15 /dev/sda")
+    assert r.text == "PD-HOTPLUG-DISK", r.text
+    session.remove_disk("extra1")
+    assert session.run("ls /dev/sda").status != 0
+
+
+def test_ssh_reachable(guest_session: Callable[..., Any]) -> None:
+    pytest.importorskip("paramiko")
+    s = guest_session(mem_mib=256, ssh=True)
+    s.boot()
+    client = s.ssh_client()
+    try:
+        _, out, _ = client.exec_command("cat /proc/sys/kernel/hostname")
+        assert out.read().decode().strip() == "pdguest"
+    finally:
+        client.close()
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == me:
+                    out.add(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_cycles_leak_nothing(guest_session: Callable[..., Any]) -> None:
+    fds0 = set(os.listdir("/proc/self/fd"))
+    threads0 = threading.active_count()
+    children0 = _children()
+    dirs = []
+    pids = []
+    for _ in range(2):
+        s = guest_session(mem_mib=256)
+        s.boot()
+        m = s.machine
+        dirs += [m.rundir.sock_dir, m.rundir.shm_dir]
+        pids.append(m.pid)
+        for trig in ("sysrq", "nmi"):
+            s.panic(trig)
+            with s.capture() as snap:
+                assert snap.total_bytes > 200 << 20
+            s.reset()
+        s.close()
+    assert _children() == children0
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), f"QEMU {pid} still exists"
+    for d in dirs:
+        assert d is not None and not d.exists(), f"{d} left behind"
+    assert set(os.listdir("/proc/self/fd")) == fds0
+    assert threading.active_count() == threads0
