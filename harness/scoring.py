@@ -42,6 +42,7 @@ __all__ = [
 
 MAX_MANIFEST = 16 << 20
 MAX_PHDRS = 1 << 16
+CHUNK = 16 << 20
 
 
 class ScoringError(Exception):
@@ -185,21 +186,22 @@ def _check_pages(snapshot: Snapshot, vmcore: str) -> tuple[np.ndarray, np.ndarra
                 if paddr % PAGE_SIZE or n % PAGE_SIZE:
                     raise ScoringError(f"{vmcore}: PT_LOAD at {paddr:#x}+{n:#x} not page aligned")
                 first = paddr // PAGE_SIZE
-                npages = n // PAGE_SIZE
-                pfns = np.arange(first, first + npages, dtype=np.int64)
-                present.append(pfns)
-                got = np.frombuffer(mm, dtype=np.uint64, count=n // 8, offset=foff).reshape(npages, -1)
-                try:
-                    want_b = snapshot.read_phys(paddr, n)
-                except Exception:
-                    # pages the snapshot does not have cannot have been written
-                    bad.append(pfns)
-                    continue
-                want = np.frombuffer(want_b, dtype=np.uint64).reshape(npages, -1)
-                diff = (got != want).any(axis=1)
-                if diff.any():
-                    bad.append(pfns[diff])
-                del got
+                present.append(np.arange(first, first + n // PAGE_SIZE, dtype=np.int64))
+                for c in range(0, n, CHUNK):  # bounded memory: compare 16 MiB at a time
+                    m = min(CHUNK, n - c)
+                    pfns = np.arange((paddr + c) // PAGE_SIZE, (paddr + c + m) // PAGE_SIZE, dtype=np.int64)
+                    got = np.frombuffer(mm, dtype=np.uint64, count=m // 8, offset=foff + c).reshape(len(pfns), -1)
+                    try:
+                        want_b = snapshot.read_phys(paddr + c, m)
+                    except Exception:
+                        bad.append(pfns)  # pages the snapshot does not have cannot have been written
+                        del got
+                        continue
+                    want = np.frombuffer(want_b, dtype=np.uint64).reshape(len(pfns), -1)
+                    diff = (got != want).any(axis=1)
+                    if diff.any():
+                        bad.append(pfns[diff])
+                    del got, want
         finally:
             mm.close()
     return np.concatenate(present), (np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64))
