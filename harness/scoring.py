@@ -292,22 +292,47 @@ def score_recovery(
     return Score(layers, fa, reasons, total, _markers(markers, out, layers), str(man.get("dump_id")), True)
 
 
-def _markers(markers: dict[str, object] | None, out: Path | None, layers: list[LayerScore]) -> dict[str, bool]:
-    """Did each planted marker come back? Text markers are searched in recovered text files.
+#: markers the guest plants (GuestSession.markers) and where each must show up:
+#: text markers in recovered text files, pattern units in the recovered memory
+TEXT_MARKERS = ("kmsg", "comm", "release", "hostname")
+MEMORY_MARKERS = ("cache_unit", "anon_unit")
 
-    Markers whose value is not text (e.g. a pattern page's pfn) are checked by
-    the page comparison above and reported here only as present/absent text.
+
+def _markers(markers: dict[str, object] | None, out: Path | None, layers: list[LayerScore]) -> dict[str, bool]:
+    """Did each planted marker come back?
+
+    ``kmsg`` (a log line), ``comm`` (the marker task), ``release`` and
+    ``hostname`` are searched in the recovered text files; ``cache_unit`` and
+    ``anon_unit`` (a 32-byte unit the guest repeated over 64 KiB of page cache
+    and of a task's heap) are searched, twice in a row, in the recovered vmcore.
     """
     res: dict[str, bool] = {}
     if not markers:
         return res
     texts: list[bytes] = []
+    vm = None
     if out is not None:
         for p in sorted(out.iterdir()):
             if p.is_file() and p.suffix in (".txt", ".json", ".log") and p.stat().st_size < (64 << 20):
                 texts.append(p.read_bytes())
-    for k, v in markers.items():
+        if (out / "vmcore").exists():
+            vm = out / "vmcore"
+    for k in TEXT_MARKERS:
+        v = markers.get(k)
         if isinstance(v, str) and v:
-            needle = v.encode()
-            res[k] = any(needle in t for t in texts)
+            res[k] = any(v.encode() in t for t in texts)
+    for k in MEMORY_MARKERS:
+        v = markers.get(k)
+        if isinstance(v, str) and v:
+            res[k] = _in_file(vm, v.encode() * 2) if vm is not None else False
     return res
+
+
+def _in_file(path: Path, needle: bytes) -> bool:
+    import mmap
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return mm.find(needle) >= 0

@@ -93,12 +93,13 @@ def test_expected_layers_deduplicate_pages(case):
 def test_perfect_recovery_scores_every_layer(case, tmp_path):
     snap, exp = case
     out = _recovery(tmp_path, snap, exp, ["complete"] * 5)
-    s = score_recovery(out, snap, exp, markers={"log": "MARKER-LOG-LINE", "task": "nope-not-there"})
+    s = score_recovery(out, snap, exp, markers={"kmsg": "MARKER-LOG-LINE", "comm": "nope-not-there",
+                                                "anon_unit": "\t" * 16, "cache_unit": "not-in-memory-xyz"})
     assert not s.false_accept, s.reasons
     assert s.layers_recovered == 5 and all(ls.verified for ls in s.layers)
     assert s.layers[4].pages_recovered == s.layers[4].expected_pages == NPAGES
     assert s.dump_id == "d1" and s.found
-    assert s.markers == {"log": True, "task": False}
+    assert s.markers == {"kmsg": True, "comm": False, "anon_unit": True, "cache_unit": False}
 
 
 def test_partial_last_layer_is_honest_not_false(case, tmp_path):
