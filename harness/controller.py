@@ -297,6 +297,10 @@ class GuestSession:
             raise HarnessError(f"guest command failed with status {res.status}: {cmd[:200]!r}\n{res.text[-2000:]}")
         return res
 
+    def workload(self, kind: str, amount: int, timeout: float | None = None) -> CommandResult:
+        """Give a dump layer content: ``pagecache`` / ``anon`` (MiB) or ``slab`` (entries)."""
+        return self.run(self.profile.workload_script(kind, amount), timeout=timeout, check=True)
+
     def panic(self, trigger: str = "sysrq") -> PanicResult:
         """Make the guest panic; return once GUEST_PANICKED arrived and the VM is stopped."""
         if trigger not in self.profile.triggers:

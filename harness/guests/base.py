@@ -76,6 +76,6 @@ class GuestProfile(ABC):
     async def trigger(self, name: str, machine: Machine) -> None:
         """Make the guest panic by way ``name`` (one of :attr:`triggers`); returns once sent."""
 
-    def prepare_trigger(self, name: str) -> list[str]:
-        """Shell commands to run in the guest before ``trigger`` (may be empty)."""
-        return []
+    def workload_script(self, kind: str, amount: int) -> str:
+        """Shell script that gives a dump layer content (pagecache, anon, slab)."""
+        raise ValueError(f"guest {self.name} has no workload {kind!r}")

@@ -46,6 +46,48 @@ sysctl -qw kernel.hung_task_timeout_secs=2
 """
 
 
+# Workloads give every dump layer content. $1 = amount (MiB, or entries for slab).
+_CHUNK = """\
+c=/run/pdfill.$1
+[ -e $c ] || yes "PD-FILL-$1" | head -c 1048576 > $c
+"""
+WORKLOADS = {
+    # page cache: a ramfs file (ramfs pages are page cache, never swapped), read back
+    "pagecache": "set -- cache \"$1\"\n" + _CHUNK + """\
+mkdir -p /pdcache/fill; f=/pdcache/fill/pc.$$
+i=0; while [ $i -lt $2 ]; do echo "pagecache chunk $i"; cat $c; i=$((i+1)); done > $f
+cat $f > /dev/null
+""",
+    # anonymous memory: dd holds one block of $1 MiB in its heap, blocked on a pipe
+    # nobody reads; the source file is gone once dd has read it
+    "anon": "set -- anon \"$1\"\n" + _CHUNK + """\
+src=/run/pdanon.$$
+i=0; while [ $i -lt $2 ]; do echo "anon chunk $i"; cat $c; i=$((i+1)); done > $src
+cat $src | dd bs=$(( $2 * 1048576 + 65536 )) count=1 iflag=fullblock 2>/dev/null | sleep 2000000000 &
+i=0; while [ $i -lt 100 ]; do
+  rss=0; for p in $(pidof dd); do r=$(awk '/VmRSS/{print $2}' /proc/$p/status 2>/dev/null); [ "${r:-0}" -gt $rss ] && rss=$r; done
+  [ $rss -ge $(( $2 * 1024 )) ] && break; sleep 0.1; i=$((i+1)); done
+rm -f $src
+[ $rss -ge $(( $2 * 1024 )) ] || { echo "anon workload: dd holds only $rss kB"; exit 1; }
+""",
+    # kernel slab: $1 files and $1/4 directories in tmpfs (dentries, inodes)
+    "slab": """\
+d=/tmp/pdslab.$$; mkdir -p $d; cd $d
+seq 1 "$1" | sed s/^/f/ | xargs touch
+seq 1 $(( $1 / 4 + 1 )) | sed s/^/d/ | xargs mkdir
+""",
+}
+
+
+def workload_script(kind: str, amount: int) -> str:
+    """Shell script for workload ``kind`` (pagecache|anon MiB, slab entries)."""
+    if kind not in WORKLOADS:
+        raise ValueError(f"unknown workload {kind!r} (known: {', '.join(WORKLOADS)})")
+    if not isinstance(amount, int) or not 0 < amount <= 1 << 20:
+        raise ValueError(f"workload amount {amount!r} must be a positive integer")
+    return f"set -- {amount}\n" + WORKLOADS[kind]
+
+
 def default_image_dir() -> Path:
     env = os.environ.get("PROGDUMP_GUEST_LINUX_DIR")
     return Path(env) if env else REPO / ".cache" / "guest" / "linux"
@@ -108,6 +150,9 @@ class LinuxGuest(GuestProfile):
             Pattern.of("panic", rb"Kernel panic - not syncing: (.*?)\s*$"),
             Pattern.of("panic-end", rb"---\[ end Kernel panic - not syncing: (.*?) \]---"),
         )
+
+    def workload_script(self, kind: str, amount: int) -> str:
+        return workload_script(kind, amount)
 
     async def trigger(self, name: str, machine: Machine) -> None:
         if name == "nmi":
