@@ -603,3 +603,18 @@ def test_round_trip_property(tmp_path, specs, regs, console, meta):
     with load_elf_snapshot(out) as t:
         assert t.load_warnings == []
         assert_same_snapshot(s, t)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_load_and_close_leak_no_file_descriptors(tmp):
+    path = write(tmp, "l.elf", small_core())
+    zfill = write(tmp, "zf.elf", build_core([(0, pattern(0x1800, 1), 0x5000)], b""))  # file, partial, zero parts
+    bad = write(tmp, "bad.elf", patch(small_core(), 64 + 56 + 8, "<Q", 1 << 40))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        for good in (path, zfill):
+            with load_elf_snapshot(good) as s:
+                s.read_phys(0, 16)
+        with pytest.raises(SnapshotError):
+            load_elf_snapshot(bad)
+    assert len(os.listdir("/proc/self/fd")) <= before
