@@ -1,0 +1,305 @@
+"""The Linux producer: layers from a panicked Linux guest's own memory.
+
+Why: layer 0 must read like the console's panic output and layer 1 must
+hold every task's stack, with no debug-info package (a real dump path has
+none). Everything comes from VMCOREINFO and guest-physical memory: kallsyms
+(Linux >= 6.0 publishes its tables in VMCOREINFO), the printk ring buffer,
+the in-memory BTF, the ORC unwind tables and ``mem_map``.
+
+The constructor raises :class:`LinuxUnsupported` (with the reason) when the
+snapshot is not a usable x86-64 Linux one; the layer code falls back to the
+generic producer. After construction nothing raises out of ``panic()``,
+``tasks()`` or ``page_classes()``: a missing or corrupt piece degrades the
+output with a reason in :attr:`degraded` and in the layer's notes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from progdump.layers.base import Artifact, LayerContent, PageClassMap, Producer
+from progdump.layers.generic import CONSOLE_TAIL_MAX, find_panic_message
+from progdump.layers.linux.kernel import LinuxKernel, LinuxUnsupported
+from progdump.layers.linux.printk import LogRecord, PrintkError, format_records, read_log
+from progdump.layers.linux.render import render_panic, render_tasks
+from progdump.layers.linux.unwind import THREAD_SIZE, orc_unwind, stack_scan
+from progdump.snapshot import PAGE_SIZE, Snapshot
+
+__all__ = ["LinuxProducer", "LinuxUnsupported"]
+
+LOG_TAIL_BYTES = 64 * 1024
+JSON_LOG_TAIL_BYTES = 32 * 1024
+LAYER0_BUDGET = 224 * 1024  # our artifacts; core artifacts (console, notes) take the rest of 256 KiB
+MAX_CALL_TRACE_LINES = 128
+PANIC_PREFIX = b"Kernel panic - not syncing: "
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class LinuxProducer(Producer):
+    name = "linux"
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        super().__init__(snapshot)
+        t = time.perf_counter()
+        self.k = LinuxKernel(snapshot)
+        self.timings: dict[str, float] = {"init_s": time.perf_counter() - t}
+        self.degraded += self.k.notes
+        self._log: tuple[list[LogRecord], list[str]] | None = None
+
+    # -- shared pieces -------------------------------------------------------------
+    def log(self) -> tuple[list[LogRecord], list[str]]:
+        if self._log is None:
+            try:
+                self._log = read_log(self.k.mem, self.k.vi)
+            except PrintkError as e:
+                self._log = ([], [f"kernel log unavailable: {e}"])
+                self.degraded.append(f"kernel log unavailable: {e}")
+        return self._log
+
+    def _panic_cpu(self) -> int | None:
+        a = self.k.syms.address("panic_cpu")
+        try:
+            v = self.k.mem.s32(a) if a is not None else -1
+        except Exception:
+            return None
+        return v if 0 <= v < 8192 else None
+
+    def _stack_of(self, rsp: int) -> tuple[int, int]:
+        """Bounds of the THREAD_SIZE-aligned stack holding ``rsp``."""
+        lo = rsp & ~(THREAD_SIZE - 1)
+        return lo, lo + THREAD_SIZE
+
+    # -- layer 0 -------------------------------------------------------------------
+    def panic(self) -> LayerContent:
+        t0 = time.perf_counter()
+        notes: list[str] = []
+        d: dict = {"producer": "linux", "degraded": []}
+
+        def degrade(msg: str) -> None:
+            d["degraded"].append(msg)
+            notes.append(msg)
+            if msg not in self.degraded:
+                self.degraded.append(msg)
+
+        records, lnotes = self.log()
+        for n in lnotes:
+            notes.append(n)
+        text = format_records(records)
+        # panic message: the kernel's own line in the log, else the console
+        msg, src = None, None
+        start = _panic_record(records)
+        if start is not None:
+            msg = records[start].text[len(PANIC_PREFIX):].decode("utf-8", "replace").strip()
+            src = "the kernel log"
+
+        if msg is None:
+            msg = find_panic_message(self.snapshot.console_tail)
+            src = "the console" if msg else None
+        if msg is None:
+            degrade("no panic message in the log or on the console")
+        d["panic_message"], d["panic_message_source"] = msg, src
+        # identity
+        ident: dict[str, object] = {}
+        try:
+            u = self.k.uts()
+            ident.update(release=u["release"], version=u["version"], hostname=u["nodename"], machine=u["machine"])
+        except Exception as e:
+            degrade(f"utsname unreadable: {_err(e)}")
+            ident["release"] = self.k.release
+        if records:
+            ident["uptime"] = f"{records[-1].ts_nsec / 1e9:.3f} s (time stamp of the last log record)"
+        try:
+            a = self.k.syms.address("_totalram_pages")
+            total = self.k.mem.s64(a) if a is not None else None
+        except Exception:
+            total = None
+        ident["ram"] = (f"{self.snapshot.total_bytes} bytes in the snapshot"
+                        + (f"; {total * PAGE_SIZE} bytes managed by the kernel" if total else ""))
+        ident["kaslr_offset"] = f"{self.k.vi.kerneloffset():#x}"
+        if "capture_method" in self.snapshot.metadata:
+            ident["capture"] = str(self.snapshot.metadata["capture_method"])
+        pcpu = self._panic_cpu()
+        ident["panic_cpu"] = pcpu
+        # CPUs
+        currents: dict[int, int] = {}
+        comm_of: dict[int, str] = {}
+        try:
+            from progdump.layers.linux.tasks import TaskLayout, current_tasks  # noqa: PLC0415
+
+            currents = current_tasks(self.k, len(self.snapshot.cpus))
+            L = TaskLayout(self.k.btf)
+            for cpu, t in currents.items():
+                comm = self.k.mem.read(t + L.comm, 16).split(b"\0")[0].decode("utf-8", "replace")
+                comm_of[cpu] = f"{comm}[{self.k.mem.s32(t + L.pid)}]"
+        except Exception as e:
+            notes.append(f"current tasks unknown: {_err(e)}")
+        if pcpu is not None and pcpu in comm_of:
+            ident["panic_task"] = comm_of[pcpu]
+        d["identity"] = ident
+        d["cpus"] = []
+        for c in self.snapshot.cpus:
+            rip = c.regs.get("rip", 0)
+            d["cpus"].append({"cpu": c.index, "panicking": c.index == pcpu, "rip_symbol": self.k.syms.format(rip),
+                              "task": comm_of.get(c.index), "regs": {k: f"{v:#x}" for k, v in c.regs.items()}})
+        # backtraces
+        d["backtrace"] = {"log": self._log_call_trace(records), "orc": {}, "scan": {}}
+        if not d["backtrace"]["log"]:
+            notes.append("no Call Trace block in the log")
+        cpu = next((c for c in self.snapshot.cpus if c.index == pcpu), self.snapshot.cpus[0] if self.snapshot.cpus else None)
+        if cpu is None:
+            degrade("no CPU registers in the snapshot: no unwind")
+        else:
+            r = cpu.regs
+            try:
+                frames, why = orc_unwind(self.k.mem, self.k.syms, self.k.orc, r.get("rip", 0), r.get("rsp", 0),
+                                         r.get("rbp", 0), True)
+                d["backtrace"]["orc"] = {"cpu": cpu.index, "frames": [f.as_dict() for f in frames], "end": why}
+            except Exception as e:
+                degrade(f"ORC unwind unavailable: {_err(e)}")
+            lo, hi = self._stack_of(r.get("rsp", 0))
+            try:
+                frames, why = stack_scan(self.k.mem, self.k.syms, r.get("rsp", 0), hi)
+                d["backtrace"]["scan"] = {"cpu": cpu.index, "frames": [f.as_dict() for f in frames], "end": why}
+            except Exception as e:
+                degrade(f"stack scan failed: {_err(e)}")
+        # log and console
+        d["log_records"] = len(records)
+        d["log_bytes"] = len(text.encode())
+        d["log_tail"] = _tail(text, LOG_TAIL_BYTES)
+        d["console_tail"] = self.snapshot.console_tail[-CONSOLE_TAIL_MAX:].decode("utf-8", "replace")
+        d["log_notes"] = lnotes
+        panic_txt = render_panic(d).encode()
+        dj = dict(d)
+        dj["log_tail"] = _tail(text, JSON_LOG_TAIL_BYTES)
+        dj["console_tail"] = _tail(d["console_tail"], JSON_LOG_TAIL_BYTES)
+        panic_json = json.dumps(dj, indent=1).encode()
+        dmesg = text.encode()
+        room = LAYER0_BUDGET - len(panic_txt) - len(panic_json)
+        if len(dmesg) > room:
+            cut = len(dmesg) - max(room, 0)
+            nl = dmesg.find(b"\n", cut)
+            dmesg = dmesg[nl + 1:] if nl >= 0 else b""
+            notes.append(f"dmesg.txt holds the newest {len(dmesg)} of {d['log_bytes']} log bytes (layer 0 budget); "
+                         "the whole ring buffer is in the kernel layer's memory")
+        self.timings["panic_s"] = time.perf_counter() - t0
+        arts = [Artifact("panic.txt", panic_txt), Artifact("panic.json", panic_json), Artifact("dmesg.txt", dmesg)]
+        return LayerContent(artifacts=arts, notes=notes)
+
+    @staticmethod
+    def _log_call_trace(records: list[LogRecord]) -> list[str]:
+        """The kernel's own report of the panic: from the panic line through its Call Trace."""
+        start = _panic_record(records)
+        if start is None:
+            return []
+        # the Call Trace after the panic line (dump_stack prints it there)
+        out: list[str] = []
+        for r in records[start:start + MAX_CALL_TRACE_LINES]:
+            line = r.text.decode("utf-8", "replace").rstrip()
+            if line.startswith("---[ end Kernel panic"):
+                break
+            if line.startswith("Kernel Offset:"):
+                continue
+            out.append(line)
+        return out
+
+    # -- layer 1 -------------------------------------------------------------------
+    def tasks(self) -> LayerContent:
+        from progdump.layers.linux.tasks import backtrace_task, current_tasks, memory_summary, read_modules, read_tasks  # noqa: PLC0415
+
+        t0 = time.perf_counter()
+        notes: list[str] = []
+        d: dict = {"producer": "linux", "notes": notes}
+        stack_pfns: list[int] = []
+        try:
+            tasks, tn = read_tasks(self.k, len(self.snapshot.cpus))
+            notes += tn
+        except Exception as e:
+            msg = f"task list unavailable: {_err(e)}"
+            self.degraded.append(msg)
+            return LayerContent(notes=[msg])
+        regs_of: dict[int, dict[str, int]] = {}
+        try:
+            for cpu, t in current_tasks(self.k, len(self.snapshot.cpus)).items():
+                c = next((c for c in self.snapshot.cpus if c.index == cpu), None)
+                if c is not None:
+                    regs_of[t] = c.regs
+        except Exception as e:
+            notes.append(f"running tasks unknown: {_err(e)}")
+        for t in tasks:
+            try:
+                backtrace_task(self.k, t, regs_of.get(t.address))
+            except Exception as e:
+                t.unwind_note = f"unwind failed: {_err(e)}"
+            if t.stack:
+                for off in range(0, THREAD_SIZE, PAGE_SIZE):
+                    try:
+                        pa, _ = self.k.mem.to_phys(t.stack + off)
+                        if self.snapshot.has_phys(pa, PAGE_SIZE):
+                            stack_pfns.append(pa // PAGE_SIZE)
+                    except Exception:
+                        pass
+        tasks.sort(key=lambda t: (t.tgid, t.pid))
+        d["tasks"] = [t.as_dict() for t in tasks]
+        try:
+            mods, mn = read_modules(self.k)
+            notes += mn
+            d["modules"] = [{"name": m.name, "state": m.state, "base": f"{m.base:#x}", "size": m.size} for m in mods]
+        except Exception as e:
+            notes.append(f"module list unavailable: {_err(e)}")
+            d["modules"] = []
+        mem, mn = memory_summary(self.k)
+        notes += mn
+        d["memory"] = mem
+        d["kernel_stack_pages"] = len(stack_pfns)
+        runs = _runs(sorted(set(stack_pfns)))
+        self.timings["tasks_s"] = time.perf_counter() - t0
+        arts = [Artifact("tasks.txt", render_tasks(d).encode()), Artifact("tasks.json", json.dumps(d, indent=1).encode())]
+        return LayerContent(artifacts=arts, page_runs=lambda: iter(runs), notes=list(notes))
+
+    # -- layers 2-4 ------------------------------------------------------------------
+    def page_classes(self) -> PageClassMap | None:
+        from progdump.layers.linux.pages import build_page_classes  # noqa: PLC0415
+
+        try:
+            pcm, notes, timings = build_page_classes(self.k)
+        except ImportError as e:
+            self.degraded.append(f"page classes need numpy: {e}")
+            return None
+        except Exception as e:
+            self.degraded.append(f"page classes unavailable: {_err(e)}")
+            return None
+        self.degraded += notes
+        self.timings.update({f"pages_{k}": v for k, v in timings.items()})
+        return pcm
+
+
+def _panic_record(records: list[LogRecord]) -> int | None:
+    """Index of the last record that is panic()'s own line."""
+    for i in range(len(records) - 1, -1, -1):
+        if records[i].text.startswith(PANIC_PREFIX):
+            return i
+    return None
+
+
+def _tail(text: str, nbytes: int) -> str:
+    """The last whole lines of ``text`` within ``nbytes`` bytes."""
+    b = text.encode()
+    if len(b) <= nbytes:
+        return text
+    cut = b[-nbytes:]
+    nl = cut.find(b"\n")
+    return cut[nl + 1:].decode("utf-8", "replace")
+
+
+def _runs(pfns: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for p in pfns:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
