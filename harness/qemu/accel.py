@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,14 +52,17 @@ def probe_kvm(profile: "GuestProfile", seconds: float = PROBE_SECONDS) -> tuple[
 
     t = timeouts_for("kvm")
     t0 = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="progdump-kvm-probe-"))
     try:
         with GuestSession(profile=profile, accel="kvm", mem_mib=256, shared_ram=False,
-                          workdir=Path(f"/tmp/progdump-kvm-probe-{os.getpid()}"), timeouts=t) as s:
+                          workdir=work, timeouts=t) as s:
             s.boot(timeout=seconds)
-            return True, f"probe boot reached ready in {time.monotonic() - t0:.1f} s"
+        shutil.rmtree(work, ignore_errors=True)
+        return True, f"probe boot reached ready in {time.monotonic() - t0:.1f} s"
     except HarnessError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return False, f"probe boot under KVM failed after {time.monotonic() - t0:.1f} s: {first[:200]}"
+        return False, (f"probe boot under KVM failed after {time.monotonic() - t0:.1f} s: {first[:200]} "
+                       f"(logs in {work})")
 
 
 def choose_accel(request: str, profile: "GuestProfile") -> tuple[str, str]:

@@ -309,6 +309,7 @@ class Machine:
         try:
             await self.execute("device_add", args)
         except QemuError:
+            self._root_port_of.pop(disk.id, None)
             await self.execute("blockdev-del", {"node-name": f"{disk.id}-fmt"})
             await self.execute("blockdev-del", {"node-name": f"{disk.id}-file"})
             raise
