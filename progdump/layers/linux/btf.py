@@ -177,10 +177,9 @@ class Btf:
 
     def member(self, struct_name: str, path: str) -> tuple[int, int]:
         """``(byte offset, member type id)`` of ``path`` (``a.b.c``) in ``struct struct_name``."""
-        try:
-            tid = self.find(struct_name, "struct")
-        except BtfError:
-            tid = self.find(struct_name, "union")
+        tid = self._by_name.get((KIND["struct"], struct_name)) or self._by_name.get((KIND["union"], struct_name))
+        if tid is None:
+            raise BtfError(f"BTF has no struct or union {struct_name}")
         bits = 0
         for part in path.split("."):
             hit = self._member(tid, part)

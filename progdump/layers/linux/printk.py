@@ -13,7 +13,8 @@ Layout (kernel/printk/printk_ringbuffer.h):
   ``tail_id``. ``state_var``'s top two bits are the state (0 reserved,
   1 committed, 2 finalized, 3 reusable), the rest the descriptor id.
 * ``text_data_ring``: ``size_bits``, ``data``, ``head_lpos``, ``tail_lpos``;
-  a data block is ``unsigned long id`` then the text. A block whose
+  a data block is ``unsigned long id`` then the text (a block whose id is
+  not its descriptor's was reused: the record is skipped). A block whose
   ``begin`` and ``next`` lie in different wraps of the ring starts at
   offset 0 of the data array. ``begin & 1`` marks a data-less block.
 
@@ -188,7 +189,7 @@ def parse_ring(L: _Layout, count_bits: int, size_bits: int, descs: bytes, infos:
         if begin & 1 and begin == nxt:
             text = b""  # data-less record (the text was lost or empty)
         else:
-            text = _block_text(begin, nxt, size, data)
+            text = _block_text(begin, nxt, size, data, did)
             if text is None:
                 skipped += 1
                 continue
@@ -201,7 +202,7 @@ def parse_ring(L: _Layout, count_bits: int, size_bits: int, descs: bytes, infos:
     return out, notes
 
 
-def _block_text(begin: int, nxt: int, size: int, data: bytes) -> bytes | None:
+def _block_text(begin: int, nxt: int, size: int, data: bytes, expect_id: int | None = None) -> bytes | None:
     """The text of the data block at ``[begin, next)`` (logical positions)."""
     if nxt <= begin or nxt - begin > size:
         return None
@@ -216,6 +217,8 @@ def _block_text(begin: int, nxt: int, size: int, data: bytes) -> bytes | None:
         end = nxt % size if nxt % size else size
     if end - bo < 8:
         return None
+    if expect_id is not None and struct.unpack_from("<Q", data, bo)[0] != expect_id:
+        return None  # the block was reused by a newer record
     return data[bo + 8:end]
 
 

@@ -1,0 +1,89 @@
+"""Page classes from a hand-built vmemmap of struct pages (6.1 x86-64 layout)."""
+
+from __future__ import annotations
+
+import struct
+from types import SimpleNamespace
+
+from test_linux_image import PAGE, Image
+
+from progdump.layers.base import PageClass
+from progdump.layers.linux.kallsyms import Symbol, SymbolTable
+from progdump.layers.linux.pages import PageFlags, build_page_classes, classify_struct_pages
+from progdump.layers.linux.vmcoreinfo import Vmcoreinfo
+
+VI = b"""SIZE(page)=64
+OFFSET(page.flags)=0
+OFFSET(page._refcount)=52
+OFFSET(page.mapping)=24
+OFFSET(page.lru)=8
+OFFSET(page._mapcount)=48
+OFFSET(page.private)=40
+OFFSET(page.compound_head)=8
+LENGTH(zone.free_area)=11
+NUMBER(PG_lru)=4
+NUMBER(PG_slab)=9
+NUMBER(PG_head_mask)=65536
+NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=-129
+"""
+VMEMMAP = 0xFFFFEA0000000000
+
+
+def page(flags: int = 0, mapping: int = 0, mapcount: int = -1, private: int = 0, head: int = 0) -> bytes:
+    p = bytearray(64)
+    struct.pack_into("<QQQQ", p, 0, flags, head, 0, mapping)
+    struct.pack_into("<Q", p, 40, private)
+    struct.pack_into("<i", p, 48, mapcount)
+    return bytes(p)
+
+
+def test_classify_each_kind() -> None:
+    np = __import__("numpy")
+    pf = PageFlags(Vmcoreinfo(VI))
+    raw = b"".join([
+        page(),                                            # kernel
+        page(flags=1 << 9, mapping=0xFFFF888000001000),   # slab: slab_cache overlays mapping -> kernel
+        page(flags=1 << 4, mapping=0xFFFF888000002001),   # anon on LRU -> user
+        page(flags=1 << 4, mapping=0xFFFF888000003000),   # file on LRU -> cache
+        page(mapping=0xFFFF888000003000),                 # file not yet on LRU -> cache
+        page(mapping=0xFFFF888000003002),                 # movable_ops (not anon) -> kernel
+        page(mapcount=-129, private=1),                   # buddy head, order 1
+        page(head=VMEMMAP + 64 * 2 + 1),                  # tail of the anon page
+    ])
+    cls, order, head = classify_struct_pages(np, raw, pf)
+    K, C, U, F = (int(x) for x in (PageClass.KERNEL, PageClass.CACHE, PageClass.USER, PageClass.FREE))
+    assert list(cls) == [K, K, U, C, C, K, F, K]
+    assert list(order) == [-1, -1, -1, -1, -1, -1, 1, -1]
+    assert int(head[7]) == VMEMMAP + 64 * 2
+
+
+def test_build_page_classes_over_vmemmap() -> None:
+    img = Image(size=16 << 20)
+    npages = len(img.mem) // PAGE  # 4096 pfns -> 256 KiB of struct pages = 64 vmemmap pages
+    pages = [page() for _ in range(npages)]
+    pages[3000] = page(mapcount=-129, private=3)  # buddy block of 8: 3000..3007
+    pages[3100] = page(flags=1 << 4, mapping=0xFFFF888000000001)  # anon head
+    pages[3101] = page(head=VMEMMAP + 64 * 3100 + 1)  # its tail
+    pages[3200] = page(flags=1 << 4, mapping=0xFFFF888000004000)  # page cache
+    raw = b"".join(pages)
+    # map vmemmap page by page, physically scattered in two halves (exercises chunking)
+    backing = [img.alloc_page() for _ in range(len(raw) // PAGE)]
+    for i, pa in enumerate(backing):
+        img.map(VMEMMAP + i * PAGE, pa)
+        img.put(pa, raw[i * PAGE:(i + 1) * PAGE])
+    img.put(3500 * PAGE, b"not zero")  # a kernel page with content; the rest of RAM is zero
+    vb = img.image_alloc(8)
+    img.q(img.image_pa(vb), VMEMMAP)
+    k = SimpleNamespace(vi=Vmcoreinfo(VI), snapshot=img.snapshot(), mem=img.kmem(),
+                        syms=SymbolTable([Symbol("vmemmap_base", vb, "D")]))
+    pcm, notes, timings = build_page_classes(k)  # type: ignore[arg-type]
+    assert notes == []
+    assert [pcm.get(p) for p in range(3000, 3009)] == [PageClass.FREE] * 8 + [PageClass.ZERO]
+    assert pcm.get(3100) == pcm.get(3101) == PageClass.USER
+    assert pcm.get(3200) == PageClass.CACHE
+    assert pcm.get(3500) == PageClass.KERNEL
+    # the vmemmap backing pages themselves hold struct pages: not zero -> kernel
+    assert pcm.get(backing[0] // PAGE) == PageClass.KERNEL
+    counts = pcm.counts()
+    assert counts["free"] == 8 and counts["user"] == 2 and counts["cache"] == 1
+    assert sum(counts.values()) == npages
