@@ -80,7 +80,7 @@ def render_panic(d: dict) -> str:
     L.append("")
     log = d.get("log_tail", "")
     L.append(f"---- kernel log: last {len(log.encode())} bytes of {d.get('log_bytes', 0)} "
-             f"({d.get('log_records', 0)} records; all of it in dmesg.txt) ----")
+             f"({d.get('log_records', 0)} records; dmesg.txt has the log as recovered) ----")
     L.append(log.rstrip("\n"))
     L.append("")
     con = d.get("console_tail", "")
