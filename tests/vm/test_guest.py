@@ -23,7 +23,7 @@ pytestmark = pytest.mark.vm
 def find_in_ram(snap: Snapshot, needle: bytes) -> int | None:
     """Guest-physical address of the first occurrence of ``needle`` (within one range)."""
     for r in snap.ranges:
-        i = r.buffer.obj.find(needle, 0) if False else bytes(r.buffer).find(needle)  # noqa: SIM108
+        i = bytes(r.buffer).find(needle)
         if i >= 0:
             return r.phys_start + i
     return None
@@ -115,6 +115,8 @@ def test_sysrq_panic_capture(session: Any, tmp_path: Path) -> None:
         assert snap.total_bytes > 500 << 20
         check_markers(snap, markers)
         assert find_in_ram(snap, b"Kernel panic - not syncing: sysrq triggered crash") is not None
+        # the in-memory log holds the panic's last line too (panic=none + stop after it)
+        assert find_in_ram(snap, b"---[ end Kernel panic - not syncing: sysrq triggered crash ]---") is not None
         assert b"---[ end Kernel panic - not syncing: sysrq triggered crash ]---" in snap.console_tail
         check_registers(snap)
 
@@ -150,7 +152,14 @@ def test_nmi_panic(session: Any) -> None:
     with session.capture() as snap:
         check_markers(snap, markers)
         check_registers(snap)
-        assert find_in_ram(snap, b"Kernel panic - not syncing: NMI: Not continuing") is not None
+        assert find_in_ram(snap, b"---[ end Kernel panic - not syncing: NMI: Not continuing ]---") is not None
+        assert b"---[ end Kernel panic - not syncing: NMI: Not continuing ]---" in snap.console_tail
+        # the dump-guest-memory fallback gives the same bytes as the shared view
+        with session.capture("elf") as viaelf:
+            assert viaelf.metadata["capture_method"] == "qmp-dump-guest-memory"
+            assert viaelf.vmcoreinfo == snap.vmcoreinfo
+            for r in snap.ranges:
+                assert viaelf.read_phys(r.phys_start, r.size) == bytes(r.buffer), f"range {r.phys_start:#x}"
     session.reset()
 
 
@@ -222,7 +231,7 @@ def _children() -> set[int]:
 
 def test_cycles_leak_nothing(guest_session: Callable[..., Any]) -> None:
     fds0 = set(os.listdir("/proc/self/fd"))
-    threads0 = threading.active_count()
+    threads0 = set(threading.enumerate())
     children0 = _children()
     dirs = []
     pids = []
@@ -244,4 +253,26 @@ def test_cycles_leak_nothing(guest_session: Callable[..., Any]) -> None:
     for d in dirs:
         assert d is not None and not d.exists(), f"{d} left behind"
     assert set(os.listdir("/proc/self/fd")) == fds0
-    assert threading.active_count() == threads0
+    assert set(threading.enumerate()) - threads0 == set(), "threads left running"
+
+
+def _meminfo_kb(s: Any) -> dict[str, int]:
+    out = {}
+    for line in s.run("cat /proc/meminfo").text.splitlines():
+        k, _, v = line.partition(":")
+        out[k] = int(v.split()[0])
+    return out
+
+
+def test_workloads_fill_their_layers(session: Any) -> None:
+    _ready(session)
+    before = _meminfo_kb(session)
+    session.workload("pagecache", 16)
+    session.workload("anon", 16)
+    session.workload("slab", 4000)
+    after = _meminfo_kb(session)
+    assert after["Cached"] - before["Cached"] >= 15 * 1024
+    assert after["AnonPages"] - before["AnonPages"] >= 15 * 1024
+    assert after["Slab"] > before["Slab"]
+    with pytest.raises(ValueError):
+        session.workload("swap", 1)
