@@ -11,7 +11,11 @@ snapshot:
   standard ELF core (``Snapshot.to_elf``): its wall time, its page counts, and
   the exact pfn set it keeps (second bitmap of its kdump output) against our
   layer 2, each difference explained by our page class;
-* ``makedumpfile --dump-dmesg`` against our ``dmesg.txt`` (byte equality).
+* ``makedumpfile --dump-dmesg`` against our ``dmesg.txt`` (byte equality);
+* drgn 0.3 on an ELF core of layers 1+2 only (kernel pages and stack pages):
+  symbols from its own kallsyms reader (``load_vmlinux_kallsyms``), the
+  panicking CPU's RIP and every stack-scan frame of layer 0 re-symbolized
+  from the layer-2 memory alone.
 
 Usage: ``python3 bench/linux_layers.py [--sizes 512,4096] [--fill 0.6]``
 """
@@ -162,6 +166,56 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
           f"makedumpfile --dump-dmesg {t_dm * 1000:.0f} ms wall: {'IDENTICAL' if same else 'DIFFERENT'}")
     for f in (core, out, dm):
         f.unlink(missing_ok=True)
+    drgn_check(snap, p, classes, work)
+
+
+def drgn_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-untyped-def]
+    try:
+        import drgn
+        from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
+    except ImportError as e:
+        print(f"drgn check skipped: {e}")
+        return
+    from progdump.snapshot import MemoryRange, Snapshot
+
+    wanted = frozenset({PageClass.KERNEL, PageClass.UNKNOWN})
+    runs = list(classes.runs(wanted, snap)) + list(producer.tasks().page_runs())
+    pfns = sorted({p for f, n in runs for p in range(f, f + n)})
+    ranges = []
+    i = 0
+    while i < len(pfns):
+        j = i
+        while j + 1 < len(pfns) and pfns[j + 1] == pfns[j] + 1 and snap.has_phys(pfns[i] * PAGE, (j + 2 - i) * PAGE):
+            j += 1
+        ranges.append(MemoryRange(pfns[i] * PAGE, (j + 1 - i) * PAGE, snap.view_phys(pfns[i] * PAGE, (j + 1 - i) * PAGE)))
+        i = j + 1
+    l2 = Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, metadata=dict(snap.metadata))
+    path = work / "layer2.elf"
+    l2.to_elf(path)
+    try:
+        prog = drgn.Program()
+        prog.set_core_dump(str(path))
+        t = time.perf_counter()
+        prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
+        t_sym = time.perf_counter() - t
+        import json
+
+        pj = json.loads({a.name: a.data for a in producer.panic().artifacts}["panic.json"])
+        cpu = next(c for c in pj["cpus"] if c["panicking"]) if any(c["panicking"] for c in pj["cpus"]) else pj["cpus"][0]
+        rip = int(cpu["regs"]["rip"], 16)
+        s = prog.symbol(rip)
+        rip_ok = f"{s.name}+{rip - s.address:#x}" == cpu["rip_symbol"].split("/")[0]
+        frames = pj["backtrace"]["scan"]["frames"]
+        agree = 0
+        for f in frames:
+            w = struct.unpack("<Q", prog.read(int(f["stack_addr"], 16), 8))[0]
+            s = prog.symbol(w)
+            agree += f"{s.name}+{w - s.address:#x}" == f["symbol"].split("/")[0]
+        print(f"drgn on layers 1+2 only ({len(pfns)} pages): kallsyms loaded in {t_sym * 1000:.0f} ms; "
+              f"RIP {'agrees' if rip_ok else 'DISAGREES'}; stack-scan frames re-read and symbolized: "
+              f"{agree}/{len(frames)} agree")
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def main() -> None:
