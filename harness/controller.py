@@ -451,6 +451,17 @@ class GuestSession:
         self.call(self.m.remove_disk(disk_id))
         self._step("remove_disk", t0)
 
+    def hotplug(self, nodes: list[dict[str, Any]], device: dict[str, Any]) -> None:
+        """Generic hot-plug (iSCSI LUN, NBD ...): see :meth:`Machine.hotplug`."""
+        t0 = time.monotonic()
+        self.call(self.m.hotplug(nodes, device))
+        self._step("hotplug", t0)
+
+    def unplug(self, device_id: str) -> None:
+        t0 = time.monotonic()
+        self.call(self.m.unplug(device_id))
+        self._step("unplug", t0)
+
     def ssh_client(self, timeout: float = 30.0) -> Any:
         """A connected paramiko SSHClient (needs ``ssh=True``); host key pinned from the image."""
         import paramiko

@@ -112,6 +112,7 @@ class Machine:
         self._qemu_log_file: Any = None
         self.argv = build_argv(config)
         self._root_port_of: dict[str, str] = {}
+        self._nodes_of: dict[str, list[str]] = {}
         self.console_writer: asyncio.StreamWriter | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -283,36 +284,70 @@ class Machine:
         await self.execute("inject-nmi")
 
     # ---- hot-plug -----------------------------------------------------------------------
-    async def add_disk(self, disk: DiskSpec, bus: str | None = None) -> None:
-        """Hot-add ``disk``: blockdev-add (file + format node), then device_add.
+    async def hotplug(self, nodes: list[dict[str, Any]], device: dict[str, Any]) -> None:
+        """``blockdev-add`` each node (protocol first), then ``device_add``; undo all on failure.
 
-        ``bus`` defaults to ``scsi0.0`` for scsi disks and the first free
-        ``rpN`` root port for virtio disks (q35's root bus takes no hot-plug).
+        Generic on purpose: a file image, an iSCSI LUN through QEMU's initiator
+        (``{"driver": "iscsi", "transport": "tcp", "portal": ..., "target": ...,
+        "lun": ...}``), NBD ... A ``virtio-*-pci`` device without ``bus`` goes
+        to the first free ``pcie-root-port`` (q35's root bus takes no hot-plug).
         """
+        device = dict(device)
+        dev_id = str(device.get("id", ""))
+        if not dev_id:
+            raise QemuError("hot-plugged devices need an id (device_del and DEVICE_DELETED use it)")
+        added: list[str] = []
+        try:
+            for n in nodes:
+                await self.execute("blockdev-add", n)
+                added.append(str(n["node-name"]))
+            if str(device.get("driver", "")).endswith("-pci") and "bus" not in device:
+                device["bus"] = self._free_root_port()
+                self._root_port_of[dev_id] = device["bus"]
+            await self.execute("device_add", device)
+            self._nodes_of[dev_id] = added
+        except BaseException:
+            self._root_port_of.pop(dev_id, None)
+            for name in reversed(added):
+                with contextlib.suppress(Exception):
+                    await self.execute("blockdev-del", {"node-name": name})
+            raise
+
+    async def unplug(self, device_id: str, timeout: float | None = None) -> None:
+        """device_del, wait for DEVICE_DELETED of *this* id (children report first), blockdev-del."""
+        limit = timeout or self.t.device_deleted
+        async with self.listen("DEVICE_DELETED") as lst:
+            await self.execute("device_del", {"id": device_id})
+            try:
+                await self.next_event(lst, limit, lambda e: e.get("data", {}).get("device") == device_id)
+            except asyncio.TimeoutError:
+                raise QemuError(f"no DEVICE_DELETED for {device_id} within {limit:.0f} s "
+                                "(the guest did not release it)") from None
+        self._root_port_of.pop(device_id, None)
+        for name in reversed(self._nodes_of.pop(device_id, [])):
+            with contextlib.suppress(QemuError):
+                await self.execute("blockdev-del", {"node-name": name})
+
+    async def add_disk(self, disk: DiskSpec, bus: str | None = None) -> None:
+        """Hot-add an image file as scsi-hd (on ``scsi0.0``) or virtio-blk (on a free root port)."""
         ro = disk.readonly
-        await self.execute("blockdev-add", {"driver": "file", "node-name": f"{disk.id}-file",
-                                            "filename": str(disk.path), "read-only": ro})
-        try:
-            await self.execute("blockdev-add", {"driver": disk.fmt, "node-name": f"{disk.id}-fmt",
-                                                "file": f"{disk.id}-file", "read-only": ro})
-        except QemuError:
-            await self.execute("blockdev-del", {"node-name": f"{disk.id}-file"})
-            raise
-        args: dict[str, Any] = {"id": disk.id, "drive": f"{disk.id}-fmt"}
+        nodes = [
+            {"driver": "file", "node-name": f"{disk.id}-file", "filename": str(disk.path), "read-only": ro},
+            {"driver": disk.fmt, "node-name": f"{disk.id}-fmt", "file": f"{disk.id}-file", "read-only": ro},
+        ]
+        dev: dict[str, Any] = {"id": disk.id, "drive": f"{disk.id}-fmt"}
         if disk.serial:
-            args["serial"] = disk.serial
+            dev["serial"] = disk.serial
         if disk.bus == "scsi":
-            args.update(driver="scsi-hd", bus=bus or "scsi0.0")
+            dev.update(driver="scsi-hd", bus=bus or "scsi0.0")
         else:
-            args.update(driver="virtio-blk-pci", bus=bus or self._free_root_port())
-            self._root_port_of[disk.id] = args["bus"]
-        try:
-            await self.execute("device_add", args)
-        except QemuError:
-            self._root_port_of.pop(disk.id, None)
-            await self.execute("blockdev-del", {"node-name": f"{disk.id}-fmt"})
-            await self.execute("blockdev-del", {"node-name": f"{disk.id}-file"})
-            raise
+            dev["driver"] = "virtio-blk-pci"
+            if bus:
+                dev["bus"] = bus
+        await self.hotplug(nodes, dev)
+
+    async def remove_disk(self, disk_id: str, timeout: float | None = None) -> None:
+        await self.unplug(disk_id, timeout)
 
     def _free_root_port(self) -> str:
         used = set(self._root_port_of.values())
@@ -320,18 +355,3 @@ class Machine:
             if f"rp{i}" not in used:
                 return f"rp{i}"
         raise QemuError(f"no free pcie-root-port (have {self.config.root_ports})")
-
-    async def remove_disk(self, disk_id: str, timeout: float | None = None) -> None:
-        """device_del, wait for DEVICE_DELETED of *this* id (children report first), blockdev-del."""
-        async with self.listen("DEVICE_DELETED") as lst:
-            await self.execute("device_del", {"id": disk_id})
-            try:
-                await self.next_event(lst, timeout or self.t.device_deleted,
-                                      lambda e: e.get("data", {}).get("device") == disk_id)
-            except asyncio.TimeoutError:
-                raise QemuError(f"no DEVICE_DELETED for {disk_id} within "
-                                f"{timeout or self.t.device_deleted:.0f} s (guest did not release it)") from None
-        self._root_port_of.pop(disk_id, None)
-        for node in (f"{disk_id}-fmt", f"{disk_id}-file"):
-            with contextlib.suppress(QemuError):
-                await self.execute("blockdev-del", {"node-name": node})
