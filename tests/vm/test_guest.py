@@ -317,3 +317,35 @@ def test_4g_guest_high_memory_matches_qemu(guest_session: Callable[..., Any], tm
                     nonzero_high += 1
         assert nonzero_high >= 1, "no non-zero memory above 4 GiB was compared"
         check_registers(snap)
+
+
+def test_hotplug_network_block_device(session: Any, tmp_path: Path) -> None:
+    """Generic hot-plug: a LUN served over NBD by qemu-nbd, as an iSCSI LUN would be."""
+    import shutil
+    import subprocess
+    import time as _time
+
+    if shutil.which("qemu-nbd") is None:
+        pytest.skip("qemu-nbd not installed (qemu-utils)")
+    _ready(session)
+    img = tmp_path / "nbd.img"
+    with open(img, "wb") as f:
+        f.truncate(4 << 20)
+        f.write(b"PD-NBD-LUN")
+    sock = tmp_path / "nbd.sock"
+    srv = subprocess.Popen(["qemu-nbd", "--persistent", "--format=raw", f"--socket={sock}", str(img)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            _time.sleep(0.05)
+        session.hotplug([{"driver": "nbd", "node-name": "nbd0", "server": {"type": "unix", "path": str(sock)}}],
+                        {"driver": "scsi-hd", "id": "lun0", "drive": "nbd0", "bus": "scsi0.0"})
+        r = session.run("for i in $(seq 1 50); do [ -e /dev/sda ] && break; sleep 0.1; done; head -c 10 /dev/sda")
+        assert r.text == "PD-NBD-LUN", r.text
+        session.unplug("lun0")
+        assert session.run("ls /dev/sda").status != 0
+    finally:
+        srv.terminate()
+        srv.wait(10)
