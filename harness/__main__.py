@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = GuestSession(args.guest, mem_mib=args.mem, smp=args.smp, dump_disk=args.dump_disk,
                                workdir=args.workdir, accel=args.accel, knobs=knobs, ssh=args.ssh, log=log)
+        if args.verb in ("panic", "capture") and args.trigger not in session.profile.triggers:
+            raise ValueError(f"unknown trigger {args.trigger!r} for {args.guest} "
+                             f"(known: {', '.join(session.profile.triggers)})")
         if args.show_command:
             print(format_argv(session.command_line()))
             return 0
