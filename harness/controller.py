@@ -213,10 +213,7 @@ class GuestSession:
 
         if self.accel is None:
             self.accel = self.accel_request if self.accel_request in ("tcg", "kvm") else "tcg"
-        rd = RunDir.__new__(RunDir)
-        rd.sock_dir = Path("/tmp/pd-qemu-XXXXXX")
-        rd.shm_dir = Path("/dev/shm/pd-ram-XXXXXX") if self.shared_ram else None
-        return build_argv(self._config(rd))
+        return build_argv(self._config(RunDir.placeholder(self.shared_ram)))
 
     # ---- steps ----------------------------------------------------------------------------
     def boot(self, timeout: float | None = None) -> BootResult:
@@ -228,7 +225,8 @@ class GuestSession:
                 self.accel, self.accel_reason = choose_accel(self.accel_request, self.profile)
                 self.t = self._timeouts_override or timeouts_for(self.accel)
                 self.log(f"accelerator: {self.accel} ({self.accel_reason})")
-                t0 = self._step("accel_choice", t0) * 0 + time.monotonic()
+                self._step("accel_choice", t0)
+                t0 = time.monotonic()
             rundir = RunDir(shm=self.shared_ram)
             try:
                 cfg = self._config(rundir)

@@ -65,6 +65,14 @@ class RunDir:
             self.shm_dir = Path(tempfile.mkdtemp(prefix="pd-ram-", dir=base))
             os.chmod(self.shm_dir, 0o700)
 
+    @classmethod
+    def placeholder(cls, shm: bool) -> "RunDir":
+        """Paths of the right shape, nothing created (for ``--show-command``)."""
+        rd = cls.__new__(cls)
+        rd.sock_dir = Path("/tmp/pd-qemu-XXXXXXXX")
+        rd.shm_dir = Path("/dev/shm/pd-ram-XXXXXXXX") if shm else None
+        return rd
+
     @property
     def qmp(self) -> Path:
         return self.sock_dir / "qmp.sock"
