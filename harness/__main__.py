@@ -42,6 +42,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="guest setting, e.g. panic_print=0x1 (repeatable)")
     ap.add_argument("--workload", action="append", default=[], metavar="CMD",
                     help="shell command to run in the guest before the panic (repeatable)")
+    ap.add_argument("--load", action="append", default=[], metavar="KIND=N",
+                    help="workload before the panic: pagecache=MiB, anon=MiB, slab=entries (repeatable)")
     ap.add_argument("--ssh", action="store_true", help="forward a local port to the guest's dropbear")
     ap.add_argument("--show-command", action="store_true", help="print the QEMU command line and exit")
     ap.add_argument("-q", "--quiet", action="store_true")
@@ -78,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.markers.write_text(json.dumps(s.markers, indent=2) + "\n")
             if s.ssh_port:
                 _say(f"ssh: ssh -p {s.ssh_port} -i {s.profile.image_dir}/ssh/id_ed25519 root@127.0.0.1")  # type: ignore[attr-defined]
+            for spec in args.load:
+                kind, _, n = spec.partition("=")
+                if not n.isdigit():
+                    raise ValueError(f"--load {spec!r}: expected KIND=N with N a number")
+                r = s.workload(kind, int(n))
+                _say(f"load {kind} {n}: {r.seconds * 1000:.0f} ms")
             for cmd in args.workload:
                 r = s.run(cmd)
                 _say(f"workload {cmd!r}: status {r.status}, {r.seconds * 1000:.0f} ms")
