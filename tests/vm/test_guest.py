@@ -350,3 +350,23 @@ def test_hotplug_network_block_device(session: Any, tmp_path: Path) -> None:
     finally:
         srv.terminate()
         srv.wait(10)
+
+
+def test_two_vcpus_registers_equal_elf_notes(guest_session: Callable[..., Any], tmp_path: Path) -> None:
+    """Every vCPU's registers (HMP) equal QEMU's ELF CPU notes, and are sane."""
+    s = guest_session(mem_mib=256, smp=2)
+    s.boot()
+    p = s.panic("nmi")
+    assert p.status == "paused"
+    with s.capture() as snap:
+        assert len(snap.cpus) == 2
+        check_registers(snap)
+        elf = tmp_path / "full.elf"
+        s.call(dump_elf(s.m, elf))
+        with Snapshot.from_elf(elf) as ref:
+            assert len(ref.cpus) == 2
+            for a, b in zip(snap.cpus, ref.cpus):
+                for name in COMPARED_REGS:
+                    assert a.regs[name] == b.regs[name], f"CPU {a.index} {name}"
+        os.chmod(elf, 0o600)
+        elf.unlink()
