@@ -102,3 +102,10 @@ def test_load_from_memory_image() -> None:
     assert st.address("init_task") == BASE + 0x3000
     with pytest.raises(KallsymsError, match=r"kallsyms_num_syms.*6\.0"):
         load_kallsyms(img.kmem(), Vmcoreinfo(b"OSRELEASE=5.15\n"))
+
+
+def test_return_addresses_symbolize_like_pB() -> None:
+    st = SymbolTable(decode_kallsyms(*build_tables(SYMS, BASE), BASE))
+    # a call as the last instruction of sysrq_handle_crash returns to __handle_sysrq+0
+    assert st.format(BASE + 0x120) == "__handle_sysrq+0x0/0xee0"
+    assert st.format(BASE + 0x120, return_address=True) == "sysrq_handle_crash+0x20/0x20"

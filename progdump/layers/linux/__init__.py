@@ -16,6 +16,7 @@ output with a reason in :attr:`degraded` and in the layer's notes.
 from __future__ import annotations
 
 import json
+import re
 import time
 
 from progdump.layers.base import Artifact, LayerContent, PageClassMap, Producer
@@ -33,6 +34,8 @@ JSON_LOG_TAIL_BYTES = 32 * 1024
 LAYER0_BUDGET = 224 * 1024  # our artifacts; core artifacts (console, notes) take the rest of 256 KiB
 MAX_CALL_TRACE_LINES = 128
 PANIC_PREFIX = b"Kernel panic - not syncing: "
+_REPORT_HEADER = re.compile(r"^(BUG:|Oops:|general protection fault|kernel BUG at|WARNING:|INFO: task|"
+                            r"Unable to handle|divide error|invalid opcode|stack segment|watchdog:|NMI )")
 
 
 def _err(e: BaseException) -> str:
@@ -191,20 +194,37 @@ class LinuxProducer(Producer):
 
     @staticmethod
     def _log_call_trace(records: list[LogRecord]) -> list[str]:
-        """The kernel's own report of the panic: from the panic line through its Call Trace."""
+        """The kernel's own report of the panic, as printed in the log.
+
+        From panic()'s line through the Call Trace that follows it; when
+        panic() printed no trace (after an oops it does not: the oops report
+        came first), the last report before it, from its header line
+        (``BUG:``, ``Oops:``, ``general protection fault`` ...) on.
+        """
         start = _panic_record(records)
         if start is None:
             return []
-        # the Call Trace after the panic line (dump_stack prints it there)
+        after = [r.text.decode("utf-8", "replace").rstrip() for r in records[start:start + MAX_CALL_TRACE_LINES]]
         out: list[str] = []
-        for r in records[start:start + MAX_CALL_TRACE_LINES]:
-            line = r.text.decode("utf-8", "replace").rstrip()
+        for line in after:
             if line.startswith("---[ end Kernel panic"):
                 break
-            if line.startswith("Kernel Offset:"):
-                continue
-            out.append(line)
-        return out
+            if not line.startswith("Kernel Offset:"):
+                out.append(line)
+        if any(ln.startswith("Call Trace:") for ln in out):
+            return out
+        before = [r.text.decode("utf-8", "replace").rstrip() for r in records[max(0, start - MAX_CALL_TRACE_LINES):start]]
+        traces = [i for i, ln in enumerate(before) if ln.startswith("Call Trace:")]
+        if not traces:
+            return out
+        trace = traces[-1]
+        lo = max(0, trace - 40)
+        for i in range(trace - 1, lo - 1, -1):
+            if before[i].startswith("---[ end trace"):  # the previous report ends here
+                lo = i + 1
+                break
+        head = next((i for i in range(lo, trace) if _REPORT_HEADER.match(before[i])), trace)
+        return before[head:] + out
 
     # -- layer 1 -------------------------------------------------------------------
     def tasks(self) -> LayerContent:

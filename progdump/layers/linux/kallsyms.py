@@ -85,13 +85,18 @@ class SymbolTable:
             return None
         return s, addr - s.address, size
 
-    def format(self, addr: int) -> str:
-        """``name+0xoff/0xsize`` or the bare hex address when unknown."""
-        hit = self.lookup(addr)
+    def format(self, addr: int, return_address: bool = False) -> str:
+        """``name+0xoff/0xsize`` or the bare hex address when unknown.
+
+        ``return_address``: symbolize ``addr - 1`` and add the 1 back, as
+        printk's ``%pB`` does, so a call at the very end of a function (a
+        ``noreturn`` callee) names the caller, not the next symbol.
+        """
+        hit = self.lookup(addr - 1 if return_address else addr)
         if hit is None:
             return f"{addr:#x}"
         s, off, size = hit
-        return f"{s.name}+{off:#x}/{size:#x}"
+        return f"{s.name}+{off + (1 if return_address else 0):#x}/{size:#x}"
 
 
 def decode_kallsyms(num_syms: int, names: bytes, token_table: bytes, token_index: bytes,

@@ -94,7 +94,7 @@ def orc_unwind(mem, syms, orc: OrcTable, ip: int, sp: int, bp: int, regs_valid: 
     for _ in range(max_frames):
         if ip < KERNEL_MIN:
             return frames, "reached user mode"
-        frames.append(Frame(ip, syms.format(ip), "orc", True))
+        frames.append(Frame(ip, syms.format(ip, return_address=not signal), "orc", True))
         e = orc.find(ip if signal else ip - 1)
         if e is None:
             where = "module or unknown text" if not syms.is_text(ip) else "text without ORC data"
@@ -145,7 +145,9 @@ def orc_unwind(mem, syms, orc: OrcTable, ip: int, sp: int, bp: int, regs_valid: 
                 bp = mem.u64(regs + PT["bp"])  # type: ignore[operator]
         except FaultError as ex:
             return frames, f"stack unreadable: {ex}"
-        if typ == ORC_TYPE_CALL and nxt_sp <= sp:
+        if typ == ORC_TYPE_CALL and nxt_sp <= sp and nxt_sp // THREAD_SIZE == sp // THREAD_SIZE:
+            # moving down within one stack is a loop; a lower address on another
+            # stack (IRQ stack -> task stack) is a legitimate stack switch
             return frames, f"stack pointer went backwards at {ip:#x}"
         ip, sp = new_ip, nxt_sp
     return frames, f"stopped after {max_frames} frames"
@@ -172,10 +174,19 @@ def stack_scan(mem, syms, sp: int, stack_hi: int, text_ok=None, max_frames: int 
     sp &= ~7
     if not sp < stack_hi <= sp + THREAD_SIZE * 4:
         return frames, f"stack bounds {sp:#x}..{stack_hi:#x} implausible"
-    try:
-        data = mem.read(sp, stack_hi - sp)
-    except FaultError as e:
-        return frames, f"stack unreadable: {e}"
+    data = b""
+    end_note = "top of stack"
+    va = sp
+    while va < stack_hi:  # page by page: exception stacks end below the task-stack alignment
+        n = min(stack_hi, (va | 0xFFF) + 1) - va
+        try:
+            data += mem.read(va, n)
+        except FaultError:
+            end_note = f"stack ends at unreadable page {va:#x}"
+            break
+        va += n
+    if not data:
+        return frames, f"stack unreadable at {sp:#x}"
     is_text = text_ok or syms.is_text
     for i, (w,) in enumerate(struct.iter_unpack("<Q", data)):
         if w < KERNEL_MIN or not is_text(w):
@@ -184,7 +195,7 @@ def stack_scan(mem, syms, sp: int, stack_hi: int, text_ok=None, max_frames: int 
         note = "after a call: plausible return address, may be stale" if call else "not after a call: likely data"
         if not call:
             continue
-        frames.append(Frame(w, syms.format(w), "stack scan", False, sp + 8 * i, note))
+        frames.append(Frame(w, syms.format(w, return_address=True), "stack scan", False, sp + 8 * i, note))
         if len(frames) >= max_frames:
             return frames, f"stopped after {max_frames} frames"
-    return frames, "top of stack"
+    return frames, end_note
