@@ -24,7 +24,7 @@ def test_oops_report_before_the_panic_line() -> None:
            " <TASK>", " bar+0x5/0x20", " </TASK>", "Modules linked in: x", "---[ end trace 0000000000000000 ]---",
            "Kernel panic - not syncing: Fatal exception", "Kernel Offset: 0x1 from 0x2",
            "---[ end Kernel panic - not syncing: Fatal exception ]---"]
-    assert LinuxProducer._log_call_trace(recs(log)) == log[4:17]
+    assert LinuxProducer._log_call_trace(recs(log)) == log[4:16]
 
 
 def test_no_panic_line_no_trace() -> None:
