@@ -181,3 +181,48 @@ def test_corrupt_page_flags_degrade_page_classes(panicked: Any) -> None:
     notes = [n for _, c in layers for n in c.notes]
     assert any("page classes unavailable" in n and "PG_slab" in n for n in notes)
     assert sum(n for f, n in layers[4][1].page_runs()) == snap.total_pages  # everything still dumped
+
+
+@pytest.fixture(scope="module", params=[("nmi", 2), ("hung-task", 1)], ids=["nmi-smp2", "hung-task"])
+def other_panic(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    request.getfixturevalue("linux_guest")
+    from harness.controller import GuestSession
+
+    trigger, smp = request.param
+    work = tmp_path_factory.mktemp(f"linux-{trigger}")
+    with GuestSession("linux", mem_mib=512, smp=smp, dump_disk=work / "dump.img", workdir=work) as s:
+        s.boot()
+        s.panic(trigger)
+        snap = s.capture()
+        try:
+            yield trigger, snap, build_layers(snap)
+        finally:
+            snap.close()
+
+
+def test_other_panics_orc_agrees_with_the_log(other_panic: Any) -> None:
+    trigger, snap, layers = other_panic
+    pj = json.loads(artifacts(layers, 0)["panic.json"])
+    orc = [f["symbol"].split("/")[0] for f in pj["backtrace"]["orc"]["frames"]]
+    assert orc[1].startswith("panic+"), orc
+    assert pj["backtrace"]["orc"]["end"] in ("reached user mode", "end of stack (ORC)")
+    # every reliable frame the kernel printed below panic() is one of ours, same offset
+    log = [ln.split()[0].split("/")[0] for ln in pj["backtrace"]["log"] if "+0x" in ln and "?" not in ln
+           and not ln.lstrip().startswith(("RIP", "Code"))]
+    below = log[log.index(next(x for x in log if x.startswith("panic+"))) + 1:]
+    assert below and set(below) <= set(orc), (below, orc)
+    wanted = {"nmi": "nmi_panic", "hung-task": "watchdog"}[trigger]
+    assert any(o.startswith(wanted) for o in orc)
+
+
+def test_other_panics_every_cpu_and_task_unwound(other_panic: Any) -> None:
+    trigger, snap, layers = other_panic
+    tasks = json.loads(artifacts(layers, 1)["tasks.json"])["tasks"]
+    running = [t for t in tasks if t["unwind_note"].startswith("from CPU registers")]
+    assert len(running) == len(snap.cpus)
+    for t in tasks:
+        assert t["backtrace"], (t["comm"], t["unwind_note"])
+        assert t["backtrace"][0]["method"] == "orc", (t["comm"], t["unwind_note"])
+    if trigger == "hung-task":
+        blocked = [t for t in tasks if t["state"] == "D"]
+        assert blocked and blocked[0]["backtrace"][0]["symbol"].startswith("__schedule+")
