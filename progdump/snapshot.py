@@ -48,7 +48,9 @@ class MemoryRange:
     size: int
     buffer: memoryview
     # The mmap ``buffer`` views and where in it the range starts, when known:
-    # lets :meth:`Snapshot.release_phys` drop pages already consumed.
+    # lets :meth:`Snapshot.release_phys` drop pages already consumed. Only a
+    # read-only or shared file mapping may be given (MADV_DONTNEED would
+    # discard a private mapping's changes).
     backing: mmap.mmap | None = field(default=None, compare=False, repr=False)
     backing_offset: int = field(default=0, compare=False, repr=False)
 
