@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import mmap
 import os
-import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-from harness.errors import BootError, CaptureError, GuestTimeout, HarnessError, PanicError, QemuError
+from harness.errors import BootError, GuestTimeout, HarnessError, PanicError
 from harness.guests import get_profile
 from harness.guests.base import GuestProfile, parse_marker_json
 from harness.qemu.accel import choose_accel

@@ -42,7 +42,7 @@ def parse_marker_json(text: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ValueError("marker report is not a JSON object")
     for k, v in doc.items():
-        if not isinstance(v, (str, int, float, bool)) or isinstance(v, bool):
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
             raise ValueError(f"marker {k!r} is not a string or number")
     return doc
 
