@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import os
 import threading
@@ -114,7 +115,7 @@ class GuestSession:
         self.shared_ram = shared_ram
         self.ssh = ssh
         self.ssh_port: int | None = None
-        self._log = log or (lambda s: None)
+        self._log = log or logging.getLogger("harness.guest").info  # accel choice, step timings
         self._timeouts_override = timeouts
         self.t: Timeouts = timeouts or timeouts_for("tcg")
         self.accel: str | None = None
