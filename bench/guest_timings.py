@@ -42,7 +42,8 @@ def spread(xs: list[float]) -> str:
 
 def measure(accel: str, mem: int, runs: int, trigger: str, baseline: bool, work: Path) -> dict[str, list[float]]:
     r: dict[str, list[float]] = {k: [] for k in (
-        "boot", "reset", "event", "stop", "capture", "event_to_snapshot", "elf_dump", "pmemsave")}
+        "boot", "reset", "event", "stop", "capture", "event_to_snapshot", "qemu_ts_to_snapshot", "elf_dump",
+        "pmemsave")}
     with GuestSession("linux", mem_mib=mem, accel=accel, workdir=work / f"{accel}-{mem}") as s:
         b = s.boot()
         r["boot"].append(b.seconds * 1000)
@@ -56,6 +57,7 @@ def measure(accel: str, mem: int, runs: int, trigger: str, baseline: bool, work:
             r["stop"].append(p.stop_ms)
             r["capture"].append(cap)
             r["event_to_snapshot"].append(p.stop_ms + cap)
+            r["qemu_ts_to_snapshot"].append(s.timings["event_to_snapshot"] * 1000)
             if baseline and i == 0:
                 elf = work / f"dump-{mem}.elf"
                 t0 = time.monotonic()
@@ -112,14 +114,16 @@ def main() -> int:
                   f"median {statistics.median(boots):.0f} (range {spread(boots)}, n={len(boots)})")
             print(f"\n[{acc}] trigger {args.trigger}, medians of {args.runs} (ms); baselines once per size")
             print(f"{'RAM MiB':>8} {'reset->ready':>12} {'trig->event':>11} {'event->stop':>11} "
-                  f"{'capture':>8} {'event->Snapshot':>15} {'ELF dump':>9} {'pmemsave':>9}")
+                  f"{'capture':>8} {'event->Snapshot':>15} {'QEMU ts->Snap':>13} {'ELF dump':>9} {'pmemsave':>9}")
             for mem in sizes:
                 r = measure(acc, mem, args.runs, args.trigger, not args.no_baseline, work)
                 print(f"{mem:>8} {med(r['reset']):>12} {med(r['event']):>11} {med(r['stop']):>11} "
-                      f"{med(r['capture']):>8} {med(r['event_to_snapshot']):>15} {med(r['elf_dump']):>9} "
+                      f"{med(r['capture']):>8} {med(r['event_to_snapshot']):>15} "
+                      f"{med(r['qemu_ts_to_snapshot']):>13} {med(r['elf_dump']):>9} "
                       f"{med(r['pmemsave']):>9}")
-    print("\nevent->Snapshot = wait for the panic's last console line + stop + capture (registers, notes, "
-          "layout, zero-copy RAM view).\nELF dump / pmemsave: QEMU writing all RAM to a file (the baseline the "
+    print("\nevent->Snapshot = from GUEST_PANICKED received: wait for the panic's last console line + stop + "
+          "capture (registers, notes, layout, zero-copy RAM view).\nQEMU ts->Snap = from the event's QEMU "
+          "timestamp to the Snapshot (includes QMP delivery).\nELF dump / pmemsave: QEMU writing all RAM to a file (the baseline the "
           "zero-copy capture avoids).")
     return 0
 
