@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-from harness.errors import BootError, GuestTimeout, HarnessError, PanicError
+from harness.errors import BootError, CommandError, GuestTimeout, HarnessError, PanicError
 from harness.guests import get_profile
 from harness.guests.base import GuestProfile, parse_marker_json
 from harness.qemu.accel import choose_accel
@@ -149,8 +149,11 @@ class GuestSession:
 
     @property
     def m(self) -> Machine:
-        if self.machine is None or not self.machine.alive():
+        if self.machine is None:
             raise HarnessError("no running machine: call boot() first")
+        self.machine._check_alive("earlier")  # QemuExited with status and log tail
+        if not self.machine.alive():
+            raise HarnessError("the machine was closed")
         return self.machine
 
     def __enter__(self) -> "GuestSession":
@@ -289,6 +292,9 @@ class GuestSession:
             res = self.call(m.cmd.run(cmd, limit))
         except asyncio.TimeoutError:
             raise GuestTimeout(f"command did not finish within {limit:.0f} s: {cmd[:200]!r}") from None
+        except (ConnectionError, OSError, ValueError) as e:
+            m._check_alive("while a command ran")  # QemuExited with the log tail, if that is why
+            raise CommandError(f"command channel failed: {e}: {cmd[:200]!r}") from None
         self._step("run", t0)
         if check and res.status != 0:
             raise HarnessError(f"guest command failed with status {res.status}: {cmd[:200]!r}\n{res.text[-2000:]}")

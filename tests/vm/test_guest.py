@@ -370,3 +370,24 @@ def test_two_vcpus_registers_equal_elf_notes(guest_session: Callable[..., Any], 
                     assert a.regs[name] == b.regs[name], f"CPU {a.index} {name}"
         os.chmod(elf, 0o600)
         elf.unlink()
+
+
+def test_qemu_killed_gives_clear_errors(guest_session: Callable[..., Any]) -> None:
+    """If QEMU dies under us, every step says so (QemuExited), and close() still cleans up."""
+    import signal
+
+    from harness.errors import QemuExited
+
+    s = guest_session(mem_mib=256)
+    s.boot()
+    m = s.machine
+    os.kill(m.pid, signal.SIGKILL)
+    with pytest.raises(QemuExited, match="QEMU exited"):
+        s.run("echo hi", timeout=20)
+    with pytest.raises(QemuExited):
+        s.panic("nmi")
+    with pytest.raises(QemuExited):
+        s.capture()
+    s.close()
+    assert not m.rundir.sock_dir.exists()
+    assert m.ram_fd is None
