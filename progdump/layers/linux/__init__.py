@@ -88,6 +88,8 @@ class LinuxProducer(Producer):
             if msg not in self.degraded:
                 self.degraded.append(msg)
 
+        self.k.load_modules()
+        notes += self.k.module_notes
         records, lnotes = self.log()
         for n in lnotes:
             notes.append(n)
@@ -228,10 +230,11 @@ class LinuxProducer(Producer):
 
     # -- layer 1 -------------------------------------------------------------------
     def tasks(self) -> LayerContent:
-        from progdump.layers.linux.tasks import backtrace_task, current_tasks, memory_summary, read_modules, read_tasks  # noqa: PLC0415
+        from progdump.layers.linux.tasks import backtrace_task, current_tasks, memory_summary, read_tasks  # noqa: PLC0415
 
         t0 = time.perf_counter()
-        notes: list[str] = []
+        self.k.load_modules()
+        notes: list[str] = list(self.k.module_notes)
         d: dict = {"producer": "linux", "notes": notes}
         stack_pfns: list[int] = []
         try:
@@ -264,13 +267,8 @@ class LinuxProducer(Producer):
                         pass
         tasks.sort(key=lambda t: (t.tgid, t.pid))
         d["tasks"] = [t.as_dict() for t in tasks]
-        try:
-            mods, mn = read_modules(self.k)
-            notes += mn
-            d["modules"] = [{"name": m.name, "state": m.state, "base": f"{m.base:#x}", "size": m.size} for m in mods]
-        except Exception as e:
-            notes.append(f"module list unavailable: {_err(e)}")
-            d["modules"] = []
+        mods = self.k.load_modules()
+        d["modules"] = [{"name": m.name, "state": m.state, "base": f"{m.base:#x}", "size": m.size} for m in mods]
         mem, mn = memory_summary(self.k)
         notes += mn
         d["memory"] = mem

@@ -39,6 +39,7 @@ class Symbol:
     name: str
     address: int
     type: str  # /proc/kallsyms letter: t T d D b B r R ...
+    module: str = ""  # "" for vmlinux
 
 
 class SymbolTable:
@@ -53,6 +54,7 @@ class SymbolTable:
         addr_syms = sorted((s for s in symbols if s.address >= 1 << 63), key=lambda s: s.address)
         self._syms = addr_syms
         self._addrs = [s.address for s in addr_syms]
+        self._module_ranges: list[tuple[int, int]] = []  # symbols here end at their module's end
         self.text_ranges: list[tuple[int, int]] = []
         for lo, hi in (("_stext", "_etext"), ("_sinittext", "_einittext")):
             if lo in self.by_name and hi in self.by_name:
@@ -62,6 +64,21 @@ class SymbolTable:
 
     def __len__(self) -> int:
         return len(self.by_name)
+
+    def add_modules(self, modules: list[tuple[str, list[Symbol], int, int, int]]) -> None:
+        """Add modules' symbols (from their own ``mod_kallsyms``) and text ranges.
+
+        ``modules``: ``(name, symbols, base, size, text_size)``; one re-sort for all.
+        """
+        extra: list[Symbol] = []
+        for name, symbols, base, size, text_size in modules:
+            extra += [Symbol(s.name, s.address, s.type, name) for s in symbols if base <= s.address < base + size]
+            self._module_ranges.append((base, base + size))
+            if text_size > 0:
+                self.text_ranges.append((base, base + min(text_size, size)))
+        merged = sorted(self._syms + extra, key=lambda s: s.address)
+        self._syms = merged
+        self._addrs = [s.address for s in merged]
 
     def address(self, name: str) -> int | None:
         s = self.by_name.get(name)
@@ -80,7 +97,11 @@ class SymbolTable:
             return None
         s = self._syms[i]
         j = bisect.bisect_right(self._addrs, s.address)
-        size = (self._addrs[j] - s.address) if j < len(self._addrs) else 0
+        nxt = self._addrs[j] if j < len(self._addrs) else None
+        if s.module:  # a module's last symbol ends with the module
+            end = next((hi for lo, hi in self._module_ranges if lo <= s.address < hi), s.address + 1)
+            nxt = min(nxt, end) if nxt is not None else end
+        size = (nxt - s.address) if nxt is not None else 0
         if size and addr - s.address >= size:
             return None
         return s, addr - s.address, size
@@ -96,7 +117,8 @@ class SymbolTable:
         if hit is None:
             return f"{addr:#x}"
         s, off, size = hit
-        return f"{s.name}+{off + (1 if return_address else 0):#x}/{size:#x}"
+        mod = f" [{s.module}]" if s.module else ""
+        return f"{s.name}+{off + (1 if return_address else 0):#x}/{size:#x}{mod}"
 
 
 def decode_kallsyms(num_syms: int, names: bytes, token_table: bytes, token_index: bytes,

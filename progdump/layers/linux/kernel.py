@@ -16,7 +16,7 @@ from functools import cached_property
 from progdump.layers.linux.btf import Btf, BtfError
 from progdump.layers.linux.kallsyms import KallsymsError, SymbolTable, load_kallsyms
 from progdump.layers.linux.translate import FaultError, KernelMemory
-from progdump.layers.linux.unwind import OrcTable
+from progdump.layers.linux.unwind import OrcSet, OrcTable
 from progdump.layers.linux.vmcoreinfo import Vmcoreinfo, VmcoreinfoMissing
 from progdump.snapshot import Snapshot
 
@@ -37,6 +37,8 @@ class LinuxKernel:
         self.snapshot = snapshot
         self.vi = Vmcoreinfo(raw)
         self.notes: list[str] = []
+        self.module_notes: list[str] = []
+        self._modules: list | None = None
         vi = self.vi
         try:
             self.release = vi.osrelease()
@@ -82,7 +84,45 @@ class LinuxKernel:
             raise BtfError(f"BTF unreadable: {e}") from None
 
     @cached_property
-    def orc(self) -> OrcTable:
+    def orc(self) -> OrcSet:
+        """vmlinux's ORC table; :meth:`load_modules` adds the modules' tables."""
+        return OrcSet(self._vmlinux_orc())
+
+    def load_modules(self) -> list:
+        """Read the module list once; add module symbols and ORC tables (failures noted)."""
+        if self._modules is not None:
+            return self._modules
+        from progdump.layers.linux.modules import module_orc, module_symbols, read_modules  # noqa: PLC0415
+
+        self._modules = []
+        try:
+            mods, notes = read_modules(self)
+        except Exception as e:
+            self.module_notes.append(f"module list unavailable: {type(e).__name__}: {e}")
+            return self._modules
+        self.module_notes += notes
+        self._modules = mods
+        try:
+            orc: OrcSet | None = self.orc
+        except Exception:
+            orc = None
+        found = []
+        for m in mods:
+            try:
+                found.append((m.name, module_symbols(self, m), m.base, m.size, m.text_size))
+            except Exception as e:
+                self.module_notes.append(f"module {m.name}: symbols unreadable: {type(e).__name__}: {e}")
+            if orc is not None:
+                try:
+                    t = module_orc(self, m)
+                    if t is not None:
+                        orc.add(m.base, m.base + (m.text_size or m.size), t)
+                except Exception as e:
+                    self.module_notes.append(f"module {m.name}: ORC unreadable: {type(e).__name__}: {e}")
+        self.syms.add_modules(found)
+        return self._modules
+
+    def _vmlinux_orc(self) -> OrcTable:
         s = self.syms
         a, b, e = (s.address(n) for n in ("__start_orc_unwind_ip", "__stop_orc_unwind_ip", "__start_orc_unwind"))
         if a is None or b is None or e is None or not 0 < b - a <= 4 * MAX_ORC_ENTRIES:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from progdump.layers.linux.btf import BtfError
 from progdump.layers.linux.kernel import LinuxKernel
+from progdump.layers.linux.modules import ModuleInfo, read_modules
 from progdump.layers.linux.translate import FaultError
 from progdump.layers.linux.unwind import THREAD_SIZE, Frame, orc_unwind, stack_scan
 
@@ -27,7 +28,6 @@ __all__ = ["TaskInfo", "ModuleInfo", "TaskLayout", "read_tasks", "read_modules",
            "task_state_letter", "backtrace_task", "current_tasks"]
 
 MAX_TASKS = 1 << 16
-MAX_MODULES = 4096
 PF_KTHREAD = 0x00200000
 INACTIVE_FRAME_SIZE = 56  # struct inactive_task_frame: r15 r14 r13 r12 bx bp ret_addr
 
@@ -53,14 +53,6 @@ class TaskInfo:
                 "comm": self.comm, "state": self.state, "cpu": self.cpu, "on_cpu": self.on_cpu,
                 "kthread": self.kthread, "stack": f"{self.stack:#x}", "backtrace": [f.as_dict() for f in self.frames],
                 "unwind_note": self.unwind_note}
-
-
-@dataclass
-class ModuleInfo:
-    name: str
-    state: str
-    base: int
-    size: int
 
 
 class TaskLayout:
@@ -223,34 +215,6 @@ def backtrace_task(k: LinuxKernel, t: TaskInfo, regs: dict[str, int] | None) -> 
         frames += scan
         t.unwind_note += f"; stack scan: {swhy}"
     t.frames = frames
-
-
-def read_modules(k: LinuxKernel) -> tuple[list[ModuleInfo], list[str]]:
-    btf = k.btf
-    head = k.syms.address("modules")
-    if head is None:
-        return [], ["no modules symbol"]
-    o_list = btf.offsetof("module", "list")
-    o_name = btf.offsetof("module", "name")
-    o_state = btf.offsetof("module", "state")
-    try:
-        o_base = btf.offsetof("module", "core_layout.base")
-        o_size = btf.offsetof("module", "core_layout.size")
-    except BtfError:  # 6.4+: mem[MOD_TEXT]
-        o_base = btf.offsetof("module", "mem")
-        o_size = o_base + 8
-    states = {0: "live", 1: "coming", 2: "going", 3: "unformed"}
-    entries, why = _list(k.mem, head, MAX_MODULES)
-    out = []
-    notes = [f"module list: {why}"] if why else []
-    for e in entries:
-        m = e - o_list
-        try:
-            out.append(ModuleInfo(k.mem.cstring(m + o_name, 56), states.get(k.mem.u32(m + o_state), "?"),
-                                  k.mem.u64(m + o_base), k.mem.u32(m + o_size)))
-        except FaultError as ex:
-            notes.append(f"module at {m:#x} unreadable: {ex}")
-    return out, notes
 
 
 def memory_summary(k: LinuxKernel) -> tuple[dict[str, int], list[str]]:

@@ -6,9 +6,10 @@ Why two methods: an operator must know which frames are certain.
   (``__start_orc_unwind_ip`` / ``__start_orc_unwind``, found through
   kallsyms, entry layout checked against BTF's ``struct orc_entry``) replayed
   on the frozen stack from real registers, as ``arch/x86/kernel/unwind_orc.c``
-  does. Frames are reliable as long as the tables and the stack are intact;
-  the walk stops, saying why, at the first frame it cannot follow (module
-  text has its own tables, which are not read here).
+  does, with each loaded module's own tables (``mod->arch.orc_unwind*``)
+  for module text. Frames are reliable as long as the tables and the stack
+  are intact; the walk stops, saying why, at the first frame it cannot
+  follow.
 * **stack scan** (``method="stack scan"``): every word on the stack that
   points into kernel text. A word right after a ``call`` instruction is a
   plausible return address, but it may be stale (left by an earlier call):
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 from progdump.layers.linux.translate import FaultError
 
-__all__ = ["Frame", "OrcTable", "orc_unwind", "stack_scan", "THREAD_SIZE", "is_call_preceded"]
+__all__ = ["Frame", "OrcTable", "OrcSet", "orc_unwind", "stack_scan", "THREAD_SIZE", "is_call_preceded"]
 
 THREAD_SIZE = 16384
 MAX_FRAMES = 64
@@ -81,6 +82,27 @@ class OrcTable:
         return sp_off, bp_off, bits & 0xF, (bits >> 4) & 0xF, (bits >> 8) & 0x3, (bits >> 10) & 1
 
 
+class OrcSet:
+    """vmlinux's ORC table plus each module's, looked up by the module's text range."""
+
+    def __init__(self, vmlinux: OrcTable) -> None:
+        self.vmlinux = vmlinux
+        self._mods: list[tuple[int, int, OrcTable]] = []
+
+    def add(self, lo: int, hi: int, table: OrcTable) -> None:
+        self._mods.append((lo, hi, table))
+        self._mods.sort(key=lambda m: m[0])
+
+    def __len__(self) -> int:
+        return len(self.vmlinux) + sum(len(t) for _, _, t in self._mods)
+
+    def find(self, ip: int) -> tuple[int, int, int, int, int, int] | None:
+        for lo, hi, t in self._mods:
+            if lo <= ip < hi:
+                return t.find(ip)
+        return self.vmlinux.find(ip)
+
+
 def orc_unwind(mem, syms, orc: OrcTable, ip: int, sp: int, bp: int, regs_valid: bool = True,
                stack_lo: int = 0, stack_hi: int = 1 << 64, max_frames: int = MAX_FRAMES) -> tuple[list[Frame], str]:
     """Unwind from ``(ip, sp, bp)``: frames and the reason the walk ended.
@@ -97,7 +119,7 @@ def orc_unwind(mem, syms, orc: OrcTable, ip: int, sp: int, bp: int, regs_valid: 
         frames.append(Frame(ip, syms.format(ip, return_address=not signal), "orc", True))
         e = orc.find(ip if signal else ip - 1)
         if e is None:
-            where = "module or unknown text" if not syms.is_text(ip) else "text without ORC data"
+            where = "text without ORC data" if syms.is_text(ip) else "not in known text"
             return frames, f"no ORC entry for {ip:#x} ({where}); stack scan below may continue"
         sp_off, bp_off, sp_reg, bp_reg, typ, end = e
         if sp_reg == ORC_REG_UNDEFINED:
