@@ -9,6 +9,7 @@ purpose. Skips, saying why, without QEMU or the guest image.
 from __future__ import annotations
 
 import json
+import struct
 import shutil
 import subprocess
 from pathlib import Path
@@ -226,3 +227,112 @@ def test_other_panics_every_cpu_and_task_unwound(other_panic: Any) -> None:
     if trigger == "hung-task":
         blocked = [t for t in tasks if t["state"] == "D"]
         assert blocked and blocked[0]["backtrace"][0]["symbol"].startswith("__schedule+")
+
+
+# ---- hostile memory: the real kernel's structures, damaged on purpose --------------------------
+
+@pytest.fixture(scope="module")
+def writable(panicked: Any) -> Any:
+    """A private, writable copy of the panicked guest's memory (patched and restored per test)."""
+    from progdump.layers.linux.kernel import LinuxKernel
+    from progdump.snapshot import MemoryRange
+
+    snap = panicked[0]
+    ranges = [MemoryRange(r.phys_start, r.size, memoryview(bytearray(r.buffer))) for r in snap.ranges]
+    ws = Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, console_tail=snap.console_tail,
+                  metadata=dict(snap.metadata))
+    return ws, LinuxKernel(snap)
+
+
+class Patch:
+    """Write bytes at kernel virtual addresses of a writable snapshot; undo on exit."""
+
+    def __init__(self, ws: Snapshot, k: Any) -> None:
+        self.ws, self.k = ws, k
+        self.saved: list[tuple[int, bytes]] = []
+
+    def __call__(self, va: int, data: bytes) -> None:
+        for cva, pa, n in self.k.mem.chunks(va, len(data)):
+            view = self.ws.view_phys(pa, n)
+            self.saved.append((pa, bytes(view)))
+            view[:] = data[cva - va:cva - va + n]
+
+    def __enter__(self) -> "Patch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for pa, old in reversed(self.saved):
+            self.ws.view_phys(pa, len(old))[:] = old
+
+
+def run_all(ws: Snapshot) -> tuple[Any, list[str]]:
+    p = select_producer(ws)
+    layers = build_layers(ws, producer=p)
+    for _, c in layers:
+        for _ in c.page_runs():
+            pass
+    return layers, [n for _, c in layers for n in c.notes]
+
+
+def test_hostile_task_list_loop_and_wild_pointer(writable: Any) -> None:
+    ws, k = writable
+    from progdump.layers.linux.tasks import TaskLayout
+
+    L = TaskLayout(k.btf)
+    init = k.syms.address("init_task")
+    first = k.mem.u64(init + L.tasks)
+    with Patch(ws, k) as patch:
+        patch(first, struct.pack("<Q", first))  # the second node points at itself: a loop
+        layers, notes = run_all(ws)
+        assert any("loops" in n for n in notes), notes
+        assert "tasks.txt" in artifacts(layers, 1)
+    with Patch(ws, k) as patch:
+        patch(init + L.tasks, struct.pack("<Q", 0xFFFF888000000000 + (1 << 45)))  # beyond RAM
+        layers, notes = run_all(ws)
+        assert any("process list" in n and "broken" in n for n in notes), notes
+
+
+def test_hostile_printk_and_btf(writable: Any) -> None:
+    ws, k = writable
+    import random
+
+    rng = random.Random(4)
+    prb = k.mem.u64(k.vi.symbol("prb"))
+    descs = k.mem.u64(prb + 8)
+    with Patch(ws, k) as patch:
+        patch(descs, bytes(rng.getrandbits(8) for _ in range(4096)))
+        layers, notes = run_all(ws)
+        assert "panic.txt" in artifacts(layers, 0)
+    btf = k.syms.address("__start_BTF")
+    with Patch(ws, k) as patch:
+        patch(btf, b"\0\0\0\0")
+        layers, notes = run_all(ws)
+        assert any("not BTF" in n for n in notes), notes
+        txt = artifacts(layers, 0)["panic.txt"].decode()
+        assert "sysrq_handle_crash+" in txt  # ORC does not need BTF
+
+
+def test_hostile_random_scribbles_never_raise(writable: Any) -> None:
+    ws, k = writable
+    import random
+
+    lo, hi = k.syms.address("_sdata"), k.syms.address("__bss_stop")
+    assert lo and hi and lo < hi
+    vmemmap = k.mem.u64(k.syms.address("vmemmap_base"))
+    from progdump.layers.linux.tasks import TaskLayout, read_tasks
+
+    tasks, _ = read_tasks(k, 1)
+    size = TaskLayout(k.btf).size
+    for seed in range(3):
+        rng = random.Random(seed)
+        with Patch(ws, k) as patch:
+            for _ in range(20000):  # words in the kernel's data and bss: pointers, counters, list heads
+                patch(rng.randrange(lo, hi - 8) & ~7, struct.pack("<Q", rng.getrandbits(64)))
+            for _ in range(5000):  # struct pages
+                patch(vmemmap + 64 * rng.randrange(0, 1 << 17), struct.pack("<Q", rng.getrandbits(64)))
+            for t in tasks:  # task_structs: pids, list links, stack pointers, comm
+                for _ in range(30):
+                    patch(t.address + (rng.randrange(0, size - 8) & ~7), struct.pack("<Q", rng.getrandbits(64)))
+            layers, notes = run_all(ws)
+            assert "panic.txt" in artifacts(layers, 0)
+            print(f"seed {seed}: {len(notes)} notes; degraded: {[n for n in notes if 'degraded' in n][:5]}")

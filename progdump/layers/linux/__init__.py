@@ -76,8 +76,29 @@ class LinuxProducer(Producer):
         lo = rsp & ~(THREAD_SIZE - 1)
         return lo, lo + THREAD_SIZE
 
-    # -- layer 0 -------------------------------------------------------------------
+    # -- never raise ------------------------------------------------------------------
     def panic(self) -> LayerContent:
+        """Layer 0; on an unexpected failure, the generic producer's layer 0 plus the reason."""
+        return self._guarded("panic", self._panic)
+
+    def tasks(self) -> LayerContent:
+        """Layer 1; on an unexpected failure, an empty layer 1 with the reason."""
+        return self._guarded("tasks", self._tasks)
+
+    def _guarded(self, what: str, fn) -> LayerContent:  # type: ignore[no-untyped-def]
+        try:
+            return fn()
+        except Exception as e:  # guest memory is untrusted: a bug or a corruption degrades, never aborts
+            msg = f"linux {what}() failed: {_err(e)}; generic output used"
+            self.degraded.append(msg)
+            from progdump.layers.generic import GenericProducer  # noqa: PLC0415
+
+            content = getattr(GenericProducer(self.snapshot), what)()
+            content.notes.append(msg)
+            return content
+
+    # -- layer 0 -------------------------------------------------------------------
+    def _panic(self) -> LayerContent:
         t0 = time.perf_counter()
         notes: list[str] = []
         d: dict = {"producer": "linux", "degraded": []}
@@ -229,7 +250,7 @@ class LinuxProducer(Producer):
         return before[head:] + out
 
     # -- layer 1 -------------------------------------------------------------------
-    def tasks(self) -> LayerContent:
+    def _tasks(self) -> LayerContent:
         from progdump.layers.linux.tasks import backtrace_task, current_tasks, memory_summary, read_tasks  # noqa: PLC0415
 
         t0 = time.perf_counter()
