@@ -35,8 +35,10 @@ DESC_FLAGS_MASK = 3 << DESC_FLAGS_SHIFT
 DESC_ID_MASK = (1 << 64) - 1 & ~DESC_FLAGS_MASK
 STATE_COMMITTED = 1
 STATE_FINALIZED = 2
+STATE_REUSABLE = 3
 MAX_COUNT_BITS = 24  # 16 Mi descriptors: far above any real log_buf_len
-MAX_SIZE_BITS = 30  # 1 GiB text ring
+MAX_SIZE_BITS = 28  # 256 MiB text ring (log_buf_len far above any real setting)
+MAX_RING_BYTES = 512 << 20  # descriptors + infos + text read at once
 
 
 class PrintkError(Exception):
@@ -134,8 +136,10 @@ def read_log(mem, vmcoreinfo, max_records: int = 1 << 20) -> tuple[list[LogRecor
         tr = prb + L.rb_text_data_ring
         count_bits = mem.u32(dr + L.dr_count_bits)
         size_bits = mem.u32(tr + L.data_size_bits)
-        if not 0 < count_bits <= MAX_COUNT_BITS or not 0 < size_bits <= MAX_SIZE_BITS:
+        if not 0 < count_bits <= min(MAX_COUNT_BITS, size_bits) or not 0 < size_bits <= MAX_SIZE_BITS:
             raise PrintkError(f"printk ring sizes out of range (count_bits {count_bits}, size_bits {size_bits})")
+        if (1 << count_bits) * (L.desc_size + L.info_size) + (1 << size_bits) > MAX_RING_BYTES:
+            raise PrintkError(f"printk ring of 2^{count_bits} records / 2^{size_bits} bytes exceeds the read budget")
         descs_va = mem.u64(dr + L.dr_descs)
         infos_va = mem.u64(dr + L.dr_infos)
         head_id = mem.u64(dr + L.dr_head_id)
@@ -172,6 +176,8 @@ def parse_ring(L: _Layout, count_bits: int, size_bits: int, descs: bytes, infos:
         d = i * L.desc_size
         sv = struct.unpack_from("<Q", descs, d + L.desc_state_var)[0]
         state = sv >> DESC_FLAGS_SHIFT
+        if (sv & DESC_ID_MASK) == did and state == STATE_REUSABLE:
+            continue  # recycled (or the ring's initial placeholder): no record, nothing lost now
         if (sv & DESC_ID_MASK) != did or state not in (STATE_COMMITTED, STATE_FINALIZED):
             skipped += 1
             continue
@@ -197,7 +203,7 @@ def parse_ring(L: _Layout, count_bits: int, size_bits: int, descs: bytes, infos:
         out.append(LogRecord(seq, ts, text, caller, flev, subsys.decode("ascii", "replace"),
                              device.decode("ascii", "replace")))
     if skipped:
-        notes.append(f"printk: {skipped} descriptors skipped (reserved, reusable or inconsistent)")
+        notes.append(f"printk: {skipped} descriptors skipped (still reserved, or id/text inconsistent)")
     out.sort(key=lambda r: r.seq)
     return out, notes
 

@@ -67,7 +67,8 @@ class OrcTable:
         if len(entries) < 6 * n:
             raise ValueError("ORC entry table shorter than its ip table")
         mask = (1 << 64) - 1
-        self.ips = [(ip_table_va + 4 * i + r) & mask for i, r in enumerate(rel)]
+        # array('Q'), not a list: 8 bytes per entry however large the table claims to be
+        self.ips = array.array("Q", ((ip_table_va + 4 * i + r) & mask for i, r in enumerate(rel)))
         self.entries = entries
 
     def __len__(self) -> int:
