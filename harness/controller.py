@@ -318,6 +318,7 @@ class GuestSession:
         m = self.m
         assert m.console is not None
         start_pat, end_pat = self.profile.panic_patterns()
+        await self.profile.prepare_trigger(trigger, m)
         cursor = m.console.cursor()
         async with m.listen("GUEST_PANICKED") as lst:
             trigger_ns = time.time_ns()

@@ -142,6 +142,49 @@ def resolve_kernel_package(override: str | None) -> str:
     return m.group(1)
 
 
+def resolve_header_packages(kernel: DebPackage) -> list[DebPackage]:
+    """The headers packages matching ``kernel`` (for building the pdoops module)."""
+    hdr = resolve(kernel.name.replace("linux-image-", "linux-headers-", 1))
+    if hdr.version != kernel.version:
+        raise BuildError(f"{hdr.name} is {hdr.version}, kernel is {kernel.version}")
+    deps = apt_show(f"{hdr.name}={hdr.version}").get("Depends", "")
+    names = re.findall(r"(linux-headers-[^\s,(]+-common|linux-kbuild-[0-9.]+)\b", deps)
+    if len(names) != 2:
+        raise BuildError(f"{hdr.name}: expected a -common and a linux-kbuild dependency in {deps!r}")
+    return [hdr] + [resolve(n) for n in names]
+
+
+def build_module(src: Path, headers_root: Path, release: str, work: Path) -> tuple[Path | None, str]:
+    """Build the out-of-tree module in ``src`` against extracted headers.
+
+    Returns (path to the .ko, note). Needs make and the kernel's gcc on the
+    host; without them the module (and the guest's ``oops`` trigger) is
+    skipped, with the reason in the manifest.
+    """
+    hdir = headers_root / "usr" / "src" / f"linux-headers-{release}"
+    mk = hdir / "Makefile"
+    if not mk.is_file():
+        return None, f"no headers tree for {release}"
+    # Debian's per-flavour Makefile includes the -common tree by absolute path.
+    mk.write_text(mk.read_text().replace("/usr/src/", f"{headers_root}/usr/src/"))
+    cc = re.search(r"gcc-(\d+)", (hdir / ".kernelvariables").read_text())
+    need = ["make", f"gcc-{cc.group(1)}" if cc else "gcc"]
+    missing = [t for t in need if shutil.which(t) is None]
+    if missing:
+        return None, f"not built: {', '.join(missing)} not installed"
+    mod = work / "pdoops"
+    shutil.copytree(src, mod)
+    r = subprocess.run(["make", "-C", str(hdir), f"M={mod}", "modules"], capture_output=True, text=True)
+    ko = mod / "pdoops.ko"
+    if r.returncode != 0 or not ko.is_file():
+        return None, f"not built: make failed: {(r.stdout + r.stderr).strip()[-300:]}"
+    if shutil.which("strip"):
+        subprocess.run(["strip", "--strip-debug", str(ko)], check=False)
+    if modinfo(ko).get("vermagic", "").split()[:1] != [release]:
+        return None, f"not built: vermagic {modinfo(ko).get('vermagic')!r} does not match {release}"
+    return ko, "built against " + hdir.name
+
+
 def resolve(name: str) -> DebPackage:
     f = apt_show(name)
     return DebPackage(f["Package"], f["Version"], f["SHA256"].lower(), f.get("Filename", ""))
@@ -370,6 +413,9 @@ def input_hash(pkgs: list[DebPackage]) -> str:
     h.update(Path(__file__).read_bytes())
     for f in GUEST_FILES:
         h.update((HERE / f).read_bytes())
+    for f in sorted((HERE / "pdoops").iterdir()):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    h.update(repr((shutil.which("make"), shutil.which("gcc-12"))).encode())  # a module appears when tools do
     return h.hexdigest()
 
 
@@ -390,13 +436,18 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
     try:
         kname = resolve_kernel_package(kernel_pkg)
         pkgs = [resolve(kname)] + [resolve(n) for n in USERLAND_PACKAGES]
+        try:
+            hdr_pkgs = resolve_header_packages(pkgs[0])
+            hdr_note = ""
+        except BuildError as e:  # the image is still useful without the oops module
+            hdr_pkgs, hdr_note = [], f"not built: {e}"
     except BuildError as e:
         old = outputs_ok(out)
         if old is not None:
             log(f"cannot resolve packages ({e}); keeping the existing image")
             return old
         raise
-    ihash = input_hash(pkgs)
+    ihash = input_hash(pkgs + hdr_pkgs)
     old = outputs_ok(out)
     if old is not None and old.get("input_hash") == ihash and not force:
         log(f"up to date ({out}, inputs {ihash[:12]})")
@@ -404,7 +455,7 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     debdir = REPO / ".cache" / "debs"
-    debs = {p.name: fetch_deb(p, debdir) for p in pkgs}
+    debs = {p.name: fetch_deb(p, debdir) for p in pkgs + hdr_pkgs}
     with tempfile.TemporaryDirectory(prefix="guest-build-") as tmp:
         root = Path(tmp) / "root"
         for p in pkgs:
@@ -415,6 +466,12 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
         release = moddirs[0].name
         vmlinuz_src = root / "boot" / f"vmlinuz-{release}"
         mods = module_load_order(moddirs[0], WANTED_MODULES)
+        hroot = Path(tmp) / "headers"
+        for p in hdr_pkgs:
+            extract(debs[p.name], hroot)
+        oops_ko, oops_note = (build_module(HERE / "pdoops", hroot, release, Path(tmp)) if hdr_pkgs
+                              else (None, hdr_note))
+        log(f"pdoops module: {oops_note}")
 
         cpio = Cpio()
         for d in ("dev", "proc", "sys", "tmp", "run", "root", "etc", "var", "mnt",
@@ -437,6 +494,8 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
             cpio.file(f"lib/modules/{fname}", path.read_bytes())
             load.append(fname)
         cpio.file("lib/modules/load.list", ("\n".join(load) + "\n").encode())
+        if oops_ko is not None:  # loaded only by the oops trigger (it taints the kernel)
+            cpio.file("lib/modules/extra/pdoops.ko", oops_ko.read_bytes())
         # dropbear and its libraries
         libs: set[Path] = set()
         for b in DROPBEAR_BINARIES:
@@ -484,6 +543,8 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
             for p in pkgs
         ],
         "modules": [name for name, _ in mods],
+        "header_packages": [{"name": p.name, "version": p.version, "sha256": p.sha256} for p in hdr_pkgs],
+        "oops_module": {"path": "/lib/modules/extra/pdoops.ko" if oops_ko else None, "note": oops_note},
         "cmdline": KERNEL_CMDLINE,
         "vmlinuz": {"path": "vmlinuz", "size": vmlinuz.stat().st_size, "sha256": sha256_file(vmlinuz)},
         "initramfs": {"path": "initramfs.cpio.gz", "size": initrd.stat().st_size,

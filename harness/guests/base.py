@@ -72,6 +72,9 @@ class GuestProfile(ABC):
     def panic_patterns(self) -> tuple[Pattern, Pattern]:
         """(first line of a panic, group 1 = panic string; last line of the panic report)."""
 
+    async def prepare_trigger(self, name: str, machine: Machine) -> None:
+        """Set up what trigger ``name`` needs (untimed; raise PanicError if it cannot)."""
+
     @abstractmethod
     async def trigger(self, name: str, machine: Machine) -> None:
         """Make the guest panic by way ``name`` (one of :attr:`triggers`); returns once sent."""

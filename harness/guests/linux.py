@@ -4,6 +4,10 @@ Panic triggers, all real kernel paths:
 
 * ``sysrq``: ``echo c > /proc/sysrq-trigger`` (``panic("sysrq triggered crash")``);
 * ``nmi``: QMP ``inject-nmi``; the guest set ``kernel.unknown_nmi_panic=1``;
+* ``oops``: a NULL dereference in process context by the ``pdoops`` module
+  (built against Debian's headers at image-build time) with
+  ``panic_on_oops=1``: "BUG: kernel NULL pointer dereference", then
+  ``panic("Fatal exception")``;
 * ``hung-task``: a writer blocked in D state on a frozen ext2 (loop device,
   ``fsfreeze``) with ``hung_task_panic=1`` and a 2 s detector period;
 * ``init-exit``: PID 1 exits (``Attempted to kill init!``).
@@ -88,6 +92,10 @@ def workload_script(kind: str, amount: int) -> str:
     return f"set -- {amount}\n" + WORKLOADS[kind]
 
 
+# Load the oops module only when asked: an unsigned out-of-tree module taints the kernel.
+OOPS_SETUP = "[ -e /proc/pdoops ] || insmod /lib/modules/extra/pdoops.ko\n"
+
+
 def default_image_dir() -> Path:
     env = os.environ.get("PROGDUMP_GUEST_LINUX_DIR")
     return Path(env) if env else REPO / ".cache" / "guest" / "linux"
@@ -96,7 +104,16 @@ def default_image_dir() -> Path:
 class LinuxGuest(GuestProfile):
     name = "linux"
     os = "linux"
-    triggers = ("sysrq", "nmi", "hung-task", "init-exit")
+    ALL_TRIGGERS = ("sysrq", "nmi", "oops", "hung-task", "init-exit")
+
+    @property
+    def triggers(self) -> tuple[str, ...]:  # type: ignore[override]
+        """``oops`` only when the image carries the pdoops module (built with the kernel headers)."""
+        try:
+            has_oops = bool((self.manifest.get("oops_module") or {}).get("path"))
+        except ImageMissing:
+            has_oops = False
+        return tuple(t for t in self.ALL_TRIGGERS if t != "oops" or has_oops)
 
     def __init__(self, image_dir: Path | None = None) -> None:
         self.image_dir = image_dir or default_image_dir()
@@ -154,12 +171,23 @@ class LinuxGuest(GuestProfile):
     def workload_script(self, kind: str, amount: int) -> str:
         return workload_script(kind, amount)
 
+    async def prepare_trigger(self, name: str, machine: Machine) -> None:
+        setup = {"hung-task": HUNG_TASK_SETUP, "oops": OOPS_SETUP}.get(name)
+        if setup is None:
+            return
+        if machine.cmd is None:
+            raise PanicError("the command channel is not connected")
+        res = await machine.cmd.run(setup, machine.t.command)
+        if res.status != 0:
+            raise PanicError(f"{name} setup failed (status {res.status}): {res.text[-500:]}")
+
     async def trigger(self, name: str, machine: Machine) -> None:
         if name == "nmi":
             await machine.inject_nmi()
             return
         scripts = {
             "sysrq": "echo c > /proc/sysrq-trigger",
+            "oops": "echo oops > /proc/pdoops",
             "init-exit": "echo exit > /run/initctl",
             "hung-task": HUNG_TASK_FIRE,
         }
@@ -167,8 +195,4 @@ class LinuxGuest(GuestProfile):
             raise ValueError(f"unknown trigger {name!r} for linux (known: {', '.join(self.triggers)})")
         if machine.cmd is None:
             raise PanicError("the command channel is not connected")
-        if name == "hung-task":
-            res = await machine.cmd.run(HUNG_TASK_SETUP, machine.t.command)
-            if res.status != 0:
-                raise PanicError(f"hung-task setup failed (status {res.status}): {res.text[-500:]}")
         await machine.cmd.fire(scripts[name])

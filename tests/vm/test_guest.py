@@ -164,6 +164,21 @@ def test_nmi_panic(session: Any) -> None:
     session.reset()
 
 
+def test_oops_panic(session: Any) -> None:
+    if "oops" not in session.profile.triggers:
+        pytest.skip("guest image has no pdoops module: " + str(session.profile.manifest.get("oops_module")))
+    _ready(session)
+    p = session.panic("oops")
+    assert p.status == "paused"
+    assert p.panic_string == "Fatal exception"
+    assert "BUG: kernel NULL pointer dereference" in session.console_text
+    assert "RIP: 0010:pdoops_write" in session.console_text
+    with session.capture() as snap:
+        check_registers(snap)
+        assert find_in_ram(snap, b"BUG: kernel NULL pointer dereference") is not None
+    session.reset()
+
+
 def test_hung_task_panic(session: Any) -> None:
     _ready(session)
     p = session.panic("hung-task")
