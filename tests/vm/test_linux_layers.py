@@ -336,3 +336,69 @@ def test_hostile_random_scribbles_never_raise(writable: Any) -> None:
             layers, notes = run_all(ws)
             assert "panic.txt" in artifacts(layers, 0)
             print(f"seed {seed}: {len(notes)} notes; degraded: {[n for n in notes if 'degraded' in n][:5]}")
+
+
+# ---- optional cross-check: drgn's own unwinder with Debian's -dbg vmlinux ----------------------
+
+def dbg_vmlinux(release: str) -> Path | None:
+    """The -dbg vmlinux for ``release``: $PROGDUMP_VMLINUX_DBG or .cache/dbg (test-only, never a dependency)."""
+    import os
+
+    env = os.environ.get("PROGDUMP_VMLINUX_DBG")
+    p = Path(env) if env else Path(__file__).resolve().parents[2] / ".cache/dbg/usr/lib/debug/boot" / f"vmlinux-{release}"
+    return p if p.is_file() else None
+
+
+def drgn_agreement(snap: Snapshot, layers: Any) -> tuple[int, int, list[str]]:
+    """(identical, compared, differences): our ORC backtraces vs drgn 0.3 + vmlinux debug info, pc by pc."""
+    drgn = pytest.importorskip("drgn")
+    from drgn.helpers.linux.pid import for_each_task
+
+    release = snap.vmcoreinfo["OSRELEASE"]
+    vmlinux = dbg_vmlinux(release)
+    if vmlinux is None:
+        pytest.skip(f"no -dbg vmlinux for {release} (optional, 283 MB): apt-get download "
+                    f"linux-image-{release}-dbg, then dpkg-deb --fsys-tarfile it | tar -x -C .cache/dbg "
+                    f"--wildcards './usr/lib/debug/boot/vmlinux-*'; or set PROGDUMP_VMLINUX_DBG")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pd-drgn-") as d:
+        core = Path(d) / "core.elf"
+        snap.to_elf(core)
+        prog = drgn.Program()
+        prog.set_core_dump(str(core))
+        prog.load_debug_info([str(vmlinux)])
+        theirs: dict[int, list[int]] = {}
+        for task in for_each_task(prog):
+            pcs: list[int] = []
+            for f in prog.stack_trace(task):
+                if f.pc < 0xFFFF800000000000:
+                    break
+                if not pcs or pcs[-1] != f.pc:  # inlined frames repeat the pc
+                    pcs.append(f.pc)
+            theirs[task.value_()] = pcs
+    tasks = json.loads(artifacts(layers, 1)["tasks.json"])["tasks"]
+    same, compared, diffs = 0, 0, []
+    for t in tasks:
+        if int(t["task"], 16) not in theirs:  # drgn's for_each_task skips the idle tasks
+            assert t["comm"].startswith("swapper/"), t
+            continue
+        ours = [int(f["address"], 16) for f in t["backtrace"] if f["method"] == "orc"]
+        compared += 1
+        if ours == theirs[int(t["task"], 16)]:
+            same += 1
+        else:
+            diffs.append(f"{t['pid']} {t['comm']}: ours {[hex(x) for x in ours]} drgn {[hex(x) for x in theirs[int(t['task'], 16)]]}")
+    return same, compared, diffs
+
+
+def test_drgn_with_debug_info_agrees_on_every_backtrace(panicked: Any) -> None:
+    snap, _, layers, _ = panicked
+    same, compared, diffs = drgn_agreement(snap, layers)
+    assert compared >= 40 and same == compared, diffs
+
+
+def test_drgn_with_debug_info_agrees_after_nmi_and_hung_task(other_panic: Any) -> None:
+    _, snap, layers = other_panic
+    same, compared, diffs = drgn_agreement(snap, layers)
+    assert compared >= 40 and same == compared, diffs
