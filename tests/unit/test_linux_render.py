@@ -52,7 +52,7 @@ panic_task:   sh[152]
 ---- kernel log: last 25 bytes of 25 (1 records; dmesg.txt has the log as recovered) ----
 [    3.194461] PD-KMSG-x
 
----- console tail (8 bytes) ----
+---- console tail (last 8 bytes; console.txt has more) ----
 console
 """
 

@@ -89,6 +89,7 @@ def test_layer0_panic_backtrace_and_log(panicked: Any) -> None:
     assert j["backtrace"]["scan"]["frames"] and not any(f["reliable"] for f in j["backtrace"]["scan"]["frames"])
     size = sum(len(zstandard.ZstdCompressor(level=3).compress(d)) for d in a.values())
     assert size <= 256 * 1024
+    assert sum(len(d) for d in a.values()) <= 256 * 1024  # before compression too
 
 
 def test_layer1_marker_task_with_backtrace(panicked: Any) -> None:
@@ -131,6 +132,49 @@ def test_dmesg_equals_makedumpfile(panicked: Any) -> None:
         r = subprocess.run(["makedumpfile", "--dump-dmesg", str(core), str(out)], capture_output=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert out.read_bytes() == artifacts(layers, 0)["dmesg.txt"]
+    finally:
+        core.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def flooded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A panic after ~400 KB of log lines: the 128 KiB ring has wrapped several times."""
+    request.getfixturevalue("linux_guest")
+    from harness.controller import GuestSession
+
+    work = tmp_path_factory.mktemp("linux-flood")
+    with GuestSession("linux", mem_mib=512, dump_disk=work / "dump.img", workdir=work) as s:
+        s.boot()
+        s.run("i=0; while [ $i -lt 4000 ]; do echo \"<6>pdflood $i $(printf '%080d' $i)\" > /dev/kmsg; "
+              "i=$((i+1)); done", timeout=600, check=True)
+        s.panic("sysrq")
+        snap = s.capture()
+        try:
+            yield snap, build_layers(snap), work
+        finally:
+            snap.close()
+
+
+def test_wrapped_log_equals_makedumpfile_and_fits_layer0(flooded: Any) -> None:
+    snap, layers, work = flooded
+    a = artifacts(layers, 0)
+    assert sum(len(d) for d in a.values()) <= 256 * 1024
+    dmesg = a["dmesg.txt"].decode()
+    assert "pdflood 3999 " in dmesg and "pdflood 0 " not in dmesg  # the oldest lines were overwritten
+    assert "Kernel panic - not syncing: sysrq triggered crash" in dmesg
+    if shutil.which("makedumpfile") is None:
+        pytest.skip("makedumpfile not installed")
+    core, out = work / "core.elf", work / "mdf.dmesg"
+    snap.to_elf(core)
+    try:
+        r = subprocess.run(["makedumpfile", "--dump-dmesg", str(core), str(out)], capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        theirs = out.read_bytes()
+        trimmed = [n for n in layers[0][1].notes if n.startswith("dmesg.txt holds the newest")]
+        if trimmed:
+            assert theirs.endswith(a["dmesg.txt"]) and len(theirs) > len(a["dmesg.txt"])
+        else:
+            assert theirs == a["dmesg.txt"]
     finally:
         core.unlink(missing_ok=True)
 

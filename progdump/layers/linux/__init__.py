@@ -20,7 +20,7 @@ import re
 import time
 
 from progdump.layers.base import Artifact, LayerContent, PageClassMap, Producer
-from progdump.layers.generic import CONSOLE_TAIL_MAX, find_panic_message
+from progdump.layers.generic import CONSOLE_TAIL_MAX, core_artifacts, find_panic_message
 from progdump.layers.linux.kernel import LinuxKernel, LinuxUnsupported
 from progdump.layers.linux.printk import LogRecord, PrintkError, format_records, read_log
 from progdump.layers.linux.render import render_panic, render_tasks
@@ -31,7 +31,9 @@ __all__ = ["LinuxProducer", "LinuxUnsupported"]
 
 LOG_TAIL_BYTES = 64 * 1024
 JSON_LOG_TAIL_BYTES = 32 * 1024
-LAYER0_BUDGET = 224 * 1024  # our artifacts; core artifacts (console, notes) take the rest of 256 KiB
+CONSOLE_IN_PANIC_TXT = 16 * 1024  # console.txt (a core artifact) holds the full 64 KiB tail
+CONSOLE_IN_PANIC_JSON = 8 * 1024
+LAYER0_BUDGET = 256 * 1024  # all of layer 0, before compression, core artifacts included
 MAX_CALL_TRACE_LINES = 128
 PANIC_PREFIX = b"Kernel panic - not syncing: "
 _REPORT_HEADER = re.compile(r"^(BUG:|Oops:|general protection fault|kernel BUG at|WARNING:|INFO: task|"
@@ -196,15 +198,17 @@ class LinuxProducer(Producer):
         d["log_records"] = len(records)
         d["log_bytes"] = len(text.encode())
         d["log_tail"] = _tail(text, LOG_TAIL_BYTES)
-        d["console_tail"] = self.snapshot.console_tail[-CONSOLE_TAIL_MAX:].decode("utf-8", "replace")
+        d["console_tail"] = _tail(self.snapshot.console_tail[-CONSOLE_TAIL_MAX:].decode("utf-8", "replace"),
+                                  CONSOLE_IN_PANIC_TXT)
         d["log_notes"] = lnotes
         panic_txt = render_panic(d).encode()
         dj = dict(d)
         dj["log_tail"] = _tail(text, JSON_LOG_TAIL_BYTES)
-        dj["console_tail"] = _tail(d["console_tail"], JSON_LOG_TAIL_BYTES)
+        dj["console_tail"] = _tail(d["console_tail"], CONSOLE_IN_PANIC_JSON)
         panic_json = json.dumps(dj, indent=1).encode()
         dmesg = text.encode()
-        room = LAYER0_BUDGET - len(panic_txt) - len(panic_json)
+        core = sum(len(a.data) for a in core_artifacts(self.snapshot))  # the plan adds these to layer 0
+        room = LAYER0_BUDGET - core - len(panic_txt) - len(panic_json)
         if len(dmesg) > room:
             cut = len(dmesg) - max(room, 0)
             nl = dmesg.find(b"\n", cut)

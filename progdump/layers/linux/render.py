@@ -84,7 +84,7 @@ def render_panic(d: dict) -> str:
     L.append(log.rstrip("\n"))
     L.append("")
     con = d.get("console_tail", "")
-    L.append(f"---- console tail ({len(con.encode())} bytes) ----")
+    L.append(f"---- console tail (last {len(con.encode())} bytes; console.txt has more) ----")
     L.append(con.rstrip("\n"))
     L.append("")
     return "\n".join(L)
