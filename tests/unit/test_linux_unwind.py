@@ -69,3 +69,18 @@ def test_stack_scan_labels_guesses() -> None:
     assert [f.symbol for f in frames] == ["B+0x15/0x100", "C+0x5/0x100"]
     assert all(f.method == "stack scan" and not f.reliable and "may be stale" in f.note for f in frames)
     assert why == "top of stack"
+
+
+def test_orc_table_without_numpy(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    img, syms, orc, sp, _ = setup()
+    ip_va = next(iter(orc.ips))  # any; rebuild the same table with numpy hidden
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    ips = [int(x) for x in orc.ips]
+    table_va = 0xFFFFFFFF81800000
+    rel = b"".join(struct.pack("<i", ip - (table_va + 4 * i)) for i, ip in enumerate(ips))
+    plain = OrcTable(table_va, rel, orc.entries)
+    assert plain._np is None and [int(x) for x in plain.ips] == ips and ip_va == ips[0]
+    frames, why = orc_unwind(img.kmem(), syms, plain, TEXT + 0x110, sp, 0)
+    assert [f.symbol for f in frames] == ["A+0x10/0x100", "B+0x15/0x100", "C+0x5/0x100"]

@@ -61,23 +61,40 @@ class OrcTable:
     """The vmlinux ORC tables: sorted ips and 6-byte entries (pure over bytes)."""
 
     def __init__(self, ip_table_va: int, ip_table: bytes, entries: bytes) -> None:
-        rel = array.array("i")
-        rel.frombytes(ip_table[: len(ip_table) // 4 * 4])
-        n = len(rel)
+        n = len(ip_table) // 4
         if len(entries) < 6 * n:
             raise ValueError("ORC entry table shorter than its ip table")
-        mask = (1 << 64) - 1
-        # array('Q'), not a list: 8 bytes per entry however large the table claims to be
-        self.ips = array.array("Q", ((ip_table_va + 4 * i + r) & mask for i, r in enumerate(rel)))
         self.entries = entries
+        try:
+            import numpy as np  # noqa: PLC0415
+
+            rel = np.frombuffer(ip_table, dtype="<i4", count=n).astype(np.int64)
+            base = np.uint64(ip_table_va)
+            # ip = &table[i] + table[i], modulo 2^64
+            self._np = (base + np.arange(n, dtype=np.uint64) * np.uint64(4)) + rel.astype(np.uint64)
+            self.ips = self._np
+        except ImportError:
+            self._np = None
+            rel = array.array("i")
+            rel.frombytes(ip_table[: 4 * n])
+            mask = (1 << 64) - 1
+            # array('Q'), not a list: 8 bytes per entry however large the table claims to be
+            self.ips = array.array("Q", ((ip_table_va + 4 * i + r) & mask for i, r in enumerate(rel)))
+
+    def _index(self, ip: int) -> int:
+        if self._np is not None:
+            import numpy as np  # noqa: PLC0415
+
+            return int(np.searchsorted(self._np, np.uint64(ip), side="right")) - 1
+        return bisect.bisect_right(self.ips, ip) - 1
 
     def __len__(self) -> int:
         return len(self.ips)
 
     def find(self, ip: int) -> tuple[int, int, int, int, int, int] | None:
         """``(sp_offset, bp_offset, sp_reg, bp_reg, type, end)`` covering ``ip``."""
-        i = bisect.bisect_right(self.ips, ip) - 1
-        if i < 0 or ip - self.ips[i] > 1 << 20:
+        i = self._index(ip)
+        if i < 0 or ip - int(self.ips[i]) > 1 << 20:
             return None
         sp_off, bp_off, bits = struct.unpack_from("<hhH", self.entries, 6 * i)
         return sp_off, bp_off, bits & 0xF, (bits >> 4) & 0xF, (bits >> 8) & 0x3, (bits >> 10) & 1
