@@ -3,7 +3,7 @@ PYTHON ?= python3
 NAME ?= sysrq-panic
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra makedumpfile busybox-static \
-	dropbear-bin cpio zstd tgt e2fsprogs gcc-12 make gdb
+	dropbear-bin cpio zstd tgt e2fsprogs gcc-12 make gdb crash
 STAMP := .cache/setup.stamp
 
 .PHONY: setup test test-unit test-vm guest-image scenario scenarios regress bench clean
