@@ -170,16 +170,15 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
     for f in (core, out, dm):
         f.unlink(missing_ok=True)
     drgn_check(snap, p, classes, work)
-    dbg_check(snap, p, work)
+    dbg_check(snap, p, classes, work)
 
 
-def drgn_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-untyped-def]
-    try:
-        import drgn
-        from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
-    except ImportError as e:
-        print(f"drgn check skipped: {e}")
-        return
+def layer2_elf(snap, producer, classes, path: Path) -> list[int]:  # type: ignore[no-untyped-def]
+    """Write an ELF core holding only layers 1+2 (kernel pages, stack pages); return its pfns.
+
+    What a recovered layer-2 vmcore would hold (the recovery tool is not in
+    the tree yet: this builds the same page set straight from the producer).
+    """
     from progdump.snapshot import MemoryRange, Snapshot
 
     wanted = frozenset({PageClass.KERNEL, PageClass.UNKNOWN})
@@ -193,9 +192,19 @@ def drgn_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-
             j += 1
         ranges.append(MemoryRange(pfns[i] * PAGE, (j + 1 - i) * PAGE, snap.view_phys(pfns[i] * PAGE, (j + 1 - i) * PAGE)))
         i = j + 1
-    l2 = Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, metadata=dict(snap.metadata))
+    Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, metadata=dict(snap.metadata)).to_elf(path)
+    return pfns
+
+
+def drgn_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-untyped-def]
+    try:
+        import drgn
+        from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
+    except ImportError as e:
+        print(f"drgn check skipped: {e}")
+        return
+    pfns = layer2_elf(snap, producer, classes, work / "layer2.elf")
     path = work / "layer2.elf"
-    l2.to_elf(path)
     try:
         prog = drgn.Program()
         prog.set_core_dump(str(path))
@@ -213,7 +222,7 @@ def drgn_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-
         agree = 0
         for f in frames:
             w = struct.unpack("<Q", prog.read(int(f["stack_addr"], 16), 8))[0]
-            s = prog.symbol(w)
+            s = prog.symbol(w - 1)  # a return address, looked up like printk's %pB
             agree += f"{s.name}+{w - s.address:#x}" == f["symbol"].split("/")[0]
         print(f"drgn on layers 1+2 only ({len(pfns)} pages): kallsyms loaded in {t_sym * 1000:.0f} ms; "
               f"RIP {'agrees' if rip_ok else 'DISAGREES'}; stack-scan frames re-read and symbolized: "
@@ -222,7 +231,7 @@ def drgn_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-
         path.unlink(missing_ok=True)
 
 
-def dbg_check(snap, producer, work: Path) -> None:  # type: ignore[no-untyped-def]
+def dbg_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-untyped-def]
     import json
 
     release = snap.vmcoreinfo["OSRELEASE"]
@@ -234,8 +243,8 @@ def dbg_check(snap, producer, work: Path) -> None:  # type: ignore[no-untyped-de
     import drgn
     from drgn.helpers.linux.pid import for_each_task
 
-    core = work / "dbg.elf"
-    snap.to_elf(core)
+    core = work / "dbg-layer2.elf"
+    layer2_elf(snap, producer, classes, core)
     try:
         prog = drgn.Program()
         prog.set_core_dump(str(core))
@@ -251,13 +260,19 @@ def dbg_check(snap, producer, work: Path) -> None:  # type: ignore[no-untyped-de
                     pcs.append(f.pc)
             theirs[task.value_()] = pcs
         t_drgn = time.perf_counter() - t
+        from drgn.helpers.linux.printk import get_dmesg
+
+        ours_log = {a.name: a.data for a in producer.panic().artifacts}["dmesg.txt"]
+        theirs_log = get_dmesg(prog)
+        log_same = theirs_log == ours_log
     finally:
         core.unlink(missing_ok=True)
     tasks = json.loads({a.name: a.data for a in producer.tasks().artifacts}["tasks.json"])["tasks"]
     both = [t for t in tasks if int(t["task"], 16) in theirs]
     same = sum(1 for t in both if [int(f["address"], 16) for f in t["backtrace"] if f["method"] == "orc"]
                == theirs[int(t["task"], 16)])
-    print(f"drgn + -dbg vmlinux (its own unwinder, full debug info): {same}/{len(both)} task backtraces identical "
+    print(f"drgn + -dbg vmlinux on layers 1+2 only: get_dmesg {'IDENTICAL to' if log_same else 'DIFFERS from'} our dmesg.txt; "
+          f"its own unwinder: {same}/{len(both)} task backtraces identical "
           f"pc by pc ({len(tasks) - len(both)} idle tasks drgn does not list); drgn unwind {t_drgn * 1000:.0f} ms, "
           f"ours {producer.timings.get('tasks_s', 0) * 1000:.0f} ms")
 
