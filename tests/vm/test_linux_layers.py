@@ -400,7 +400,11 @@ def dbg_vmlinux(release: str) -> Path | None:
 
 
 def drgn_agreement(snap: Snapshot, layers: Any) -> tuple[int, int, list[str]]:
-    """(identical, compared, differences): our ORC backtraces vs drgn 0.3 + vmlinux debug info, pc by pc."""
+    """(identical, compared, differences): our ORC backtraces vs drgn 0.3 + vmlinux debug info, pc by pc.
+
+    drgn reads an ELF core of layers 0-2 only, so this also shows the kernel
+    layer is what a debugger needs (its ``get_dmesg`` must equal dmesg.txt).
+    """
     drgn = pytest.importorskip("drgn")
     from drgn.helpers.linux.pid import for_each_task
 
@@ -412,12 +416,28 @@ def drgn_agreement(snap: Snapshot, layers: Any) -> tuple[int, int, list[str]]:
                     f"--wildcards './usr/lib/debug/boot/vmlinux-*'; or set PROGDUMP_VMLINUX_DBG")
     import tempfile
 
+    from drgn.helpers.linux.printk import get_dmesg
+
+    from progdump.snapshot import MemoryRange
+
+    # only what layers 0-2 hold: kernel pages and kernel stacks, as a recovered layer-2 vmcore would
+    pfns = sorted({p for _, c in layers[:3] for f, n in c.page_runs() for p in range(f, f + n)})
+    ranges, i = [], 0
+    while i < len(pfns):
+        j = i
+        while j + 1 < len(pfns) and pfns[j + 1] == pfns[j] + 1 and snap.has_phys(pfns[i] * PAGE_SIZE, (j + 2 - i) * PAGE_SIZE):
+            j += 1
+        ranges.append(MemoryRange(pfns[i] * PAGE_SIZE, (j + 1 - i) * PAGE_SIZE,
+                                  snap.view_phys(pfns[i] * PAGE_SIZE, (j + 1 - i) * PAGE_SIZE)))
+        i = j + 1
+    layer2 = Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, metadata=dict(snap.metadata))
     with tempfile.TemporaryDirectory(prefix="pd-drgn-") as d:
-        core = Path(d) / "core.elf"
-        snap.to_elf(core)
+        core = Path(d) / "layer2.elf"
+        layer2.to_elf(core)
         prog = drgn.Program()
         prog.set_core_dump(str(core))
         prog.load_debug_info([str(vmlinux)])
+        assert get_dmesg(prog) == artifacts(layers, 0)["dmesg.txt"]
         theirs: dict[int, list[int]] = {}
         for task in for_each_task(prog):
             pcs: list[int] = []
