@@ -186,12 +186,12 @@ class GuestSession:
                 self._loop.close()
 
     # ---- configuration --------------------------------------------------------------------
-    def _config(self, rundir: RunDir) -> MachineConfig:
+    def _config(self, rundir: RunDir, create: bool = True) -> MachineConfig:
         spec = self.profile.boot_spec(self.knobs)
         disks = list(self.disks)
         dump = None
         if self.dump_disk is not None:
-            if not self.dump_disk.exists():
+            if create and not self.dump_disk.exists():
                 with open(self.dump_disk, "wb") as f:
                     f.truncate(64 * MiB)
             dump = DiskSpec(self.dump_disk, "pddump", serial="pddump")
@@ -215,7 +215,7 @@ class GuestSession:
 
         if self.accel is None:
             self.accel = self.accel_request if self.accel_request in ("tcg", "kvm") else "tcg"
-        return build_argv(self._config(RunDir.placeholder(self.shared_ram)))
+        return build_argv(self._config(RunDir.placeholder(self.shared_ram), create=False))
 
     # ---- steps ----------------------------------------------------------------------------
     def boot(self, timeout: float | None = None) -> BootResult:
@@ -235,9 +235,10 @@ class GuestSession:
             except BaseException:
                 rundir.remove()
                 raise
-            self.machine = Machine(cfg, rundir, self.t, self.workdir / "console.log",
-                                   self.workdir / "qemu.log", self.log)
-            self.call(self.machine.launch())
+            machine = Machine(cfg, rundir, self.t, self.workdir / "console.log",
+                              self.workdir / "qemu.log", self.log)
+            self.call(machine.launch())  # kills QEMU and removes rundir itself on failure
+            self.machine = machine
             self._step("launch", t0)
         t1 = time.monotonic()
         res = self.call(self._boot(resume=True, timeout=timeout))
@@ -293,6 +294,9 @@ class GuestSession:
         except asyncio.TimeoutError:
             raise GuestTimeout(f"command did not finish within {limit:.0f} s: {cmd[:200]!r}") from None
         except (ConnectionError, OSError, ValueError) as e:
+            if m.proc is not None:  # a dying QEMU closes its sockets a moment before it is reaped
+                with contextlib.suppress(Exception):
+                    m.proc.wait(2)
             m._check_alive("while a command ran")  # QemuExited with the log tail, if that is why
             raise CommandError(f"command channel failed: {e}: {cmd[:200]!r}") from None
         self._step("run", t0)
