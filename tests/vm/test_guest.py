@@ -96,6 +96,12 @@ def test_boot_to_ready(session: Any) -> None:
     assert r.text.split()[:3] == ["1", "1", "pddump"]
     bad = session.run("exit 7")
     assert bad.status == 7
+    # private 0700 socket directory; the RAM file already unlinked (QEMU and we hold it open)
+    m = session.machine
+    assert os.stat(m.rundir.sock_dir).st_mode & 0o777 == 0o700
+    assert m.config.ram_file is not None and not m.config.ram_file.exists()
+    assert m.ram_fd is not None and os.fstat(m.ram_fd).st_size == 512 << 20
+    assert session.accel in ("tcg", "kvm") and session.accel_reason
 
 
 def test_sysrq_panic_capture(session: Any, tmp_path: Path) -> None:
