@@ -22,9 +22,14 @@ Contract for every backend (the writer relies on it):
 
 from __future__ import annotations
 
+import errno as _errno
+import mmap as _mmap
+import os as _os
+import stat as _stat
+import time as _time
 from abc import ABC, abstractmethod
 
-__all__ = ["DeviceError", "DumpDevice"]
+__all__ = ["DeviceError", "DumpDevice", "FileDevice", "open_device", "MIN_DEVICE_SIZE"]
 
 
 class DeviceError(Exception):
@@ -56,3 +61,165 @@ class DumpDevice(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------
+# FileDevice: an existing regular file or block device
+
+BLKSSZGET = 0x1268  # ioctl: logical sector size of a Linux block device
+
+#: smallest device a dump fits on (two header copies and a few records)
+MIN_DEVICE_SIZE = 16 * 1024
+
+
+class FileDevice(DumpDevice):
+    """An existing regular file or block device, written in place.
+
+    Why O_DIRECT: a dump must reach the device, not the host's page cache, and
+    should not evict the page cache holding the snapshot it reads. Where the
+    file system refuses O_DIRECT (tmpfs) the device is opened without it;
+    ``fdatasync`` on :meth:`flush` makes writes durable either way. Writes are
+    copied into a page-aligned mmap buffer, which O_DIRECT requires.
+    """
+
+    BUFFER = 4 << 20
+
+    def __init__(self, path: str, *, direct: bool = True, min_size: int = MIN_DEVICE_SIZE) -> None:
+        self.path = _os.fspath(path)
+        try:
+            st = _os.stat(self.path)
+        except OSError as e:
+            raise DeviceError(f"{self.path}: {e.strerror or e}") from None
+        if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISBLK(st.st_mode)):
+            raise DeviceError(f"{self.path}: not a regular file or block device")
+        self.is_block = _stat.S_ISBLK(st.st_mode)
+        self.direct = False
+        self._fd = -1
+        flags = _os.O_RDWR | getattr(_os, "O_CLOEXEC", 0)
+        if direct and hasattr(_os, "O_DIRECT"):
+            try:
+                self._fd = _os.open(self.path, flags | _os.O_DIRECT)
+                self.direct = True
+            except OSError as e:
+                if e.errno not in (_errno.EINVAL, _errno.EOPNOTSUPP):
+                    raise DeviceError(f"{self.path}: {e.strerror or e}") from None
+        if self._fd < 0:
+            try:
+                self._fd = _os.open(self.path, flags)
+            except OSError as e:
+                raise DeviceError(f"{self.path}: {e.strerror or e}") from None
+        try:
+            self.size = _os.lseek(self._fd, 0, _os.SEEK_END)
+            self.sector_size = 512
+            if self.is_block:
+                try:
+                    import fcntl
+                    import struct
+
+                    self.sector_size = struct.unpack("i", fcntl.ioctl(self._fd, BLKSSZGET, b"\0" * 4))[0] or 512
+                except (OSError, ImportError):
+                    pass
+        except OSError as e:
+            _os.close(self._fd)
+            raise DeviceError(f"{self.path}: {e.strerror or e}") from None
+        if self.size < min_size:
+            _os.close(self._fd)
+            raise DeviceError(f"{self.path}: device is {self.size} bytes; a dump needs at least {min_size}")
+        self._buf = _mmap.mmap(-1, self.BUFFER) if self.direct else None
+        self._t0 = _time.monotonic()
+        self._closed = False
+
+    def clock(self) -> float:
+        """Monotonic seconds since the device was opened."""
+        return _time.monotonic() - self._t0
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise DeviceError(f"{self.path}: device is closed")
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if offset < 0 or offset % self.sector_size or n % self.sector_size:
+            raise DeviceError(f"{self.path}: write at {offset:#x}+{n:#x} not aligned to {self.sector_size} bytes")
+        if offset + n > self.size:
+            raise DeviceError(f"{self.path}: write at {offset:#x}+{n:#x} past the end ({self.size:#x})")
+        done = 0
+        while done < n:
+            if self._buf is not None:
+                k = min(n - done, self.BUFFER)
+                self._buf[:k] = mv[done : done + k]
+                src: memoryview | _mmap.mmap = memoryview(self._buf)[:k]
+            else:
+                k = n - done
+                src = mv[done:]
+            try:
+                w = _os.pwrite(self._fd, src, offset + done)
+            except OSError as e:
+                if e.errno == _errno.EINVAL and self._buf is not None:
+                    self._reopen_buffered()
+                    continue
+                raise DeviceError(f"{self.path}: write of {k} bytes at {offset + done:#x}: {e.strerror or e}") from None
+            finally:
+                if isinstance(src, memoryview):
+                    src.release()
+            if w <= 0:
+                raise DeviceError(f"{self.path}: short write at {offset + done:#x}")
+            done += w
+
+    def _reopen_buffered(self) -> None:
+        """O_DIRECT refused an I/O (alignment the file system wants is larger): go buffered."""
+        fd = _os.open(self.path, _os.O_RDWR | getattr(_os, "O_CLOEXEC", 0))
+        _os.close(self._fd)
+        self._fd = fd
+        self.direct = False
+        if self._buf is not None:
+            self._buf.close()
+            self._buf = None
+
+    def flush(self) -> None:
+        if self._closed:
+            raise DeviceError(f"{self.path}: device is closed")
+        try:
+            _os.fdatasync(self._fd)
+        except OSError as e:
+            raise DeviceError(f"{self.path}: flush failed: {e.strerror or e}") from None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _os.close(self._fd)
+        finally:
+            if self._buf is not None:
+                self._buf.close()
+                self._buf = None
+
+
+def open_device(path: str, model: str | None = None, trace: str | None = None) -> DumpDevice:
+    """Open ``path`` as a FileDevice, wrapped in a modelled device when ``model`` names one.
+
+    ``model`` None or ``"none"``: the plain device (a trace needs a model).
+    The device-model module is imported only when asked for, so the writer
+    works without it.
+    """
+    inner = FileDevice(path)
+    if model is None or model == "none":
+        if trace is not None:
+            inner.close()
+            raise DeviceError("--trace needs a --device-model (the trace is kept by the modelled device)")
+        return inner
+    try:
+        from progdump import devmodel  # noqa: PLC0415
+
+        models = devmodel.load_models()
+    except Exception as e:
+        inner.close()
+        raise DeviceError(f"device models unavailable: {type(e).__name__}: {e}") from None
+    if model not in models:
+        inner.close()
+        raise DeviceError(f"unknown device model {model!r} (known: {', '.join(sorted(models))}, none)")
+    try:
+        return devmodel.ModelledDevice(inner, models[model], trace)
+    except (OSError, DeviceError) as e:
+        inner.close()
+        raise DeviceError(f"{path}: cannot model as {model}: {e}") from None

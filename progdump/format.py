@@ -38,6 +38,7 @@ __all__ = [
     "RECORD_ALIGN",
     "RECORD_HEADER_SIZE",
     "MAX_RAW_LEN",
+    "MAX_PAGES_PER_RECORD",
     "MAX_STORED_LEN",
     "DumpHeader",
     "RecordHeader",
@@ -70,8 +71,9 @@ LOG_START = 4096  # first record offset (R-MAP-2)
 RECORD_ALIGN = 512  # records start on, and are padded to, multiples of this (R-REC-1)
 RECORD_HEADER_SIZE = 128
 
-MAX_RAW_LEN = 4 << 20  # largest decompressed payload a reader accepts (R-LIM-1)
-MAX_STORED_LEN = MAX_RAW_LEN + 4096  # largest stored payload (incompressible data + frame overhead)
+MAX_PAGES_PER_RECORD = 1024  # pages in one PAGES record (R-PAG-1)
+MAX_RAW_LEN = (4 << 20) + 4096  # largest decompressed payload a reader accepts (R-LIM-1)
+MAX_STORED_LEN = MAX_RAW_LEN  # writers store a payload uncompressed when zstd does not shrink it
 MAX_INFO_LEN = HEADER_BLOCK - 128 - 8
 ARTIFACT_NAME_FIELD = 64  # bytes of NUL-padded name that lead every ARTIFACT payload
 
@@ -281,7 +283,7 @@ def parse_record_header(buf: bytes | memoryview, at_offset: int) -> RecordHeader
         raise RecordVersionError(f"record at {at_offset:#x}: unknown record type {rtype}")
     if comp not in Compression._value2member_map_:
         raise RecordVersionError(f"record at {at_offset:#x}: unknown compression {comp}")
-    if stored > MAX_STORED_LEN or rawlen > MAX_RAW_LEN:
+    if stored > rawlen or rawlen > MAX_RAW_LEN:
         raise RecordVersionError(f"record at {at_offset:#x}: payload lengths {stored}/{rawlen} exceed the limits")
     if comp == Compression.NONE and stored != rawlen:
         raise RecordVersionError(f"record at {at_offset:#x}: uncompressed payload with stored != raw length")

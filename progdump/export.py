@@ -1,0 +1,190 @@
+"""Recovered dump -> files: manifest.json, artifacts, per-layer files, vmcore (FORMAT.md section 10).
+
+Only verified records reach a file: artifacts whose every chunk verified,
+pages whose record verified (re-verified as they are read again here). No
+path from the device is used: artifact names are re-checked against
+``ARTIFACT_NAME_RE`` and the names the recovery itself writes are refused.
+
+``vmcore`` is an ELF core with one PT_LOAD per run of recovered page frames:
+a recovered page reads back exactly, a page recorded as zero reads back as
+zero (a hole of the sparse file), a page not recovered is in no PT_LOAD. Its
+notes are the snapshot's (``elf-notes.bin`` from layer 0: VMCOREINFO,
+NT_PRSTATUS) plus registers, console tail and metadata from layer 0, so drgn
+and crash open it. It is streamed with :class:`progdump.elfcore.ElfCoreWriter`:
+memory stays bounded by one record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from progdump.elfcore import ElfCoreWriter, ElfSegment, parse_prstatus, snapshot_notes
+from progdump.layers.base import ARTIFACT_NAME_RE
+from progdump.layers.generic import decode_notes
+from progdump.reader import ScanResult, iter_recovered_pages
+from progdump.snapshot import PAGE_SIZE, CpuState, Note
+
+__all__ = ["export", "ExportError", "RESERVED_NAMES", "vmcore_notes"]
+
+RESERVED_NAMES = frozenset({"manifest.json", "vmcore", "layers"})
+MAX_JSON_ARTIFACT = 16 << 20
+NT_PRSTATUS = 1
+U64 = (1 << 64) - 1
+
+
+class ExportError(Exception):
+    """Recovery output could not be written (disk full, device changed under us); one line."""
+
+
+def _write_file(path: str, data: bytes) -> None:
+    if os.path.islink(path):
+        os.unlink(path)  # never write through a link planted in OUTDIR
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _json_artifact(res: ScanResult, name: str) -> object:
+    if name not in res.artifact_names():
+        return None
+    data = res.read_artifact(name)
+    if data is None or len(data) > MAX_JSON_ARTIFACT:
+        return None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None
+
+
+def vmcore_notes(res: ScanResult, warnings: list[str]) -> list[Note]:
+    """ELF notes for the recovered vmcore, from layer 0's artifacts (bounded, never raises)."""
+    raw_notes: list[Note] = []
+    if "elf-notes.bin" in res.artifact_names():
+        data = res.read_artifact("elf-notes.bin") or b""
+        raw_notes = decode_notes(data)
+    prstatus = [n.desc for n in raw_notes if n.name == "CORE" and n.type == NT_PRSTATUS]
+    cpus: list[CpuState] = []
+    regs_doc = _json_artifact(res, "registers.json")
+    if isinstance(regs_doc, list):
+        for pos, ent in enumerate(regs_doc[:4096]):
+            if not isinstance(ent, dict) or not isinstance(ent.get("regs"), dict):
+                continue
+            regs = {str(k)[:32]: v for k, v in ent["regs"].items() if isinstance(v, int) and 0 <= v <= U64}
+            idx = ent.get("cpu", pos)
+            cpus.append(CpuState(idx if isinstance(idx, int) else pos, regs, prstatus[pos] if pos < len(prstatus) else None))
+    elif prstatus:
+        for pos, desc in enumerate(prstatus):
+            try:
+                regs = parse_prstatus(desc)
+            except Exception as e:  # hostile note content: keep going without it
+                warnings.append(f"vmcore: CPU {pos} NT_PRSTATUS unreadable: {e}")
+                continue
+            cpus.append(CpuState(pos, regs, desc))
+    console = b""
+    if "console.txt" in res.artifact_names():
+        console = res.read_artifact("console.txt") or b""
+    md = _json_artifact(res, "metadata.json")
+    try:
+        return snapshot_notes(cpus, raw_notes, console, md if isinstance(md, dict) else None)
+    except Exception as e:
+        warnings.append(f"vmcore: CPU notes not rebuilt ({type(e).__name__}: {e}); snapshot notes kept as stored")
+        return raw_notes
+
+
+def _write_vmcore(res: ScanResult, path: str, warnings: list[str], zero_by_layer: dict[int, int]) -> dict[str, int]:
+    pieces = list(iter_recovered_pages(res))
+    segments: list[list[int]] = []  # [first pfn, end pfn]
+    for first, n, skip, _h in pieces:
+        a, b = first + skip, first + n
+        if segments and segments[-1][1] == a:
+            segments[-1][1] = b
+        else:
+            segments.append([a, b])
+    notes = vmcore_notes(res, warnings)
+    elf_segs = [ElfSegment(a * PAGE_SIZE, (b - a) * PAGE_SIZE, (b - a) * PAGE_SIZE) for a, b in segments]
+    pages = zero = 0
+    w = ElfCoreWriter(path, notes, elf_segs)
+    try:
+        for first, n, skip, h in pieces:
+            got = res.read_pages(h)
+            if got is None:
+                raise ExportError(f"record {h.seq} at {h.offset:#x} no longer verifies: the device changed during recovery")
+            npages, zmap, data = got
+            if zmap is None:  # ZERO record
+                w.write_zeros((n - skip) * PAGE_SIZE)
+                zero += n - skip
+                pages += n - skip
+                continue
+            bits = int.from_bytes(zmap, "little")
+            nz = bin(bits).count("1")
+            zero_by_layer[h.layer] = zero_by_layer.get(h.layer, 0) + nz
+            if bits == 0 and skip == 0:
+                w.write(data)
+            else:
+                pos = 0  # index into data, in pages
+                for i in range(n):
+                    isz = (bits >> i) & 1
+                    if i >= skip:
+                        if isz:
+                            w.write_zeros(PAGE_SIZE)
+                            zero += 1
+                        else:
+                            w.write(memoryview(data)[pos * PAGE_SIZE : (pos + 1) * PAGE_SIZE])
+                    if not isz:
+                        pos += 1
+            pages += n - skip
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+    return {"segments": len(segments), "pages": pages, "zero_pages": zero, "file_bytes": os.path.getsize(path)}
+
+
+def export(res: ScanResult, outdir: str) -> dict[str, object]:
+    """Write the recovery output of a found dump into ``outdir``; returns the manifest."""
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        os.makedirs(os.path.join(outdir, "layers"), exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"{outdir}: {e.strerror or e}") from None
+    warnings = list(res.warnings)
+    written: dict[str, int] = {}
+    try:
+        for name, li in sorted(res.artifact_names().items()):
+            if name in RESERVED_NAMES or not ARTIFACT_NAME_RE.match(name):
+                warnings.append(f"artifact {name!r} refused: reserved or invalid name")
+                continue
+            data = res.read_artifact(name)
+            if data is None:
+                warnings.append(f"artifact {name}: no longer verifies; not written")
+                continue
+            _write_file(os.path.join(outdir, name), data)
+            written[name] = li
+        zero_by_layer: dict[int, int] = {}
+        vm_path = os.path.join(outdir, "vmcore")
+        if os.path.islink(vm_path):
+            os.unlink(vm_path)
+        vm = _write_vmcore(res, vm_path, warnings, zero_by_layer)
+        for lay in res.layers:
+            lay.zero_pages += zero_by_layer.get(lay.index, 0)
+            _write_file(os.path.join(outdir, "layers", f"{lay.index}.json"), json.dumps(lay.to_json(), indent=1).encode())
+        manifest = {
+            "dump_id": res.dump_id,
+            "format_version": res.format_version,
+            "dump_time_ns": res.dump_time_ns,
+            "plan": res.plan,
+            "producer": res.producer,
+            "layers": [lay.to_json() for lay in res.layers],
+            "artifacts": written,
+            "vmcore": vm,
+            "end": res.end,
+            "headers": res.headers,
+            "other_dumps": res.other_dumps,
+            "warnings": warnings,
+        }
+        _write_file(os.path.join(outdir, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    except OSError as e:
+        raise ExportError(f"{outdir}: {e.strerror or e}") from None
+    return manifest

@@ -1,0 +1,626 @@
+"""The progdump reader (our savecore): scan a device, pick the newest dump, verify, classify.
+
+It follows docs/FORMAT.md section 9. The device is hostile: nothing it says
+is used before the checksum covering it verifies, every length is bounded by
+the format's limits and the device size, decompression is bounded by the
+record's raw length, and records of any other dump id are never combined
+with the chosen dump's.
+
+``scan(source)`` reads only record headers plus the payloads of the chosen
+dump's records (to verify them), so it is cheap on small dumps: the
+crash-state replayer calls it thousands of times a minute on overlay images.
+``source`` is a path or any object with ``size`` and ``pread(offset, length)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import xxhash
+import zstandard
+
+from progdump.format import (
+    ARTIFACT_NAME_FIELD,
+    HEADER_BLOCK,
+    LOG_START,
+    MAX_PAGES_PER_RECORD,
+    RECORD_ALIGN,
+    RECORD_HEADER_SIZE,
+    RECORD_MAGIC,
+    FormatError,
+    RecordHeader,
+    RecordType,
+    RecordVersionError,
+    Compression,
+    log_end,
+    pages_map_len,
+    parse_commit,
+    parse_header,
+    parse_record_header,
+    payload_checksum,
+    record_span,
+    DumpHeader,
+    CommitInfo,
+)
+from progdump.layers.base import ARTIFACT_NAME_RE
+from progdump.snapshot import PAGE_SIZE
+
+__all__ = ["Source", "ScanResult", "LayerStatus", "ReaderError", "scan", "recover", "open_source", "RESYNC_WINDOW"]
+
+RESYNC_WINDOW = 4 << 20  # R-RD-2: how far past a bad spot to look for the next record
+MAX_ARTIFACT = 64 << 20  # R-TYP-2
+MAX_LAYERS = 64
+MAX_PFN_END = 1 << 52  # pages beyond 2^64 bytes of physical address do not exist
+MAX_WARNINGS = 50
+LAYER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+
+
+class ReaderError(Exception):
+    """The source cannot be read at all (I/O error, not a file); the message says why."""
+
+
+class Source(Protocol):
+    size: int
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+
+class _FileSource:
+    """A file or block device opened read-only."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise ReaderError(f"{path}: {e.strerror or e}") from None
+        try:
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError as e:
+            os.close(self.fd)
+            raise ReaderError(f"{path}: {e.strerror or e}") from None
+
+    def pread(self, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise ReaderError(f"{self.path}: read of {length} bytes at {offset:#x}: {e.strerror or e}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_source(source: object) -> tuple[Source, bool]:
+    """``(source, owned)``: a path is opened (owned, close it); an object is used as is."""
+    if isinstance(source, (str, os.PathLike)):
+        return _FileSource(os.fspath(source)), True
+    if not hasattr(source, "pread") or not hasattr(source, "size"):
+        raise ReaderError(f"not a path and has no size/pread: {type(source).__name__}")
+    return source, False  # type: ignore[return-value]
+
+
+def _read(src: Source, offset: int, length: int) -> bytes:
+    """Exactly the bytes the source has in ``[offset, offset+length)`` (short at its end)."""
+    data = src.pread(offset, length)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ReaderError(f"source pread returned {type(data).__name__}, not bytes")
+    return bytes(data[:length])
+
+
+# ---------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class _Rec:
+    h: RecordHeader
+    verified: bool = False  # payload checksum checked and matched
+    checked: bool = False  # payload checked (matched or not)
+    small: object = None  # parsed LAYER_INFO/COMMIT/END payload, or artifact name
+    art_len: int = 0  # ARTIFACT: chunk length
+
+
+@dataclass
+class LayerStatus:
+    index: int
+    name: str
+    status: str = "missing"  # complete | partial | missing
+    bytes: int = 0  # device bytes of this layer's verified records
+    records: int = 0  # verified records (commit included)
+    records_expected: int | None = None  # from the commit, when one verified
+    pages: int = 0  # pages recovered (data + known zero)
+    zero_pages: int = 0
+    artifacts: list[str] = field(default_factory=list)  # complete artifacts
+    artifacts_incomplete: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the writer's notes (LAYER_INFO)
+    producer: str = ""
+    durable_s: float | None = None  # from the commit (records flushed at)
+    reasons: list[str] = field(default_factory=list)  # why not complete
+    stats: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "status": self.status,
+            "bytes": self.bytes,
+            "records": self.records,
+            "records_expected": self.records_expected,
+            "pages": self.pages,
+            "zero_pages": self.zero_pages,
+            "artifacts": self.artifacts,
+            "artifacts_incomplete": self.artifacts_incomplete,
+            "notes": self.notes,
+            "producer": self.producer,
+            "durable_s": self.durable_s,
+            "degraded": [n[len("degraded: ") :] for n in self.notes if n.startswith("degraded: ")],
+            "reasons": self.reasons,
+        }
+
+
+@dataclass
+class ScanResult:
+    """What a device holds: the newest progdump dump, verified and classified."""
+
+    found: bool = False
+    dump_id: str | None = None
+    format_version: int | None = None
+    dump_time_ns: int | None = None
+    plan: str | None = None
+    producer: str | None = None
+    layers: list[LayerStatus] = field(default_factory=list)
+    end: dict | None = None
+    headers: list[str] = field(default_factory=list)  # which header copies were valid for this dump
+    other_dumps: list[str] = field(default_factory=list)  # older dump ids seen (never mixed in)
+    unsupported: str = ""  # a newer-format dump is present that this reader cannot read
+    warnings: list[str] = field(default_factory=list)
+    error: str = ""
+    device_size: int = 0
+    _src: Source | None = field(default=None, repr=False)
+    _recs: list[_Rec] = field(default_factory=list, repr=False)
+    _artifacts: dict[str, tuple[int, list[_Rec]]] = field(default_factory=dict, repr=False)
+
+    # -- export helpers ---------------------------------------------------
+    def artifact_names(self) -> dict[str, int]:
+        """Complete artifacts: name -> layer index."""
+        return {n: li for n, (li, _) in self._artifacts.items()}
+
+    def read_artifact(self, name: str) -> bytes | None:
+        """The artifact's bytes, re-read and re-verified; None when absent or no longer verifiable."""
+        ent = self._artifacts.get(name)
+        if ent is None or self._src is None:
+            return None
+        out = bytearray()
+        for r in ent[1]:
+            raw = _payload(self._src, r.h)
+            if raw is None or len(raw) < ARTIFACT_NAME_FIELD:
+                return None
+            out += raw[ARTIFACT_NAME_FIELD:]
+        return bytes(out)
+
+    def page_records(self) -> list[tuple[int, int, RecordHeader]]:
+        """``(first_pfn, npages, header)`` of every verified PAGES/ZERO record, by pfn then seq."""
+        out = [
+            (r.h.aux0, r.h.aux1, r.h)
+            for r in self._recs
+            if r.verified and r.h.rtype in (RecordType.PAGES, RecordType.ZERO)
+        ]
+        out.sort(key=lambda t: (t[0], t[2].seq))
+        return out
+
+    def read_pages(self, h: RecordHeader) -> tuple[int, bytes | None, bytes] | None:
+        """``(npages, zero_map or None, data of non-zero pages)`` for a page record; None if it no longer verifies."""
+        if h.rtype == RecordType.ZERO:
+            return h.aux1, None, b""
+        raw = _payload(self._src, h) if self._src is not None else None
+        if raw is None:
+            return None
+        return _split_pages(raw, h.aux1)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "found": self.found,
+            "dump_id": self.dump_id,
+            "format_version": self.format_version,
+            "dump_time_ns": self.dump_time_ns,
+            "plan": self.plan,
+            "producer": self.producer,
+            "layers": [lay.to_json() for lay in self.layers],
+            "end": self.end,
+            "headers": self.headers,
+            "other_dumps": self.other_dumps,
+            "unsupported": self.unsupported,
+            "warnings": self.warnings,
+            "error": self.error,
+        }
+
+
+def _split_pages(raw: bytes, npages: int) -> tuple[int, bytes, bytes] | None:
+    maplen = pages_map_len(npages)
+    if len(raw) < maplen:
+        return None
+    zmap = raw[:maplen]
+    nzero = sum(bin(b).count("1") for b in zmap)
+    extra = int.from_bytes(zmap, "little") >> npages
+    if extra or len(raw) != maplen + (npages - nzero) * PAGE_SIZE:
+        return None
+    return npages, zmap, raw[maplen:]
+
+
+def _payload(src: Source, h: RecordHeader) -> bytes | None:
+    """The record's raw payload, verified and decompressed within bounds; None when bad."""
+    stored = _read(src, h.offset + RECORD_HEADER_SIZE, h.stored_len)
+    if len(stored) != h.stored_len or payload_checksum(stored) != h.payload_sum:
+        return None
+    return _decompress(stored, h)
+
+
+def _decompress(stored: bytes, h: RecordHeader) -> bytes | None:
+    if h.compression == Compression.NONE:
+        return stored
+    try:
+        out = zstandard.ZstdDecompressor().decompress(stored, max_output_size=h.raw_len)
+    except zstandard.ZstdError:
+        return None
+    return out if len(out) == h.raw_len else None
+
+
+# ---------------------------------------------------------------------------
+# scan
+
+
+class _Scanner:
+    def __init__(self, src: Source, resync_window: int) -> None:
+        self.src = src
+        self.size = int(src.size)
+        self.window = resync_window
+        self.recs: dict[bytes, list[_Rec]] = {}
+        self.times: dict[bytes, int] = {}
+        self.headers: dict[bytes, list[DumpHeader]] = {}
+        self.newest: tuple[int, bytes] | None = None
+        self.warnings: list[str] = []
+        self.unsupported: list[tuple[str, str]] = []  # (where, why)
+        self.align = RECORD_ALIGN
+
+    def warn(self, msg: str) -> None:
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append(msg)
+
+    def consider(self, t: int, dump_id: bytes) -> None:
+        known = self.times.get(dump_id)
+        if known is not None and known != t:
+            self.warn(f"dump {dump_id.hex()} appears with two dump times; the first seen is used")
+            return
+        self.times[dump_id] = t
+        if self.newest is None or (t, dump_id) > self.newest:
+            self.newest = (t, dump_id)
+
+    def read_headers(self, end: int) -> None:
+        for copy, off in ((0, 0), (1, end)):
+            blk = _read(self.src, off, HEADER_BLOCK)
+            try:
+                h = parse_header(blk)
+            except FormatError as e:
+                self.unsupported.append((f"header copy {copy}", str(e)))
+                continue
+            if h is None:
+                continue
+            if h.copy != copy:
+                self.warn(f"header at {off:#x} says it is copy {h.copy}; ignored")
+                continue
+            self.headers.setdefault(h.dump_id, []).append(h)
+            self.consider(h.dump_time_ns, h.dump_id)
+            if h.device_size != self.size:
+                self.warn(f"header copy {copy}: written for a {h.device_size}-byte device, this one is {self.size}")
+
+    def header_at(self, off: int, end: int) -> RecordHeader | None:
+        if off + RECORD_HEADER_SIZE > end:
+            return None
+        try:
+            h = parse_record_header(_read(self.src, off, RECORD_HEADER_SIZE), off)
+        except RecordVersionError as e:
+            self.unsupported.append((f"record at {off:#x}", str(e)))
+            return None
+        if h is None or off + record_span(h.stored_len) > end:
+            return None
+        return h
+
+    def resync(self, start: int, end: int) -> int | None:
+        """Next 512-aligned offset in ``[start, start + window)`` holding a valid record header (R-RD-2)."""
+        start += -start % RECORD_ALIGN
+        limit = min(end, start + self.window)
+        step = 64 << 10
+        off = start
+        while off < limit:
+            n = min(step, limit - off)
+            chunk = _read(self.src, off, n)
+            if not chunk:
+                return None
+            pos = chunk.find(RECORD_MAGIC)
+            while pos >= 0:
+                at = off + pos
+                if at % RECORD_ALIGN == 0 and self.header_at(at, end) is not None:
+                    return at
+                pos = chunk.find(RECORD_MAGIC, pos + 1)
+            off += len(chunk)
+            step = min(step * 4, 1 << 20)
+        return None
+
+    def verify(self, r: _Rec) -> None:
+        """Check the payload of ``r`` (once); parse the small record types."""
+        if r.checked:
+            return
+        r.checked = True
+        h = r.h
+        if h.rtype == RecordType.ZERO:
+            r.verified = h.stored_len == 0 and h.raw_len == 0 and 0 < h.aux1 and h.aux0 + h.aux1 <= MAX_PFN_END
+            return
+        if h.rtype == RecordType.PAGES:
+            if not (0 < h.aux1 <= MAX_PAGES_PER_RECORD and h.aux0 + h.aux1 <= MAX_PFN_END):
+                return
+            stored = _read(self.src, h.offset + RECORD_HEADER_SIZE, h.stored_len)
+            r.verified = len(stored) == h.stored_len and payload_checksum(stored) == h.payload_sum
+            return
+        raw = _payload(self.src, h)
+        if raw is None:
+            return
+        try:
+            if h.rtype == RecordType.ARTIFACT:
+                name = raw[:ARTIFACT_NAME_FIELD].rstrip(b"\0").decode("ascii")
+                if len(raw) < ARTIFACT_NAME_FIELD or not ARTIFACT_NAME_RE.match(name):
+                    raise ValueError(f"artifact name {name!r}")
+                r.small, r.art_len = name, len(raw) - ARTIFACT_NAME_FIELD
+            elif h.rtype == RecordType.COMMIT:
+                r.small = parse_commit(raw)
+            else:  # LAYER_INFO, END: JSON objects
+                obj = json.loads(raw.decode("utf-8"))
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+                r.small = obj
+        except (ValueError, UnicodeDecodeError, FormatError) as e:
+            self.warn(f"record {h.seq} at {h.offset:#x}: checksum good but payload unreadable: {e}")
+            return
+        r.verified = True
+
+    def walk(self, end: int) -> None:
+        off = LOG_START
+        while off < end:
+            h = self.header_at(off, end)
+            if h is None:
+                nxt = self.resync(off + RECORD_ALIGN, end)
+                if nxt is None:
+                    return
+                off = nxt
+                continue
+            r = _Rec(h)
+            self.recs.setdefault(h.dump_id, []).append(r)
+            self.consider(h.dump_time_ns, h.dump_id)
+            is_newest = self.newest is not None and self.newest[1] == h.dump_id and self.times[h.dump_id] == h.dump_time_ns
+            if is_newest:
+                self.verify(r)
+                if h.rtype == RecordType.END and r.verified:
+                    return
+            off += record_span(h.stored_len)
+            # a writer with a larger alignment pads further: the next header is found by resync
+            # (cheap: it is within one alignment unit)
+
+
+def scan(source: object, *, resync_window: int = RESYNC_WINDOW) -> ScanResult:
+    """Scan ``source`` (a path, or an object with ``size`` and ``pread``) for the newest dump.
+
+    Never raises for device content; raises :class:`ReaderError` only when
+    the source itself cannot be read (I/O error, missing file).
+    """
+    src, owned = open_source(source)
+    try:
+        return _scan(src, resync_window)
+    finally:
+        if owned:
+            src.close()  # type: ignore[attr-defined]
+
+
+def _scan(src: Source, resync_window: int) -> ScanResult:
+    sc = _Scanner(src, resync_window)
+    size = sc.size
+    res = ScanResult(device_size=size, _src=src)
+    S = size - size % HEADER_BLOCK
+    if S < 4 * HEADER_BLOCK:
+        res.error = f"device is {size} bytes: too small to hold a progdump dump"
+        return res
+    end = log_end(size)
+    sc.read_headers(end)
+    sc.walk(end)
+    res.warnings = sc.warnings
+    if sc.newest is None:
+        if sc.unsupported:
+            where, why = sc.unsupported[0]
+            res.unsupported = f"{where}: {why}"
+        return res
+    t, did = sc.newest
+    res.found = True
+    res.dump_id = did.hex()
+    res.format_version = 1
+    res.dump_time_ns = t
+    res.other_dumps = sorted(d.hex() for d in sc.times if d != did)
+    if sc.unsupported:
+        where, why = sc.unsupported[0]
+        res.warnings.append(f"unsupported data ignored ({len(sc.unsupported)}x), first: {where}: {why}")
+    hdrs = [h for h in sc.headers.get(did, []) if h.dump_time_ns == t]
+    res.headers = ["primary" if h.copy == 0 else "backup" for h in hdrs]
+    recs = [r for r in sc.recs.get(did, []) if r.h.dump_time_ns == t]
+    for r in recs:
+        sc.verify(r)
+    _classify(res, hdrs, recs)
+    return res
+
+
+def _classify(res: ScanResult, hdrs: list[DumpHeader], recs: list[_Rec]) -> None:
+    # one record per sequence number: a conflicting duplicate voids both (R-RD-4)
+    by_seq: dict[int, _Rec] = {}
+    void: set[int] = set()
+    for r in recs:
+        o = by_seq.get(r.h.seq)
+        if o is None:
+            by_seq[r.h.seq] = r
+        elif o.h.raw_header != r.h.raw_header:
+            void.add(r.h.seq)
+    for s in void:
+        del by_seq[s]
+        res.warnings.append(f"sequence number {s} appears twice with different records; both ignored")
+    good = [r for r in sorted(by_seq.values(), key=lambda r: r.h.seq) if r.verified]
+    res._recs = good
+
+    info = hdrs[0].info if hdrs else {}
+    names: list[str] = []
+    if isinstance(info.get("layers"), list):
+        names = [str(n) for n in info["layers"]][:MAX_LAYERS]
+    layer_info: dict[int, dict] = {}
+    for r in good:
+        if r.h.rtype == RecordType.LAYER_INFO and r.h.layer not in layer_info:
+            layer_info[r.h.layer] = r.small  # type: ignore[assignment]
+            plan = r.small.get("plan") if isinstance(r.small, dict) else None
+            if not names and isinstance(plan, list):
+                names = [str(n) for n in plan][:MAX_LAYERS]
+        if r.h.rtype == RecordType.END and res.end is None:
+            res.end = r.small  # type: ignore[assignment]
+    res.plan = str(info.get("plan")) if "plan" in info else None
+    res.producer = str(info["producer"]) if "producer" in info else None
+    top = max([len(names) - 1] + [r.h.layer for r in good if r.h.layer < MAX_LAYERS])
+    layers = []
+    for i in range(top + 1):
+        nm = names[i] if i < len(names) else ""
+        li = layer_info.get(i, {})
+        if not nm and isinstance(li.get("name"), str):
+            nm = li["name"]
+        if not LAYER_NAME_RE.match(nm):
+            nm = f"layer{i}"
+        lay = LayerStatus(i, nm)
+        notes = li.get("notes")
+        if isinstance(notes, list):
+            lay.notes = [str(n)[:4096] for n in notes[:200]]
+        if isinstance(li.get("producer"), str):
+            lay.producer = li["producer"][:32]
+            if res.producer is None:
+                res.producer = lay.producer
+        layers.append(lay)
+    res.layers = layers
+
+    # per layer: records, commit check (R-COM-3), artifacts, pages
+    by_layer: dict[int, list[_Rec]] = {}
+    for r in good:
+        if r.h.rtype != RecordType.END:
+            by_layer.setdefault(r.h.layer, []).append(r)
+    for lay in layers:
+        lrecs = by_layer.get(lay.index, [])
+        lay.records = len(lrecs)
+        lay.bytes = sum(record_span(r.h.stored_len) for r in lrecs)
+        for r in lrecs:
+            if r.h.rtype in (RecordType.PAGES, RecordType.ZERO):
+                lay.pages += r.h.aux1
+                if r.h.rtype == RecordType.ZERO:
+                    lay.zero_pages += r.h.aux1
+        _artifacts(res, lay, lrecs)
+        commits = [r for r in lrecs if r.h.rtype == RecordType.COMMIT]
+        complete = False
+        if not commits:
+            lay.reasons.append("no commit record")
+        for c in commits:
+            ci: CommitInfo = c.small  # type: ignore[assignment]
+            lay.records_expected = ci.count + 1
+            why = _check_commit(ci, c, by_seq, lay.index)
+            if why:
+                lay.reasons.append(why)
+                continue
+            complete = True
+            lay.durable_s = ci.t_flushed
+            lay.stats = ci.stats
+            break
+        if complete:
+            lay.status = "complete"
+            lay.reasons = []
+        elif lrecs:
+            lay.status = "partial"
+        # page counts for the zero map of PAGES records are counted at export (payload not parsed here)
+
+
+def _check_commit(ci: CommitInfo, c: _Rec, by_seq: dict[int, _Rec], layer: int) -> str:
+    """'' when the commit proves its layer complete, else why not (R-COM-2, R-COM-3)."""
+    if ci.count < 1 or ci.count > 1 << 24 or ci.first_seq + ci.count != c.h.seq:
+        return f"commit record {c.h.seq} names records {ci.first_seq}+{ci.count}: inconsistent"
+    dig = xxhash.xxh3_128()
+    for s in range(ci.first_seq, ci.first_seq + ci.count):
+        r = by_seq.get(s)
+        if r is None:
+            return f"record {s} missing"
+        if not r.verified:
+            return f"record {s} failed verification"
+        if r.h.layer != layer or r.h.rtype in (RecordType.COMMIT, RecordType.END):
+            return f"record {s} does not belong to the layer"
+        dig.update(r.h.raw_header)
+    if dig.digest() != ci.digest:
+        return "commit digest does not match the records present"
+    return ""
+
+
+def _artifacts(res: ScanResult, lay: LayerStatus, lrecs: list[_Rec]) -> None:
+    """Complete artifacts of a layer: chunks covering [0, length) in order (R-TYP-2, R-RD-5)."""
+    groups: dict[str, list[_Rec]] = {}
+    for r in lrecs:
+        if r.h.rtype == RecordType.ARTIFACT:
+            groups.setdefault(r.small, []).append(r)  # type: ignore[arg-type]
+    for name, rs in groups.items():
+        total = rs[0].h.aux1
+        pos = 0
+        ok = total <= MAX_ARTIFACT
+        chain = []
+        for r in sorted(rs, key=lambda r: r.h.aux0):
+            if not ok or r.h.aux1 != total or r.h.aux0 != pos:
+                ok = False
+                break
+            chain.append(r)
+            pos += r.art_len
+        if ok and pos == total and (chain or total == 0):
+            if name in res._artifacts:
+                res.warnings.append(f"artifact {name} appears in layers {res._artifacts[name][0]} and {lay.index}; first kept")
+                continue
+            res._artifacts[name] = (lay.index, chain)
+            lay.artifacts.append(name)
+        else:
+            lay.artifacts_incomplete.append(name)
+
+
+def iter_recovered_pages(res: ScanResult) -> Iterator[tuple[int, int, int, RecordHeader]]:
+    """Page records in pfn order, overlaps clipped: ``(first_pfn, npages, skip, header)`` (R-PAG-2).
+
+    ``skip`` leading pages of the record were already given by an earlier
+    (lower pfn, then lower sequence number) record and must be ignored.
+    """
+    covered = 0
+    for first, n, h in res.page_records():
+        end = first + n
+        if end <= covered:
+            continue
+        skip = max(0, covered - first)
+        yield first, n, skip, h
+        covered = end
+
+
+def recover(source: object, outdir: str | os.PathLike[str]) -> ScanResult:
+    """Scan ``source`` and write the recovery output into ``outdir`` (FORMAT.md section 10)."""
+    from progdump.export import export  # noqa: PLC0415
+
+    src, owned = open_source(source)
+    try:
+        res = _scan(src, RESYNC_WINDOW)
+        if res.found:
+            export(res, os.fspath(outdir))
+        return res
+    finally:
+        if owned:
+            src.close()  # type: ignore[attr-defined]

@@ -1,0 +1,540 @@
+"""The progdump writer: plan -> layers -> records -> device, with the commit protocol.
+
+What it guarantees (docs/FORMAT.md section 8): every layer is committed by a
+COMMIT record written after a flush barrier and followed by another flush, so
+a reset at any moment keeps every layer whose commit returned; records carry
+a fresh random dump id so an older dump on the device is never mixed in; the
+deadline stops the dump cleanly with everything committed so far valid.
+
+Why it is fast: memory pages go through the device in chunks of up to 256
+pages (1 MiB). Each chunk is one ``bytes`` copy out of the snapshot's mmap;
+zero pages are found with ``bytes.startswith`` at page offsets (no per-byte
+Python work), an all-zero chunk becomes (part of) a ZERO record with no
+payload, and the rest is compressed by zstd in a thread pool (zstd and
+xxhash release the GIL), at most ``2 x threads`` chunks in flight, results
+taken in order. Memory is bounded by those chunks plus a 1 MiB staging
+buffer and a one-byte-per-page "already written" map, whatever the snapshot
+size; consumed snapshot pages are released from the mapping as we go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from bisect import bisect_right
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import xxhash
+import zstandard
+
+from progdump.device import DeviceError, DumpDevice
+from progdump.format import (
+    ARTIFACT_NAME_FIELD,
+    FORMAT_VERSION,
+    HEADER_BLOCK,
+    LOG_START,
+    MAX_PAGES_PER_RECORD,
+    CommitInfo,
+    Compression,
+    DumpHeader,
+    RecordType,
+    log_end,
+    pack_commit,
+    pack_header,
+    pack_record_header,
+    pages_map_len,
+    payload_checksum,
+    record_span,
+)
+from progdump.layers.base import LayerContent, Producer
+from progdump.snapshot import PAGE_SIZE, Snapshot
+
+__all__ = ["LayerResult", "WriteResult", "ProgressEvent", "write_dump", "WriterError", "format_durable_line"]
+
+CHUNK_PAGES = 256  # pages per PAGES record: 1 MiB raw, the unit of compression and zero detection
+STAGE_BYTES = 1 << 20  # device writes are at least this big (except at flushes)
+ARTIFACT_CHUNK = 1 << 20  # artifact bytes per ARTIFACT record
+MAX_ARTIFACT = 64 << 20  # the reader's bound (FORMAT.md R-TYP-2)
+MAX_NOTES_BYTES = 256 << 10
+ZERO_PAGE = bytes(PAGE_SIZE)
+ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
+VERSION = "progdump 0.1.0"
+
+assert CHUNK_PAGES <= MAX_PAGES_PER_RECORD
+
+
+class WriterError(Exception):
+    """The dump cannot start (bad plan, device too small); the message says why."""
+
+
+class _Stop(Exception):
+    """Internal: stop writing (deadline or device full)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class LayerResult:
+    index: int
+    name: str
+    committed: bool = False
+    #: device clock (s since open) when the commit's flush returned; None if not committed
+    durable_s: float | None = None
+    #: device bytes of the layer's records (headers, payloads, padding, commit)
+    bytes: int = 0
+    records: int = 0
+    pages: int = 0
+    zero_pages: int = 0
+    artifacts: list[str] = field(default_factory=list)
+    started: bool = False
+
+
+@dataclass
+class WriteResult:
+    dump_id: str
+    plan: str
+    producer: str
+    layers: list[LayerResult]
+    #: why the writer stopped: done | deadline | device-full | error
+    stopped: str = "done"
+    error: str = ""
+    elapsed_s: float = 0.0
+    device_bytes: int = 0
+    snapshot_bytes: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.stopped == "done" and all(lay.committed for lay in self.layers)
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class ProgressEvent:
+    """What the writer tells its ``progress`` callback.
+
+    ``kind``: ``layer-start``, ``pages`` (periodic), ``layer-durable``,
+    ``stopped``. ``pages_done``/``pages_total`` count snapshot pages handled
+    so far (a progress bar's fraction).
+    """
+
+    kind: str
+    t: float
+    layer: LayerResult | None = None
+    pages_done: int = 0
+    pages_total: int = 0
+    device_bytes: int = 0
+    message: str = ""
+
+
+def _human_bytes(n: int) -> str:
+    if n < 1 << 20:
+        return f"{n / 1024:.0f} KiB"
+    if n < 1 << 30:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def _human_time(t: float) -> str:
+    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def format_durable_line(layer: LayerResult) -> str:
+    """``layer 0 panic durable at 3.1 ms, 41 KiB``: when a power-cycle keeps this layer."""
+    return f"layer {layer.index} {layer.name} durable at {_human_time(layer.durable_s or 0.0)}, {_human_bytes(layer.bytes)}"
+
+
+# ---------------------------------------------------------------------------
+# the record log
+
+
+class _Log:
+    """Appends records at the log cursor through a staging buffer (R-MAP-2, R-WR-6)."""
+
+    def __init__(self, device: DumpDevice, dump_id: bytes, t_ns: int, align: int) -> None:
+        self.dev = device
+        self.dump_id = dump_id
+        self.t_ns = t_ns
+        self.align = align
+        self.end = log_end(device.size)
+        self.cursor = LOG_START
+        self.buf = bytearray()
+        self.buf_off = LOG_START
+        self.seq = 0
+        self.written = 0  # bytes handed to the device
+        self.t0 = device.clock()  # device clock at the dump's start: durable times are relative to it
+
+    def append(
+        self, rtype: RecordType, layer: int, stored: bytes | bytearray | memoryview, raw_len: int,
+        comp: Compression, aux0: int = 0, aux1: int = 0, psum: bytes | None = None,
+    ) -> tuple[bytes, int]:  # fmt: skip
+        """Add one record; returns (its 128-byte header, its span on the device)."""
+        span = record_span(len(stored), self.align)
+        if self.cursor + span > self.end:
+            raise _Stop("device-full")
+        if psum is None:
+            psum = payload_checksum(stored)
+        hdr = pack_record_header(
+            rtype, layer, self.dump_id, self.t_ns, self.seq, self.cursor, len(stored), raw_len, aux0, aux1, comp, psum
+        )
+        self.buf += hdr
+        self.buf += stored
+        self.buf += bytes(span - len(hdr) - len(stored))
+        self.cursor += span
+        self.seq += 1
+        if len(self.buf) >= STAGE_BYTES:
+            self.drain()
+        return hdr, span
+
+    def drain(self) -> None:
+        if self.buf:
+            self.dev.write(self.buf_off, self.buf)
+            self.buf_off += len(self.buf)
+            self.written += len(self.buf)
+            self.buf = bytearray()
+
+    def barrier(self) -> None:
+        self.drain()
+        self.dev.flush()
+
+
+# ---------------------------------------------------------------------------
+# page selection: runs -> chunks of pages not yet written
+
+
+class _Written:
+    """One byte per snapshot page: 1 once the page is in some record of this dump (R-PAG-2)."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.ranges = snapshot.ranges
+        self.starts = [r.phys_start // PAGE_SIZE for r in snapshot.ranges]
+        self.marks = [bytearray(r.size // PAGE_SIZE) for r in snapshot.ranges]
+
+    def take(self, pfn: int, n: int, max_pages: int) -> Iterator[tuple[int, int, int, int]]:
+        """Yield ``(range index, first pfn, npages, byte offset in range)`` for unwritten pages of the run.
+
+        Marks them written as it goes; pages outside the snapshot are skipped.
+        """
+        end = pfn + n
+        i = max(bisect_right(self.starts, pfn) - 1, 0)
+        while i < len(self.ranges) and pfn < end:
+            base = self.starts[i]
+            m = self.marks[i]
+            top = base + len(m)
+            if top <= pfn:
+                i += 1
+                continue
+            if base >= end:
+                break
+            lo, hi = max(pfn, base) - base, min(end, top) - base
+            for run in re.finditer(rb"\x00+", m[lo:hi]):
+                a, b = lo + run.start(), lo + run.end()
+                m[a:b] = b"\x01" * (b - a)
+                while a < b:
+                    k = min(max_pages, b - a)
+                    yield i, base + a, k, a * PAGE_SIZE
+                    a += k
+            i += 1
+
+
+# ---------------------------------------------------------------------------
+# chunk encoding (runs in worker threads)
+
+_tls = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_tls, "c", None)
+    if cache is None:
+        cache = _tls.c = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return c
+
+
+def _compress(raw: bytes | bytearray, level: int) -> tuple[bytes | bytearray, Compression]:
+    if level <= 0 or len(raw) < 64:
+        return raw, Compression.NONE
+    out = _compressor(level).compress(raw)
+    if len(out) >= len(raw):
+        return raw, Compression.NONE
+    return out, Compression.ZSTD
+
+
+@dataclass
+class _Chunk:
+    pfn: int
+    npages: int
+    zero: bool
+    zero_pages: int = 0
+    stored: bytes | bytearray = b""
+    raw_len: int = 0
+    comp: Compression = Compression.NONE
+    psum: bytes = b""
+
+
+def _encode_pages(pfn: int, data: bytes, npages: int, level: int) -> _Chunk:
+    """Zero map + non-zero pages, compressed and checksummed (R-PAG-1)."""
+    if data == ZERO_CHUNK[: len(data)]:
+        return _Chunk(pfn, npages, True, npages)
+    zero = [data.startswith(ZERO_PAGE, i * PAGE_SIZE) for i in range(npages)]
+    nz = sum(zero)
+    maplen = pages_map_len(npages)
+    bits = 0
+    if nz:
+        for i, z in enumerate(zero):
+            if z:
+                bits |= 1 << i
+        body = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(npages) if not zero[i])
+        raw = bits.to_bytes(maplen, "little") + body
+    else:
+        raw = bytes(maplen) + data
+    stored, comp = _compress(raw, level)
+    return _Chunk(pfn, npages, False, nz, stored, len(raw), comp, payload_checksum(stored))
+
+
+# ---------------------------------------------------------------------------
+# the writer
+
+
+def write_dump(
+    snapshot: Snapshot,
+    device: DumpDevice,
+    plan: str = "progressive",
+    deadline: float | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    producer: Producer | None = None,
+    *,
+    threads: int | None = None,
+) -> WriteResult:
+    """Write ``snapshot`` to ``device`` as a progressive dump following ``plan``.
+
+    ``deadline`` is in device-clock seconds (``device.clock()``); when it
+    passes, the current layer is left uncommitted and the writer stops
+    (FORMAT.md R-WR-3). Returns per layer whether it committed, when it
+    became durable and its bytes. Raises :class:`WriterError` only before
+    anything is written (unknown plan, device too small); device errors
+    during the dump stop it and are reported in ``WriteResult.error``.
+    """
+    from progdump.layers import get_plan, iter_layers, select_producer  # noqa: PLC0415
+
+    try:
+        specs = get_plan(plan)
+    except ValueError as e:
+        raise WriterError(str(e)) from None
+    align = max(512, int(device.sector_size))
+    if align % 512 or align > 1 << 20:
+        raise WriterError(f"device sector size {device.sector_size} is not a multiple of 512 up to 1 MiB")
+    if log_end(device.size) - LOG_START < 2 * align:
+        raise WriterError(f"device is {device.size} bytes: too small for a dump (needs at least 16 KiB)")
+    if producer is None:
+        producer = select_producer(snapshot)
+
+    dump_id = os.urandom(16)  # R-WR-1, R-ID-1
+    t_ns = time.time_ns()
+    t_start = device.clock()
+    info = {
+        "plan": plan,
+        "layers": [s.name for s in specs],
+        "producer": producer.name,
+        "writer": VERSION,
+        "snapshot": {
+            "bytes": snapshot.total_bytes,
+            "ranges": len(snapshot.ranges),
+            "cpus": len(snapshot.cpus),
+            "hostname": str(snapshot.metadata.get("hostname", ""))[:64],
+            "os": str(snapshot.metadata.get("os", ""))[:32],
+        },
+    }
+    layers = [LayerResult(s.index, s.name) for s in specs]
+    res = WriteResult(dump_id.hex(), plan, producer.name, layers, snapshot_bytes=snapshot.total_bytes)
+    pages_total = snapshot.total_pages
+
+    def emit(kind: str, layer: LayerResult | None = None, message: str = "") -> None:
+        if progress is not None:
+            progress(
+                ProgressEvent(kind, device.clock() - t_start, layer, pages_done[0], pages_total, log.written, message)
+            )
+
+    pages_done = [0]
+    log = _Log(device, dump_id, t_ns, align)
+    nthreads = threads or max(1, min(4, os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="progdump-zstd")
+    written = _Written(snapshot)
+    committed: list[int] = []
+
+    def past_deadline() -> bool:
+        return deadline is not None and device.clock() - t_start >= deadline
+
+    try:
+        try:
+            hdr = DumpHeader(FORMAT_VERSION, dump_id, t_ns, device.size, align, 0, len(specs), info)
+            device.write(0, pack_header(hdr))  # R-HDR-1: both copies first, durable with layer 0
+            backup_at = log_end(device.size)
+            device.write(backup_at, pack_header(DumpHeader(**{**hdr.__dict__, "copy": 1})))
+            for spec, content in iter_layers(snapshot, specs, producer):
+                lay = layers[spec.index]
+                if past_deadline():
+                    raise _Stop("deadline")
+                lay.started = True
+                emit("layer-start", lay)
+                _write_layer(
+                    log, spec, content, lay, specs, producer, snapshot, written, pool, nthreads, past_deadline,
+                    pages_done, lambda: emit("pages", lay),
+                )  # fmt: skip
+                committed.append(spec.index)
+                emit("layer-durable", lay)
+            res.stopped = "done"
+        except _Stop as s:
+            res.stopped = s.reason
+        except DeviceError as e:
+            res.stopped = "error"
+            res.error = str(e)
+        # END record (R-WR-2/3): best effort; a failure here loses nothing committed.
+        try:
+            end = json.dumps({"reason": res.stopped, "committed": committed, "error": res.error[:512]}).encode()
+            log.append(RecordType.END, 0, end, len(end), Compression.NONE)
+            log.barrier()
+        except (_Stop, DeviceError):
+            try:
+                log.drain()
+                device.flush()
+            except DeviceError:
+                pass
+        emit("stopped", None, res.stopped)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    res.elapsed_s = device.clock() - t_start
+    res.device_bytes = log.written + 2 * HEADER_BLOCK
+    return res
+
+
+def _write_layer(
+    log: _Log, spec, content: LayerContent, lay: LayerResult, specs, producer: Producer, snapshot: Snapshot,
+    written: _Written, pool: ThreadPoolExecutor, nthreads: int, past_deadline: Callable[[], bool],
+    pages_done: list[int], tick: Callable[[], None],
+) -> None:  # fmt: skip
+    """Write one layer's records, flush, commit, flush (R-COM-1)."""
+    first_seq = log.seq
+    digest = xxhash.xxh3_128()
+    payload_bytes = 0
+
+    def add(rtype: RecordType, stored, raw_len: int, comp: Compression, aux0: int = 0, aux1: int = 0, psum=None):
+        nonlocal payload_bytes
+        if past_deadline():
+            raise _Stop("deadline")
+        hdr, span = log.append(rtype, spec.index, stored, raw_len, comp, aux0, aux1, psum)
+        digest.update(hdr)
+        payload_bytes += len(stored)
+        lay.bytes += span
+        lay.records += 1
+
+    # LAYER_INFO (R-TYP-1)
+    notes = [str(n)[:4096] for n in content.notes]
+    for art in content.artifacts:
+        if len(art.data) > MAX_ARTIFACT:
+            notes.append(f"artifact {art.name}: {len(art.data)} bytes, truncated to {MAX_ARTIFACT}")
+    while notes and len(json.dumps(notes)) > MAX_NOTES_BYTES:
+        notes.pop()
+    info = json.dumps(
+        {
+            "index": spec.index,
+            "name": spec.name,
+            "zstd_level": spec.zstd_level,
+            "parts": list(spec.parts),
+            "plan": [s.name for s in specs],
+            "notes": notes,
+            "producer": producer.name,
+        },
+        sort_keys=True,
+    ).encode()
+    stored, comp = _compress(info, spec.zstd_level)
+    add(RecordType.LAYER_INFO, stored, len(info), comp)
+
+    # ARTIFACTs (R-TYP-2)
+    for art in content.artifacts:
+        data = bytes(art.data)
+        if len(data) > MAX_ARTIFACT:
+            data = data[:MAX_ARTIFACT]  # the reader refuses more; keep the head (noted above)
+        name = art.name.encode().ljust(ARTIFACT_NAME_FIELD, b"\0")
+        off = 0
+        while True:
+            chunk = data[off : off + ARTIFACT_CHUNK]
+            raw = name + chunk
+            stored, comp = _compress(raw, spec.zstd_level)
+            add(RecordType.ARTIFACT, stored, len(raw), comp, off, len(data))
+            off += len(chunk)
+            if off >= len(data):
+                break
+        lay.artifacts.append(art.name)
+
+    # PAGES / ZERO (R-PAG-1..3), pipelined through the pool
+    inflight: deque[tuple[Future, int, int]] = deque()  # (future, range index, byte offset)
+    zero_run = [0, 0]  # pending ZERO record: first pfn, count
+
+    def flush_zero() -> None:
+        if zero_run[1]:
+            add(RecordType.ZERO, b"", 0, Compression.NONE, zero_run[0], zero_run[1])
+            zero_run[1] = 0
+
+    def finish_one() -> None:
+        fut, ri, boff = inflight.popleft()
+        ch: _Chunk = fut.result()
+        if ch.zero:
+            if zero_run[1] and zero_run[0] + zero_run[1] == ch.pfn and zero_run[1] + ch.npages < 1 << 32:
+                zero_run[1] += ch.npages
+            else:
+                flush_zero()
+                zero_run[0], zero_run[1] = ch.pfn, ch.npages
+        else:
+            flush_zero()
+            add(RecordType.PAGES, ch.stored, ch.raw_len, ch.comp, ch.pfn, ch.npages, ch.psum)
+        lay.pages += ch.npages
+        lay.zero_pages += ch.zero_pages
+        pages_done[0] += ch.npages
+        r = snapshot.ranges[ri]
+        snapshot.release_phys(r.phys_start + boff, ch.npages * PAGE_SIZE)  # bounded RSS on big snapshots
+        if pages_done[0] % (64 * CHUNK_PAGES) < ch.npages:
+            tick()
+
+    try:
+        for pfn, n in content.page_runs():
+            if n <= 0 or pfn < 0:
+                continue
+            for ri, first, k, boff in written.take(pfn, n, CHUNK_PAGES):
+                if past_deadline():
+                    raise _Stop("deadline")
+                data = bytes(snapshot.ranges[ri].buffer[boff : boff + k * PAGE_SIZE])
+                inflight.append((pool.submit(_encode_pages, first, data, k, spec.zstd_level), ri, boff))
+                while len(inflight) > 2 * nthreads:
+                    finish_one()
+        while inflight:
+            finish_one()
+        flush_zero()
+    finally:
+        for fut, _, _ in inflight:
+            fut.cancel()
+
+    if past_deadline():
+        raise _Stop("deadline")
+    count = log.seq - first_seq
+    log.barrier()  # R-COM-1: the layer's records are durable before its commit is written
+    t_flushed = log.dev.clock() - log.t0
+    stats = {"pages": lay.pages, "zero_pages": lay.zero_pages, "artifacts": lay.artifacts, "records": count}
+    commit = pack_commit(CommitInfo(first_seq, count, digest.digest(), payload_bytes, t_flushed, stats))
+    hdr, span = log.append(RecordType.COMMIT, spec.index, commit, len(commit), Compression.NONE)
+    lay.bytes += span
+    log.barrier()
+    lay.committed = True
+    lay.durable_s = log.dev.clock() - log.t0
+    log.dev.mark(f"layer {spec.index} {spec.name} committed")
