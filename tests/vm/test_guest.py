@@ -412,3 +412,13 @@ def test_qemu_killed_gives_clear_errors(guest_session: Callable[..., Any]) -> No
     s.close()
     assert not m.rundir.sock_dir.exists()
     assert m.ram_fd is None
+
+
+def test_knobs_set_sysctls(guest_session: Callable[..., Any]) -> None:
+    s = guest_session(mem_mib=256, knobs={"panic_print": "0x1", "hung_task_timeout": "7", "softlockup_panic": "1"})
+    s.boot()
+    r = s.run("cat /proc/sys/kernel/panic_print /proc/sys/kernel/hung_task_timeout_secs "
+              "/proc/sys/kernel/softlockup_panic /proc/sys/kernel/hung_task_panic")
+    assert r.text.split() == ["1", "7", "1", "0"]
+    with pytest.raises(ValueError):
+        guest_session(mem_mib=256, knobs={"nonsense": "1"}).boot()
