@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["KallsymsError", "Symbol", "SymbolTable", "decode_kallsyms", "load_kallsyms"]
 
@@ -34,8 +34,7 @@ class KallsymsError(Exception):
     """The kallsyms tables are absent or do not decode; the message says where."""
 
 
-@dataclass(frozen=True)
-class Symbol:
+class Symbol(NamedTuple):
     name: str
     address: int
     type: str  # /proc/kallsyms letter: t T d D b B r R ...
@@ -123,7 +122,11 @@ class SymbolTable:
 
 def decode_kallsyms(num_syms: int, names: bytes, token_table: bytes, token_index: bytes,
                     offsets: bytes, relative_base: int) -> list[Symbol]:
-    """Decode the raw tables (pure: unit tests feed hand-built tables)."""
+    """Decode the raw tables (pure: unit tests feed hand-built tables).
+
+    A first pass finds every entry's span (length bytes are sequential); the
+    second expands tokens per entry; symbols are light named tuples.
+    """
     if not 0 < num_syms <= MAX_SYMS:
         raise KallsymsError(f"kallsyms_num_syms={num_syms} out of range")
     if len(token_index) < 512:
@@ -136,9 +139,24 @@ def decode_kallsyms(num_syms: int, names: bytes, token_table: bytes, token_index
         if off >= len(token_table) or end < 0:
             raise KallsymsError(f"kallsyms token at {off} outside the token table")
         tokens.append(token_table[off:end])
+    starts, lens = _name_spans(num_syms, names)
     offs = struct.unpack_from(f"<{num_syms}i", offsets)
     absolute_percpu = any(o < 0 for o in offs)
-    out: list[Symbol] = []
+    mask = (1 << 64) - 1
+    if absolute_percpu:
+        addrs = [(o if o >= 0 else relative_base - 1 - o) & mask for o in offs]
+    else:
+        addrs = [(relative_base + (o & 0xFFFFFFFF)) & mask for o in offs]
+    texts = [b"".join([tokens[b] for b in names[p:p + n]]) for p, n in zip(starts, lens)]
+    types = [chr(t[0]) if t else "?" for t in texts]
+    nms = [t[1:].decode("latin-1") for t in texts]  # kernel symbol names are ASCII
+    return list(map(Symbol, nms, addrs, types))
+
+
+def _name_spans(num_syms: int, names: bytes) -> tuple[list[int], list[int]]:
+    """Start and length (in token bytes) of every entry of ``kallsyms_names``."""
+    starts: list[int] = []
+    lens: list[int] = []
     pos = 0
     n = len(names)
     for i in range(num_syms):
@@ -153,16 +171,10 @@ def decode_kallsyms(num_syms: int, names: bytes, token_table: bytes, token_index
             pos += 1
         if pos + ln > n or ln == 0:
             raise KallsymsError(f"kallsyms_names entry {i} (length {ln}) runs past the table")
-        full = b"".join([tokens[b] for b in names[pos:pos + ln]])
+        starts.append(pos)
+        lens.append(ln)
         pos += ln
-        o = offs[i]
-        if absolute_percpu:
-            addr = o if o >= 0 else (relative_base - 1 - o)
-        else:
-            addr = relative_base + (o & 0xFFFFFFFF)
-        addr &= (1 << 64) - 1
-        out.append(Symbol(full[1:].decode("ascii", "replace"), addr, chr(full[0]) if full else "?"))
-    return out
+    return starts, lens
 
 
 def load_kallsyms(mem, vmcoreinfo) -> SymbolTable:  # type: ignore[no-untyped-def]
