@@ -1,0 +1,334 @@
+"""``progdump`` command line: write, recover, info (and subcommands others register).
+
+Contract (issue 2; other tools rely on it exactly):
+
+* ``progdump write SNAPSHOT DEVICE [--plan progressive|monolithic]
+  [--device-model NAME|none] [--trace FILE] [--deadline SECONDS]``:
+  SNAPSHOT is an ELF core; DEVICE an existing file or block device large
+  enough, else a one-line error and exit 1. Prints one line per layer when it
+  is durable (``layer 0 panic durable at 3.1 ms, 41 KiB``) and a progress bar
+  on a terminal. Exit 0 when the dump stopped cleanly (done or deadline),
+  1 on errors (including a device too small for the whole dump).
+* ``progdump recover DEVICE OUTDIR``: exit 0 when a dump was found (even
+  partial), 2 when the device holds none, 1 for usage or I/O errors.
+* ``progdump info DEVICE [--json]``: the layer table; exit codes as recover.
+
+Every error is one line on stderr, never a traceback (set
+``PROGDUMP_TRACEBACK=1`` to see one when debugging).
+
+Other modules add subcommands with :func:`register` (``replay``, ``bench``):
+any module named in :data:`PLUGIN_MODULES` that exists is imported and its
+``register_cli(register)`` called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+__all__ = ["main", "register", "Subcommand", "SUBCOMMANDS", "PLUGIN_MODULES"]
+
+EXIT_OK, EXIT_ERROR, EXIT_NO_DUMP = 0, 1, 2
+PLUGIN_MODULES = ("progdump.replay", "progdump.bench")
+
+
+@dataclass
+class Subcommand:
+    name: str
+    help: str
+    setup: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register(name: str, help: str, setup: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int]) -> None:
+    """Add (or replace) a subcommand: ``setup`` adds its arguments, ``run`` returns the exit status."""
+    SUBCOMMANDS[name] = Subcommand(name, help, setup, run)
+
+
+class CliError(Exception):
+    """A one-line error for the user; exit status 1."""
+
+
+# ---------------------------------------------------------------------------
+# write
+
+
+def _setup_write(p: argparse.ArgumentParser) -> None:
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="ELF core of the machine (QEMU dump-guest-memory, /proc/vmcore)")
+    p.add_argument("device", metavar="DEVICE", help="existing file or block device to write the dump to")
+    p.add_argument("--plan", default="progressive", help="layer plan: progressive (default) or monolithic")
+    p.add_argument("--device-model", default="none", metavar="NAME", help="pace as this device model (progdump/device-models.toml) or none")
+    p.add_argument("--trace", metavar="FILE", help="keep a write trace (needs --device-model)")
+    p.add_argument("--deadline", type=float, metavar="SECONDS", help="stop cleanly after this many seconds; committed layers stay valid")
+    p.add_argument("--json", action="store_true", help="print the result as JSON at the end")
+
+
+class _Bar:
+    """A one-line progress bar on a terminal (stderr); silent elsewhere."""
+
+    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
+        self.stream = stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def update(self, done: int, total: int, label: str) -> None:
+        if not self.tty or total <= 0:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1:
+            return
+        self.last = now
+        frac = min(1.0, done / total)
+        width = 30
+        fill = int(frac * width)
+        self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}% {label[:30]:<30}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * 72 + "\r")
+            self.stream.flush()
+            self.shown = False
+
+
+def _run_write(a: argparse.Namespace) -> int:
+    from progdump.device import DeviceError, open_device
+    from progdump.layers import PLANS
+    from progdump.snapshot import Snapshot, SnapshotError
+    from progdump.writer import WriterError, format_durable_line, write_dump
+
+    if a.plan not in PLANS:
+        raise CliError(f"unknown plan {a.plan!r} (known: {', '.join(sorted(PLANS))})")
+    if a.deadline is not None and not (a.deadline >= 0):
+        raise CliError("--deadline must be a number of seconds >= 0")
+    if not os.path.exists(a.device):
+        raise CliError(f"{a.device}: no such file or device (it must exist and be large enough)")
+    try:
+        snap = Snapshot.from_elf(a.snapshot)
+    except SnapshotError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"{a.snapshot}: {e.strerror or e}") from None
+    model = None if a.device_model in (None, "none") else a.device_model
+    try:
+        dev = open_device(a.device, model, a.trace)
+    except DeviceError as e:
+        snap.close()
+        raise CliError(str(e)) from None
+    need = 8 * 4096  # the smallest device the format accepts; a larger dump stops at device-full
+    if dev.size < need:
+        dev.close()
+        snap.close()
+        raise CliError(f"{a.device}: {dev.size} bytes, too small for a dump")
+    bar = _Bar(sys.stderr)
+    quiet = a.quiet
+
+    def progress(ev) -> None:  # type: ignore[no-untyped-def]
+        if ev.kind == "layer-durable" and not quiet:
+            bar.clear()
+            print(format_durable_line(ev.layer), flush=True)
+        elif ev.kind in ("pages", "layer-start") and not quiet:
+            name = ev.layer.name if ev.layer else ""
+            bar.update(ev.pages_done, ev.pages_total, f"layer {ev.layer.index} {name}" if ev.layer else "")
+
+    try:
+        try:
+            res = write_dump(snap, dev, plan=a.plan, deadline=a.deadline, progress=progress)
+        finally:
+            bar.clear()
+            try:
+                dev.close()
+            finally:
+                snap.close()
+    except (WriterError, DeviceError) as e:
+        raise CliError(str(e)) from None
+    n_ok = sum(1 for lay in res.layers if lay.committed)
+    rate = ""
+    if res.stopped == "done" and res.elapsed_s > 0:
+        rate = f", {res.snapshot_bytes / res.elapsed_s / 1e6:.0f} MB/s of snapshot"
+    if a.json:
+        print(json.dumps(res.to_json(), indent=1))
+    elif not quiet:
+        print(
+            f"dump {res.dump_id}: {n_ok}/{len(res.layers)} layers committed ({res.stopped}) in {res.elapsed_s:.2f} s, "
+            f"{_human(res.device_bytes)} written{rate}"
+        )
+    if res.stopped == "error":
+        print(f"progdump: write stopped by a device error: {res.error}", file=sys.stderr)
+        return EXIT_ERROR
+    if res.stopped == "device-full":
+        print(f"progdump: {a.device} is too small for the whole dump: {n_ok} layers committed", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# recover / info
+
+
+def _setup_recover(p: argparse.ArgumentParser) -> None:
+    p.add_argument("device", metavar="DEVICE", help="dump device or image to read")
+    p.add_argument("outdir", metavar="OUTDIR", help="directory for manifest.json, artifacts and vmcore")
+
+
+def _setup_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("device", metavar="DEVICE", help="dump device or image to read")
+    p.add_argument("--json", action="store_true", help="print the scan result as JSON")
+
+
+def _human(n: int) -> str:
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
+
+
+def layer_table(res) -> str:  # type: ignore[no-untyped-def]
+    """The human layer table ``info`` and ``recover`` print."""
+    when = ""
+    if res.dump_time_ns:
+        when = time.strftime(", written %Y-%m-%d %H:%M:%S UTC", time.gmtime(res.dump_time_ns / 1e9))
+    lines = [
+        f"dump {res.dump_id} (format {res.format_version}), plan {res.plan or '?'}, producer {res.producer or '?'}{when}",
+        f"{'layer':>5}  {'name':<8} {'status':<9} {'bytes':>10} {'pages':>9} {'zero':>9}  artifacts / why",
+    ]
+    for lay in res.layers:
+        extra = " ".join(lay.artifacts)
+        if lay.status != "complete" and lay.reasons:
+            extra = (extra + "  " if extra else "") + f"({lay.reasons[0]})"
+        lines.append(
+            f"{lay.index:>5}  {lay.name:<8} {lay.status:<9} {_human(lay.bytes):>10} {lay.pages:>9} {lay.zero_pages:>9}  {extra}"
+        )
+    if res.end:
+        lines.append(f"writer ended: {res.end.get('reason', '?')}")
+    else:
+        lines.append("writer ended: no END record (interrupted)")
+    if res.other_dumps:
+        lines.append(f"older dumps on the device (ignored): {', '.join(res.other_dumps)}")
+    for w in res.warnings[:10]:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def _scan_or_fail(device: str):  # type: ignore[no-untyped-def]
+    from progdump.reader import ReaderError, scan
+
+    if not os.path.exists(device):
+        raise CliError(f"{device}: no such file or device")
+    try:
+        return scan(device)
+    except ReaderError as e:
+        raise CliError(str(e)) from None
+
+
+def _no_dump(device: str, res) -> int:  # type: ignore[no-untyped-def]
+    if res.unsupported:
+        print(f"progdump: {device}: holds a progdump dump this version cannot read: {res.unsupported}", file=sys.stderr)
+        return EXIT_ERROR
+    why = f" ({res.error})" if res.error else ""
+    print(f"progdump: {device}: no progdump dump found{why}", file=sys.stderr)
+    return EXIT_NO_DUMP
+
+
+def _run_info(a: argparse.Namespace) -> int:
+    res = _scan_or_fail(a.device)
+    if a.json:
+        print(json.dumps(res.to_json(), indent=1))
+        return EXIT_OK if res.found else (EXIT_ERROR if res.unsupported else EXIT_NO_DUMP)
+    if not res.found:
+        return _no_dump(a.device, res)
+    print(layer_table(res))
+    return EXIT_OK
+
+
+def _run_recover(a: argparse.Namespace) -> int:
+    from progdump.export import ExportError
+    from progdump.reader import ReaderError, recover
+
+    if not os.path.exists(a.device):
+        raise CliError(f"{a.device}: no such file or device")
+    if os.path.exists(a.outdir) and not os.path.isdir(a.outdir):
+        raise CliError(f"{a.outdir}: exists and is not a directory")
+    try:
+        res = recover(a.device, a.outdir)
+    except (ReaderError, ExportError) as e:
+        raise CliError(str(e)) from None
+    if not res.found:
+        return _no_dump(a.device, res)
+    if not a.quiet:
+        print(layer_table(res))
+        print(f"recovered into {a.outdir}/ (manifest.json, vmcore, {len(res.artifact_names())} artifacts)")
+    return EXIT_OK
+
+
+register("write", "write a progressive dump of an ELF-core snapshot to a device", _setup_write, _run_write)
+register("recover", "recover the newest dump on a device into a directory (our savecore)", _setup_recover, _run_recover)
+register("info", "print the layer table of the newest dump on a device", _setup_info, _run_info)
+
+
+def _load_plugins() -> None:
+    for mod in PLUGIN_MODULES:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue
+            raise
+        hook = getattr(m, "register_cli", None)
+        if callable(hook):
+            hook(register)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="progdump", description="Progressive crash dumps: write, recover, inspect.")
+    ap.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for sc in SUBCOMMANDS.values():
+        p = sub.add_parser(sc.name, help=sc.help, description=sc.help)
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print only errors")
+        sc.setup(p)
+        p.set_defaults(_run=sc.run)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        _load_plugins()
+    except Exception as e:  # a broken optional plugin must not break write/recover
+        print(f"progdump: warning: subcommand plugin failed to load: {type(e).__name__}: {e}", file=sys.stderr)
+    ap = build_parser()
+    try:
+        a = ap.parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors exit 2; the contract says 1
+        return EXIT_OK if e.code == 0 else EXIT_ERROR
+    if not getattr(a, "_run", None):
+        ap.print_usage(sys.stderr)
+        return EXIT_ERROR
+    try:
+        return a._run(a)
+    except CliError as e:
+        print(f"progdump: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("progdump: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("PROGDUMP_TRACEBACK"):
+            raise
+        print(f"progdump: internal error: {type(e).__name__}: {e} (PROGDUMP_TRACEBACK=1 shows where)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
