@@ -12,7 +12,9 @@ Lifetime rules (no QEMU may outlive us):
 * :meth:`Machine.close` sends ``quit``, waits, then kills, and removes the
   private socket directory;
 * the RAM backend file is unlinked as soon as QEMU has it open; we keep our
-  own descriptor, so the memory is freed with the last user.
+  own descriptor, so the memory is freed with the last user; the socket
+  directory goes as soon as all three sockets are connected (they are never
+  reconnected), so even a SIGKILLed controller leaves no file behind.
 """
 
 from __future__ import annotations
@@ -146,6 +148,9 @@ class Machine:
             if self.config.ram_file is not None:
                 self.ram_fd = os.open(self.config.ram_file, os.O_RDONLY | os.O_CLOEXEC)
                 os.unlink(self.config.ram_file)  # QEMU and we hold it open; nothing leaks
+            # Every connection is made and none is ever remade: the socket paths can go
+            # now, so even a SIGKILLed controller leaves nothing behind.
+            self.rundir.remove()
         except BaseException:
             await self.kill()
             raise

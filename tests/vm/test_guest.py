@@ -96,10 +96,18 @@ def test_boot_to_ready(session: Any) -> None:
     assert r.text.split()[:3] == ["1", "1", "pddump"]
     bad = session.run("exit 7")
     assert bad.status == 7
-    # private 0700 socket directory; the RAM file already unlinked (QEMU and we hold it open)
+    # sockets and RAM file live in private 0700 directories, removed once connected/opened
     m = session.machine
-    assert os.stat(m.rundir.sock_dir).st_mode & 0o777 == 0o700
+    assert not m.rundir.sock_dir.exists() and m.rundir.shm_dir is not None and not m.rundir.shm_dir.exists()
     assert m.config.ram_file is not None and not m.config.ram_file.exists()
+    from harness.qemu.machine import RunDir
+
+    rd = RunDir(shm=True)
+    try:
+        assert os.stat(rd.sock_dir).st_mode & 0o777 == 0o700
+        assert rd.shm_dir is not None and os.stat(rd.shm_dir).st_mode & 0o777 == 0o700
+    finally:
+        rd.remove()
     assert m.ram_fd is not None and os.fstat(m.ram_fd).st_size == 512 << 20
     assert session.accel in ("tcg", "kvm") and session.accel_reason
 
@@ -422,3 +430,40 @@ def test_knobs_set_sysctls(guest_session: Callable[..., Any]) -> None:
     assert r.text.split() == ["1", "7", "1", "0"]
     with pytest.raises(ValueError):
         guest_session(mem_mib=256, knobs={"nonsense": "1"}).boot()
+
+
+def test_qemu_dies_with_a_killed_controller(linux_guest: None, tmp_path: Path) -> None:
+    """SIGKILL the controller process: PR_SET_PDEATHSIG takes QEMU down with it."""
+    import signal
+    import subprocess
+    import sys
+    import time as _time
+
+    code = (
+        "import sys, time\n"
+        "from harness.controller import GuestSession\n"
+        f"s = GuestSession(mem_mib=256, workdir={str(tmp_path)!r})\n"
+        "s.start(); s.boot()\n"
+        "print(s.machine.pid, s.machine.rundir.sock_dir, s.machine.rundir.shm_dir, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    repo = Path(__file__).resolve().parent.parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, cwd=repo)
+    try:
+        assert child.stdout is not None
+        fields = child.stdout.readline().split()
+        assert len(fields) == 3 and fields[0].isdigit(), "controller did not report a QEMU pid"
+        qemu = int(fields[0])
+        assert os.path.exists(f"/proc/{qemu}")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{qemu}"):
+            break
+        _time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{qemu}"), f"QEMU {qemu} outlived its controller"
+    assert (tmp_path / "console.log").stat().st_size > 0
+    for d in fields[1:]:
+        assert not os.path.exists(d), f"{d!r} left behind by a killed controller"
