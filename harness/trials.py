@@ -118,14 +118,21 @@ def restore_image(base: str, dump: str, chunk: int = 4 * MIB) -> int:
 
 def writer_argv(snapshot_elf: str, device: str, plan: str, model: str, trace: str | None) -> list[str]:
     """The user's command, run as its own process so it can be SIGKILLed."""
-    argv = [sys.executable, "-m", "progdump.cli", "write", snapshot_elf, device, "--plan", plan, "--device-model", model]
+    argv = [sys.executable, "-m", "progdump", "write", snapshot_elf, device, "--plan", plan, "--device-model", model]
     if trace:
         argv += ["--trace", trace]
     return argv
 
 
 def recover_argv(device: str, outdir: str) -> list[str]:
-    return [sys.executable, "-m", "progdump.cli", "recover", device, outdir]
+    return [sys.executable, "-m", "progdump", "recover", device, outdir]
+
+
+def child_env() -> dict[str, str]:
+    """Environment for the writer and recovery processes: this tree's progdump, whatever is installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def statuses_for(score: Score) -> list[str]:
@@ -245,7 +252,7 @@ def _wait_trace_open(path: str, proc: subprocess.Popen, timeout: float) -> int |
 def _recover(image: str, outdir: str) -> tuple[int, str]:
     if os.path.exists(outdir):
         shutil.rmtree(outdir)
-    p = subprocess.run(recover_argv(image, outdir), capture_output=True, text=True, timeout=600)
+    p = subprocess.run(recover_argv(image, outdir), capture_output=True, text=True, timeout=600, env=child_env())
     return p.returncode, (p.stdout + p.stderr).strip()
 
 
@@ -329,7 +336,8 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
         old_elf = str(work / "older.elf")
         snap, _ = panic_capture(old_elf)
         snap.close()
-        p = subprocess.run(writer_argv(old_elf, image, "progressive", "none", None), capture_output=True, text=True)
+        p = subprocess.run(writer_argv(old_elf, image, "progressive", "none", None), capture_output=True, text=True,
+                           env=child_env())
         if p.returncode != 0:
             raise RuntimeError(f"writing the older dump failed ({p.returncode}): {p.stderr.strip()[-500:]}")
         shutil.copyfile(image, base)
@@ -356,7 +364,8 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                 trace = str(work / "traces" / f"ref-{model}-{plan}.trace")
                 os.makedirs(os.path.dirname(trace), exist_ok=True)
                 t = time.monotonic()
-                p = subprocess.run(writer_argv(ref_elf, image, plan, model, trace), capture_output=True, text=True)
+                p = subprocess.run(writer_argv(ref_elf, image, plan, model, trace), capture_output=True, text=True,
+                                   env=child_env())
                 _timed(ph, f"write_{model}_{plan}_s", t)
                 if p.returncode != 0:
                     ph.notes.append(f"reference writer {model}/{plan} exited {p.returncode}: {p.stderr.strip()[-300:]}")
@@ -403,7 +412,7 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                     restore_image(base, image)
                     trace = str(work / "traces" / f"trial{trial_no:03d}-{model}-{plan}.trace")
                     proc = subprocess.Popen(writer_argv(elf, image, plan, model, trace), stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.PIPE, start_new_session=True)
+                                            stderr=subprocess.DEVNULL, start_new_session=True, env=child_env())
                     open_ns = _wait_trace_open(trace, proc, 120.0)
                     kill_ns = None
                     if open_ns is not None:
@@ -464,6 +473,7 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
 def _verifier(ref: RefRun, plan: str):
     """Full check of a replayed state: recover it, score against the reference snapshot."""
     from progdump import reader
+    from progdump.export import export
     from progdump.snapshot import Snapshot
 
     cache: dict[str, object] = {}
@@ -475,7 +485,7 @@ def _verifier(ref: RefRun, plan: str):
         d = tempfile_dir()
         try:
             try:
-                reader.recover(ov, d)
+                export(reader.scan(ov), d)
             except Exception as e:
                 return True, [f"recover raised {type(e).__name__}: {e}"]
             s = score_recovery(d if os.path.exists(os.path.join(d, "manifest.json")) else None,

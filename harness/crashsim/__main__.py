@@ -76,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                 from harness.crashsim.overlay import OverlaySource
                 from harness.scoring import expected_layers, score_recovery
                 from progdump import reader
+                from progdump.export import export
                 from progdump.snapshot import Snapshot
 
                 out = a.out or "replay-recovered"
-                reader.recover(OverlaySource(ctx.base, ctx.trace, st), out)
+                export(reader.scan(OverlaySource(ctx.base, ctx.trace, st)), out)
                 with Snapshot.from_elf(a.snapshot) as snap:
                     s = score_recovery(out, snap, expected_layers(snap, a.plan))
                 print(json.dumps({"recovered_to": out, "scored": s.statuses(), "false_accept": s.false_accept,

@@ -65,4 +65,4 @@ def test_restore_image_writes_only_what_differs(tmp_path):
 
 def test_writer_argv_is_the_user_command():
     a = writer_argv("s.elf", "d.img", "progressive", "hdd", "t.trace")
-    assert a[1:] == ["-m", "progdump.cli", "write", "s.elf", "d.img", "--plan", "progressive", "--device-model", "hdd", "--trace", "t.trace"]
+    assert a[1:] == ["-m", "progdump", "write", "s.elf", "d.img", "--plan", "progressive", "--device-model", "hdd", "--trace", "t.trace"]
