@@ -64,15 +64,16 @@ def test_panic_txt_golden() -> None:
 def test_tasks_txt_golden() -> None:
     d = {"notes": [], "tasks": [{"task": "0xffff888001000000", "pid": 138, "tgid": 138, "ppid": 1, "comm": "pdmarker",
                                  "state": "S", "cpu": 0, "on_cpu": False, "kthread": False, "stack": "0xffffc90000010000",
-                                 "backtrace": [FRAME_ORC], "unwind_note": "from saved switch frame (thread.sp); end"}],
+                                 "last_ran_ns_before_panic": 2_500_000_000, "backtrace": [FRAME_ORC], "unwind_note": "from saved switch frame (thread.sp); end"}],
          "modules": [{"name": "qemu_fw_cfg", "state": "live", "base": "0xffffffffc0000000", "size": 20480}],
          "memory": {"nr_free_pages": 256, "nr_kernel_stack_kb": 896}}
     assert render_tasks(d) == """\
 progdump layer 1: Linux tasks, read from the frozen guest's memory with its own BTF
 
 1 tasks
-    PID    PPID    TGID CPU ST TASK               COMM
-    138       1     138   0 S  0xffff888001000000 pdmarker
+    PID    PPID    TGID CPU ST   LAST RAN TASK               COMM
+    138       1     138   0 S      2.500s 0xffff888001000000 pdmarker
+(LAST RAN: how long before the panic the task was last on a CPU, by that CPU's run-queue clock)
 
 ---- kernel stacks ('?' marks stack-scan guesses; [method] on every frame) ----
 PID 138 (pdmarker) state S cpu 0 task 0xffff888001000000 stack 0xffffc90000010000: from saved switch frame (thread.sp); end

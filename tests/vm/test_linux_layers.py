@@ -277,6 +277,11 @@ def test_other_panics_every_cpu_and_task_unwound(other_panic: Any) -> None:
     if trigger == "hung-task":
         blocked = [t for t in tasks if t["state"] == "D"]
         assert blocked and blocked[0]["backtrace"][0]["symbol"].startswith("__schedule+")
+        # the detector (timeout 2 s) fired because it was blocked that long; our rq-clock view agrees
+        assert blocked[0]["last_ran_ns_before_panic"] >= 1_500_000_000
+        assert "1 in D state" in artifacts(layers, 1)["tasks.txt"].decode()
+    running = [t for t in tasks if t["unwind_note"].startswith("from CPU registers") and t["pid"]]
+    assert all(t["last_ran_ns_before_panic"] is not None and t["last_ran_ns_before_panic"] < 10**9 for t in running)
 
 
 # ---- hostile memory: the real kernel's structures, damaged on purpose --------------------------

@@ -90,6 +90,12 @@ def render_panic(d: dict) -> str:
     return "\n".join(L)
 
 
+def _secs(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    return f"{ns / 1e9:.3f}s"
+
+
 def render_tasks(d: dict) -> str:
     """tasks.txt from the tasks.json dict (see LinuxProducer.tasks)."""
     L: list[str] = ["progdump layer 1: Linux tasks, read from the frozen guest's memory with its own BTF", ""]
@@ -97,10 +103,17 @@ def render_tasks(d: dict) -> str:
         L.append(f"note: {note}")
     tasks = d.get("tasks", [])
     L.append(f"{len(tasks)} tasks")
-    L.append(f"{'PID':>7} {'PPID':>7} {'TGID':>7} CPU ST {'TASK':<18} COMM")
+    stuck = [t for t in tasks if t["state"] == "D"]
+    if stuck:
+        L.append(f"{len(stuck)} in D state (uninterruptible): " + ", ".join(
+            f"{t['comm']}[{t['pid']}]" + (f" idle {_secs(t.get('last_ran_ns_before_panic'))}"
+                                          if t.get("last_ran_ns_before_panic") is not None else "") for t in stuck))
+    L.append(f"{'PID':>7} {'PPID':>7} {'TGID':>7} CPU ST {'LAST RAN':>10} {'TASK':<18} COMM")
     for t in tasks:
-        L.append(f"{t['pid']:>7} {t['ppid']:>7} {t['tgid']:>7} {t['cpu']:>3} {t['state']:<2} {t['task']:<18} "
+        ago = _secs(t.get("last_ran_ns_before_panic"))
+        L.append(f"{t['pid']:>7} {t['ppid']:>7} {t['tgid']:>7} {t['cpu']:>3} {t['state']:<2} {ago:>10} {t['task']:<18} "
                  f"{t['comm']}{' [kthread]' if t['kthread'] else ''}{' (on cpu)' if t['on_cpu'] else ''}")
+    L.append("(LAST RAN: how long before the panic the task was last on a CPU, by that CPU's run-queue clock)")
     L.append("")
     L.append("---- kernel stacks ('?' marks stack-scan guesses; [method] on every frame) ----")
     for t in tasks:

@@ -47,11 +47,14 @@ class TaskInfo:
     thread_sp: int
     frames: list[Frame] = field(default_factory=list)
     unwind_note: str = ""
+    last_ran_ns: int = 0  # rq-clock time it was last on a CPU (max of sched_info.last_arrival, se.exec_start)
+    idle_ns: int | None = None  # how long before the panic that was, by its CPU's rq clock
 
     def as_dict(self) -> dict[str, object]:
         return {"task": f"{self.address:#x}", "pid": self.pid, "tgid": self.tgid, "ppid": self.ppid,
                 "comm": self.comm, "state": self.state, "cpu": self.cpu, "on_cpu": self.on_cpu,
-                "kthread": self.kthread, "stack": f"{self.stack:#x}", "backtrace": [f.as_dict() for f in self.frames],
+                "kthread": self.kthread, "stack": f"{self.stack:#x}",
+                "last_ran_ns_before_panic": self.idle_ns, "backtrace": [f.as_dict() for f in self.frames],
                 "unwind_note": self.unwind_note}
 
 
@@ -74,6 +77,12 @@ class TaskLayout:
         self.thread_node = o("task_struct", "thread_node")
         self.thread_head = o("signal_struct", "thread_head")
         self.thread_sp = o("task_struct", "thread.sp")
+        self.sched_times: list[int] = []  # optional: when the task last ran (rq clock ns)
+        for path in ("sched_info.last_arrival", "se.exec_start"):
+            try:
+                self.sched_times.append(o("task_struct", path))
+            except BtfError:
+                pass
         try:
             self.cpu = o("task_struct", "thread_info.cpu")
         except BtfError:
@@ -138,7 +147,27 @@ def _read_task(k: LinuxKernel, L: TaskLayout, addr: int) -> TaskInfo:
         address=addr, pid=struct.unpack_from("<i", raw, L.pid)[0], tgid=struct.unpack_from("<i", raw, L.tgid)[0],
         ppid=ppid, comm=raw[L.comm:L.comm + 16].split(b"\0")[0].decode("utf-8", "replace"),
         state=task_state_letter(u32(L.state), u32(L.exit_state)), cpu=u32(L.cpu), on_cpu=bool(u32(L.on_cpu)),
-        kthread=bool(u32(L.flags) & PF_KTHREAD), stack=u64(L.stack), thread_sp=u64(L.thread_sp))
+        kthread=bool(u32(L.flags) & PF_KTHREAD), stack=u64(L.stack), thread_sp=u64(L.thread_sp),
+        # the idle task (pid 0) is scheduled outside the fair class: its times mean nothing
+        last_ran_ns=max((u64(o) for o in L.sched_times), default=0) if struct.unpack_from("<i", raw, L.pid)[0] else 0)
+
+
+def rq_clocks(k: LinuxKernel, ncpus: int) -> dict[int, int]:
+    """cpu -> ``rq->clock`` (ns) of its runqueue: "now" for that CPU's tasks."""
+    out: dict[int, int] = {}
+    rq = k.syms.address("runqueues")
+    try:
+        off = k.btf.offsetof("rq", "clock")
+    except BtfError:
+        return out
+    if rq is None:
+        return out
+    for cpu in range(ncpus):
+        try:
+            out[cpu] = k.mem.u64(k.percpu_offset(cpu) + rq + off)
+        except FaultError:
+            pass
+    return out
 
 
 def read_tasks(k: LinuxKernel, ncpus: int) -> tuple[list[TaskInfo], list[str]]:
@@ -180,6 +209,12 @@ def read_tasks(k: LinuxKernel, ncpus: int) -> tuple[list[TaskInfo], list[str]]:
                 seen.add(t)
             except FaultError as e:
                 notes.append(f"current task of CPU {cpu} unreadable: {e}")
+    clocks = rq_clocks(k, ncpus)
+    now = max(clocks.values(), default=0)
+    for t in out:
+        ref = clocks.get(t.cpu, now)
+        if t.last_ran_ns and ref and 0 <= ref - t.last_ran_ns < 1 << 62:
+            t.idle_ns = ref - t.last_ran_ns
     return out, notes
 
 
