@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import threading
 import time
@@ -32,6 +33,11 @@ from typing import Callable, Iterator
 
 import xxhash
 import zstandard
+
+try:  # optional: finds zero pages without the GIL and without a copy; bytes compares otherwise
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy is present wherever matplotlib is
+    _np = None
 
 from progdump.device import DeviceError, DumpDevice
 from progdump.format import (
@@ -63,7 +69,6 @@ ARTIFACT_CHUNK = 1 << 20  # artifact bytes per ARTIFACT record
 MAX_ARTIFACT = 64 << 20  # the reader's bound (FORMAT.md R-TYP-2)
 MAX_NOTES_BYTES = 256 << 10
 ZERO_PAGE = bytes(PAGE_SIZE)
-ZERO_CHUNK = bytes(CHUNK_PAGES * PAGE_SIZE)
 VERSION = "progdump 0.1.0"
 
 assert CHUNK_PAGES <= MAX_PAGES_PER_RECORD
@@ -158,7 +163,16 @@ def format_durable_line(layer: LayerResult) -> str:
 
 
 class _Log:
-    """Appends records at the log cursor through a staging buffer (R-MAP-2, R-WR-6)."""
+    """Appends records at the log cursor (R-MAP-2, R-WR-6); device writes go through one I/O thread.
+
+    Why a thread: ``os.pwrite`` (and a modelled device's pacing sleep)
+    releases the GIL, so device I/O overlaps compression. Only that thread
+    calls ``device.write``; ``flush`` is called by :meth:`barrier` after the
+    queue has drained, so the device never sees concurrent calls. At most
+    ``QUEUE`` writes of about 1 MiB wait in the queue (bounded memory).
+    """
+
+    QUEUE = 4
 
     def __init__(self, device: DumpDevice, dump_id: bytes, t_ns: int, align: int) -> None:
         self.dev = device
@@ -167,11 +181,37 @@ class _Log:
         self.align = align
         self.end = log_end(device.size)
         self.cursor = LOG_START
-        self.buf = bytearray()
+        self.pieces: list[bytes | bytearray | memoryview] = []
+        self.pending = 0
         self.buf_off = LOG_START
         self.seq = 0
         self.written = 0  # bytes handed to the device
         self.t0 = device.clock()  # device clock at the dump's start: durable times are relative to it
+        self.q: queue.Queue = queue.Queue(self.QUEUE)
+        self.error: BaseException | None = None
+        self.io = threading.Thread(target=self._io_loop, name="progdump-io", daemon=True)
+        self.io.start()
+
+    def _io_loop(self) -> None:
+        while True:
+            item = self.q.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    off, pieces = item
+                    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    self.dev.write(off, data)
+            except BaseException as e:  # handed to the main thread at the next submit/barrier
+                self.error = e
+            finally:
+                self.q.task_done()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            e, self.error = self.error, None
+            self.error = e  # keep it: every later call fails the same way
+            raise e
 
     def append(
         self, rtype: RecordType, layer: int, stored: bytes | bytearray | memoryview, raw_len: int,
@@ -186,25 +226,35 @@ class _Log:
         hdr = pack_record_header(
             rtype, layer, self.dump_id, self.t_ns, self.seq, self.cursor, len(stored), raw_len, aux0, aux1, comp, psum
         )
-        self.buf += hdr
-        self.buf += stored
-        self.buf += bytes(span - len(hdr) - len(stored))
+        self.pieces += (hdr, stored, bytes(span - len(hdr) - len(stored)))
+        self.pending += span
         self.cursor += span
         self.seq += 1
-        if len(self.buf) >= STAGE_BYTES:
+        if self.pending >= STAGE_BYTES:
             self.drain()
         return hdr, span
 
     def drain(self) -> None:
-        if self.buf:
-            self.dev.write(self.buf_off, self.buf)
-            self.buf_off += len(self.buf)
-            self.written += len(self.buf)
-            self.buf = bytearray()
+        """Queue what is staged for the I/O thread."""
+        self._check()
+        if self.pending:
+            self.q.put((self.buf_off, self.pieces))
+            self.buf_off += self.pending
+            self.written += self.pending
+            self.pieces = []
+            self.pending = 0
 
     def barrier(self) -> None:
+        """Everything appended so far is on the device and flushed when this returns."""
         self.drain()
+        self.q.join()
+        self._check()
         self.dev.flush()
+
+    def close(self) -> None:
+        """Stop the I/O thread (after the queue drains)."""
+        self.q.put(None)
+        self.io.join()
 
 
 # ---------------------------------------------------------------------------
@@ -283,24 +333,53 @@ class _Chunk:
     psum: bytes = b""
 
 
-def _encode_pages(pfn: int, data: bytes, npages: int, level: int) -> _Chunk:
-    """Zero map + non-zero pages, compressed and checksummed (R-PAG-1)."""
-    if data == ZERO_CHUNK[: len(data)]:
-        return _Chunk(pfn, npages, True, npages)
-    zero = [data.startswith(ZERO_PAGE, i * PAGE_SIZE) for i in range(npages)]
+def _zero_flags(data: bytes | memoryview, npages: int) -> list[bool]:
+    """Per page: is it all zero? numpy reads the mmap once without the GIL; else one copy and C compares."""
+    if _np is not None:
+        arr = _np.frombuffer(data, dtype=_np.uint64).reshape(npages, PAGE_SIZE // 8)
+        return (~arr.any(axis=1)).tolist()
+    b = data if isinstance(data, bytes) else bytes(data)
+    return [b.startswith(ZERO_PAGE, i * PAGE_SIZE) for i in range(npages)]
+
+
+def _encode_pages(pfn: int, data: memoryview, npages: int, level: int) -> _Chunk:
+    """Zero map + non-zero pages, compressed and checksummed (R-PAG-1).
+
+    ``data`` is a view of the snapshot; it is read here, in a worker thread,
+    and copied only where the format needs contiguous bytes (an
+    incompressible chunk stored raw).
+    """
+    zero = _zero_flags(data, npages)
     nz = sum(zero)
+    if nz == npages:
+        return _Chunk(pfn, npages, True, npages)
     maplen = pages_map_len(npages)
     bits = 0
-    if nz:
-        for i, z in enumerate(zero):
-            if z:
-                bits |= 1 << i
-        body = b"".join(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(npages) if not zero[i])
-        raw = bits.to_bytes(maplen, "little") + body
-    else:
-        raw = bytes(maplen) + data
-    stored, comp = _compress(raw, level)
-    return _Chunk(pfn, npages, False, nz, stored, len(raw), comp, payload_checksum(stored))
+    for i, z in enumerate(zero):
+        if z:
+            bits |= 1 << i
+    zmap = bits.to_bytes(maplen, "little")
+    # runs of non-zero pages, fed to zstd without joining them first
+    runs: list[memoryview] = []
+    i = 0
+    while i < npages:
+        if zero[i]:
+            i += 1
+            continue
+        j = i
+        while j < npages and not zero[j]:
+            j += 1
+        runs.append(data[i * PAGE_SIZE : j * PAGE_SIZE])
+        i = j
+    raw_len = maplen + (npages - nz) * PAGE_SIZE
+    if level > 0:
+        c = _compressor(level).compressobj(size=raw_len)
+        parts = [c.compress(zmap)] + [c.compress(r) for r in runs] + [c.flush()]
+        out = b"".join(parts)
+        if len(out) < raw_len:
+            return _Chunk(pfn, npages, False, nz, out, raw_len, Compression.ZSTD, payload_checksum(out))
+    raw = b"".join([zmap, *runs])
+    return _Chunk(pfn, npages, False, nz, raw, raw_len, Compression.NONE, payload_checksum(raw))
 
 
 # ---------------------------------------------------------------------------
@@ -316,6 +395,8 @@ def write_dump(
     producer: Producer | None = None,
     *,
     threads: int | None = None,
+    dump_id: bytes | None = None,
+    dump_time_ns: int | None = None,
 ) -> WriteResult:
     """Write ``snapshot`` to ``device`` as a progressive dump following ``plan``.
 
@@ -325,6 +406,8 @@ def write_dump(
     became durable and its bytes. Raises :class:`WriterError` only before
     anything is written (unknown plan, device too small); device errors
     during the dump stop it and are reported in ``WriteResult.error``.
+    ``threads`` sets the compression workers (default: CPUs, at most 4);
+    ``dump_id``/``dump_time_ns`` are for reproducible golden test images only.
     """
     from progdump.layers import get_plan, iter_layers, select_producer  # noqa: PLC0415
 
@@ -340,8 +423,12 @@ def write_dump(
     if producer is None:
         producer = select_producer(snapshot)
 
-    dump_id = os.urandom(16)  # R-WR-1, R-ID-1
-    t_ns = time.time_ns()
+    # R-WR-1, R-ID-1: fresh per dump. Fixed values only for golden test images (tests/testdata/dumps).
+    if dump_id is None:
+        dump_id = os.urandom(16)
+    if len(dump_id) != 16:
+        raise WriterError("dump id must be 16 bytes")
+    t_ns = time.time_ns() if dump_time_ns is None else int(dump_time_ns)
     t_start = device.clock()
     info = {
         "plan": plan,
@@ -407,13 +494,14 @@ def write_dump(
             log.barrier()
         except (_Stop, DeviceError):
             try:
-                log.drain()
+                log.q.join()
                 device.flush()
             except DeviceError:
                 pass
         emit("stopped", None, res.stopped)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        log.close()
     res.elapsed_s = device.clock() - t_start
     res.device_bytes = log.written + 2 * HEADER_BLOCK
     return res
@@ -514,7 +602,7 @@ def _write_layer(
             for ri, first, k, boff in written.take(pfn, n, CHUNK_PAGES):
                 if past_deadline():
                     raise _Stop("deadline")
-                data = bytes(snapshot.ranges[ri].buffer[boff : boff + k * PAGE_SIZE])
+                data = snapshot.ranges[ri].buffer[boff : boff + k * PAGE_SIZE]
                 inflight.append((pool.submit(_encode_pages, first, data, k, spec.zstd_level), ri, boff))
                 while len(inflight) > 2 * nthreads:
                     finish_one()
