@@ -280,6 +280,9 @@ def test_other_panics_every_cpu_and_task_unwound(other_panic: Any) -> None:
         # the detector (timeout 2 s) fired because it was blocked that long; our rq-clock view agrees
         assert blocked[0]["last_ran_ns_before_panic"] >= 1_500_000_000
         assert "1 in D state" in artifacts(layers, 1)["tasks.txt"].decode()
+    cpus = json.loads(artifacts(layers, 0)["panic.json"])["cpus"]
+    for c in cpus:  # layer 0 also shows what every other CPU was doing
+        assert c["panicking"] or (c["orc"]["frames"] and c["orc"]["frames"][0]["symbol"] == c["rip_symbol"])
     running = [t for t in tasks if t["unwind_note"].startswith("from CPU registers") and t["pid"]]
     assert all(t["last_ran_ns_before_panic"] is not None and t["last_ran_ns_before_panic"] < 10**9 for t in running)
 

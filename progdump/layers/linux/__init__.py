@@ -171,8 +171,16 @@ class LinuxProducer(Producer):
         d["cpus"] = []
         for c in self.snapshot.cpus:
             rip = c.regs.get("rip", 0)
-            d["cpus"].append({"cpu": c.index, "panicking": c.index == pcpu, "rip_symbol": self.k.syms.format(rip),
-                              "task": comm_of.get(c.index), "regs": {k: f"{v:#x}" for k, v in c.regs.items()}})
+            entry = {"cpu": c.index, "panicking": c.index == pcpu, "rip_symbol": self.k.syms.format(rip),
+                     "task": comm_of.get(c.index), "regs": {k: f"{v:#x}" for k, v in c.regs.items()}}
+            if c.index != pcpu and len(self.snapshot.cpus) > 1:  # what the other CPUs were doing
+                try:
+                    frames, why = orc_unwind(self.k.mem, self.k.syms, self.k.orc, rip, c.regs.get("rsp", 0),
+                                             c.regs.get("rbp", 0), True, max_frames=24)
+                    entry["orc"] = {"frames": [f.as_dict() for f in frames], "end": why}
+                except Exception as e:
+                    entry["orc"] = {"frames": [], "end": f"ORC unavailable: {_err(e)}"}
+            d["cpus"].append(entry)
         # backtraces
         d["backtrace"] = {"log": self._log_call_trace(records), "orc": {}, "scan": {}}
         if not d["backtrace"]["log"]:

@@ -57,6 +57,10 @@ def render_panic(d: dict) -> str:
         task = f"  task {cpu['task']}" if cpu.get("task") else ""
         L.append(f"---- CPU {cpu['cpu']}{tag}: RIP {cpu.get('rip_symbol', '?')}{task}")
         L += fmt_regs({k: int(v, 16) for k, v in cpu.get("regs", {}).items()})
+        if "orc" in cpu:
+            L.append(f"  backtrace of CPU {cpu['cpu']} (method: orc):")
+            L += _frame_lines(cpu["orc"]["frames"]) or ["  (no frames)"]
+            L.append(f"  unwind ended: {cpu['orc']['end']}")
     L.append("")
     bt = d.get("backtrace", {})
     log_trace = bt.get("log", [])
