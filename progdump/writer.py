@@ -418,7 +418,7 @@ def write_dump(
     align = max(512, int(device.sector_size))
     if align % 512 or align > 1 << 20:
         raise WriterError(f"device sector size {device.sector_size} is not a multiple of 512 up to 1 MiB")
-    if log_end(device.size) - LOG_START < 2 * align:
+    if device.size < 4 * HEADER_BLOCK or log_end(device.size) - LOG_START < 2 * align:
         raise WriterError(f"device is {device.size} bytes: too small for a dump (needs at least 16 KiB)")
     if producer is None:
         producer = select_producer(snapshot)
