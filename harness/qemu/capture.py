@@ -9,7 +9,7 @@ What is taken, and from where (all through QMP, the guest stays paused):
   the range, and the VMCOREINFO note it writes is read from the guest
   address the guest published through fw_cfg (``etc/vmcoreinfo``); no QMP
   command exposes that address, and scanning RAM for the note could find a
-  stale copy. Costs ~2 ms and a 10 KB file. The CPU notes of the same dump
+  stale copy. Costs 2-15 ms and a 10 KB file. The CPU notes of the same dump
   cross-check the HMP registers at every capture;
 * RAM layout: HMP ``info mtree -f`` (QEMU's flat map: which guest-physical
   ranges are RAM and at which backend offset; q35 moves RAM above the
