@@ -1,0 +1,275 @@
+"""The reader never reports torn, stale, foreign or corrupt data as valid (FORMAT.md section 9)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import struct
+import subprocess
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, make_snapshot, snapshot_pages
+from progdump import format as F
+from progdump import reader
+from progdump.writer import write_dump
+
+DEV = 512 * 1024
+
+
+def _dump(seed=1, pages=48, base=None, size=DEV, producer=True, **kw):
+    snap = make_snapshot(pages, seed=seed, tag=b"S%d" % seed)
+    dev = MemDevice(size, base=base)
+    res = write_dump(snap, dev, producer=ClassProducer(snap) if producer else None, **kw)
+    return snap, dev, res
+
+
+def _layer_pages(dev: MemDevice, res) -> dict[int, set[int]]:
+    """Pfns each layer wrote, from the complete image (records are self-describing)."""
+    sr = reader.scan(BytesSource(bytes(dev.image)))
+    out: dict[int, set[int]] = {}
+    for first, n, h in sr.page_records():
+        out.setdefault(h.layer, set()).update(range(first, first + n))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small():
+    snap, dev, res = _dump()
+    return snap, dev, res, _layer_pages(dev, res)
+
+
+def _used_end(dev: MemDevice) -> int:
+    return max(o.offset + len(o.data) for o in dev.ops if o.kind == "W" and o.offset < dev.size - 4096)
+
+
+def test_R_RD_2_truncation_at_every_sector(small):
+    """A dump cut at every sector boundary: never a wrong page, a complete layer always whole,
+    and a layer is complete exactly when its commit is inside the cut."""
+    snap, dev, res, lp = small
+    pages = snapshot_pages(snap)
+    img = bytes(dev.image)
+    end = _used_end(dev)
+    commit_end = {}
+    full = reader.scan(BytesSource(img))
+    for rec in full._recs:
+        if rec.h.rtype == F.RecordType.COMMIT:
+            commit_end[rec.h.layer] = rec.h.offset + rec.h.span
+    prev_complete = 0
+    for cut in range(0, end + 512, 512):
+        data = img[:cut] + bytes(len(img) - cut)
+        sr = reader.scan(BytesSource(data))
+        check_recovery(sr, pages, res.dump_id, lp)
+        complete = [lay.index for lay in sr.layers if lay.status == "complete"]
+        assert complete == [i for i, e in sorted(commit_end.items()) if e <= cut], cut
+        assert len(complete) >= prev_complete
+        prev_complete = len(complete)
+
+
+def test_R_RD_4_torn_or_zeroed_sector_never_accepted(small):
+    """Each sector of the log replaced by zeros, by random bytes, or by the same sector of another dump."""
+    snap, dev, res, lp = small
+    pages = snapshot_pages(snap)
+    img = bytes(dev.image)
+    _, dev2, _ = _dump(seed=99, dump_time_ns=1)  # an older dump's sectors (a newer one would rightly win)
+    other = bytes(dev2.image)
+    rng = random.Random(5)
+    end = _used_end(dev)
+    for sec in range(F.LOG_START, end, 512):
+        for fill in (bytes(512), rng.randbytes(512), other[sec : sec + 512]):
+            data = img[:sec] + fill + img[sec + 512 :]
+            sr = reader.scan(BytesSource(data))
+            check_recovery(sr, pages, res.dump_id, lp)
+
+
+def test_random_bit_flips_never_accepted(small):
+    snap, dev, res, lp = small
+    pages = snapshot_pages(snap)
+    img = bytearray(dev.image)
+    end = _used_end(dev)
+    rng = random.Random(11)
+    for _ in range(300):
+        data = bytearray(img)
+        for _ in range(rng.choice([1, 1, 2, 8])):
+            i = rng.randrange(0, end)
+            data[i] ^= 1 << rng.randrange(8)
+        sr = reader.scan(BytesSource(bytes(data)))
+        check_recovery(sr, pages, res.dump_id, lp)
+
+
+def test_R_HDR_3_dump_found_without_headers(small):
+    snap, dev, res, lp = small
+    img = bytearray(dev.image)
+    img[:4096] = bytes(4096)
+    img[-4096:] = os.urandom(4096)
+    sr = reader.scan(BytesSource(bytes(img)))
+    assert sr.found and sr.dump_id == res.dump_id and sr.headers == []
+    assert [lay.name for lay in sr.layers] == ["panic", "tasks", "kernel", "cache", "all"]
+    assert all(lay.status == "complete" for lay in sr.layers)
+
+
+def test_R_HDR_2_every_primary_header_field_flipped_dump_still_read(small):
+    snap, dev, res, lp = small
+    for off in range(0, 128, 2):
+        img = bytearray(dev.image)
+        img[off] ^= 0xFF
+        sr = reader.scan(BytesSource(bytes(img)))
+        assert sr.found and sr.dump_id == res.dump_id and sr.headers == ["backup"], off
+        assert all(lay.status == "complete" for lay in sr.layers)
+
+
+def _crash_states(dev: MemDevice, rng: random.Random, n: int):
+    """Random crash states of a recorded dump: a cut, a random subset of unflushed writes, maybe one torn."""
+    nops = len(dev.ops)
+    for _ in range(n):
+        cut = rng.randrange(0, nops + 1)
+        last_flush = max((i for i in range(cut) if dev.ops[i].kind == "F"), default=-1)
+        unflushed = [i for i in range(last_flush + 1, cut) if dev.ops[i].kind == "W"]
+        keep = {i for i in unflushed if rng.random() < 0.5}
+        tear = None
+        if unflushed and rng.random() < 0.5:
+            i = rng.choice(unflushed)
+            keep.add(i)
+            tear = (i, rng.randrange(0, len(dev.ops[i].data) // 512))
+        yield cut, keep, tear
+
+
+def test_R_ID_2_newer_partial_dump_over_older_complete_one():
+    """An older complete dump under a newer interrupted one: the older's pages never appear as the newer's."""
+    old_snap, old_dev, old_res = _dump(seed=1)
+    base = bytes(old_dev.image)
+    new_snap, new_dev, new_res = _dump(seed=2, base=base)
+    new_pages = snapshot_pages(new_snap)
+    old_pages = snapshot_pages(old_snap)
+    assert all(new_pages[p] != old_pages[p] for p in new_pages if new_pages[p] != bytes(4096))
+    lp = _layer_pages(new_dev, new_res)
+    rng = random.Random(3)
+    seen_new = seen_old = 0
+    for cut, keep, tear in _crash_states(new_dev, rng, 250):
+        data = new_dev.state(cut, keep, tear)
+        sr = reader.scan(BytesSource(data))
+        if sr.dump_id == old_res.dump_id:
+            seen_old += 1
+            check_recovery(sr, old_pages, old_res.dump_id)
+        else:
+            seen_new += 1
+            check_recovery(sr, new_pages, new_res.dump_id, lp)
+    assert seen_new > 0
+
+
+@pytest.mark.parametrize("kind", ["zeros", "random", "ext4", "illumos", "tiny", "empty"])
+def test_R_RD_7_foreign_devices_hold_no_dump(kind, tmp_path):
+    path = tmp_path / "dev.img"
+    size = 1 << 20
+    if kind == "zeros":
+        path.write_bytes(bytes(size))
+    elif kind == "random":
+        path.write_bytes(random.Random(1).randbytes(size))
+    elif kind == "ext4":
+        if shutil.which("mkfs.ext4") is None and not os.path.exists("/usr/sbin/mkfs.ext4"):
+            pytest.skip("mkfs.ext4 not installed (Debian package e2fsprogs)")
+        path.write_bytes(bytes(4 << 20))
+        mkfs = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
+        subprocess.run([mkfs, "-q", "-F", str(path)], check=True, capture_output=True)
+    elif kind == "illumos":
+        data = bytearray(size)
+        # illumos dumphdr_t at offset 65536: dump_magic 0xdefec8ed, dump_version 10 (sys/dumphdr.h)
+        struct.pack_into("<II", data, 65536, 0xDEFEC8ED, 10)
+        data[65536 + 8 : 65536 + 8 + 32] = b"SunOS\0\0\0omnios\0".ljust(32, b"\0")
+        path.write_bytes(bytes(data))
+    elif kind == "tiny":
+        path.write_bytes(b"\x89PDREC\r\n" * 100)
+    else:
+        path.write_bytes(b"")
+    sr = reader.scan(str(path))
+    assert not sr.found and sr.dump_id is None
+
+
+def test_R_VER_1_newer_format_dump_is_reported_not_read(small):
+    snap, dev, res, lp = small
+    img = bytearray(bytes(4 << 20))
+    # a header and a record of "version 2", checksums valid
+    h = bytearray(F.pack_header(F.DumpHeader(1, b"\x01" * 16, 5, len(img), 512, 0, 1, {})))
+    h[8:10] = struct.pack("<H", 2)
+    h[4088:] = struct.pack("<Q", __import__("xxhash").xxh3_64_intdigest(bytes(h[:4088])))
+    img[:4096] = h
+    sr = reader.scan(BytesSource(bytes(img)))
+    assert not sr.found and "version 2" in sr.unsupported
+
+
+def test_R_RD_1_hostile_lengths_bounded():
+    """A checksum-valid record claiming a huge payload near the device end is not followed out of bounds."""
+    img = bytearray(64 * 1024)
+    hdr = F.pack_record_header(F.RecordType.PAGES, 0, b"\x05" * 16, 1, 0, 4096, 3 << 20, 4 << 20, 0, 1024, 1, b"\0" * 16)
+    img[4096 : 4096 + 128] = hdr
+    sr = reader.scan(BytesSource(bytes(img)))
+    assert not sr.found
+
+
+class _CountingSource(BytesSource):
+    def __init__(self, data):
+        super().__init__(data)
+        self.bytes_read = 0
+        self.calls = 0
+
+    def pread(self, offset, length):
+        self.calls += 1
+        self.bytes_read += length
+        return super().pread(offset, length)
+
+
+def test_scan_reads_little_on_a_small_dump_on_a_large_device():
+    """The crash-state replayer scans thousands of overlays: a small complete dump on a 64 MiB device
+    must not cost a read of the whole device."""
+    snap = make_snapshot(16, seed=21)
+    dev = MemDevice(64 << 20)
+    res = write_dump(snap, dev)
+    src = _CountingSource(bytes(dev.image))
+    sr = reader.scan(src)
+    assert sr.found and all(lay.status == "complete" for lay in sr.layers)
+    assert src.bytes_read < 1 << 20, src.bytes_read
+
+
+# -- property tests (hypothesis) ----------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**16),
+    pages=st.integers(1, 40),
+    zero_frac=st.floats(0, 1),
+    plan=st.sampled_from(["progressive", "monolithic"]),
+    crash_seed=st.integers(0, 2**32),
+    old=st.booleans(),
+)
+def test_property_no_false_accept(seed, pages, zero_frac, plan, crash_seed, old):
+    """Recovery never reports a page whose content differs from what was written, and never marks a
+    layer complete unless all its content is present and verified (R-COM-3, R-RD-4)."""
+    snap = make_snapshot(pages, seed=seed, zero_frac=zero_frac, tag=b"N")
+    base = None
+    old_id = None
+    if old:
+        osnap = make_snapshot(pages, seed=seed + 1, zero_frac=zero_frac, tag=b"O")
+        odev = MemDevice(256 * 1024)
+        old_id = write_dump(osnap, odev, plan=plan).dump_id
+        base = bytes(odev.image)
+    dev = MemDevice(256 * 1024, base=base)
+    res = write_dump(snap, dev, plan=plan, producer=ClassProducer(snap))
+    lp = _layer_pages(dev, res)
+    pages_map = snapshot_pages(snap)
+    rng = random.Random(crash_seed)
+    for cut, keep, tear in _crash_states(dev, rng, 4):
+        data = dev.state(cut, keep, tear)
+        sr = reader.scan(BytesSource(data))
+        if old and sr.found and sr.dump_id == old_id:
+            continue  # the older dump, whole and by its own id: allowed, it is not mixed in
+        check_recovery(sr, pages_map, res.dump_id, lp)
+        # committed layers (commit flushed before the cut) are never lost
+        flushed = max((i for i in range(cut) if dev.ops[i].kind == "F"), default=-1)
+        for opi, label in dev.marks:
+            if opi - 1 <= flushed:
+                idx = int(label.split()[1])
+                assert sr.found and sr.layers[idx].status == "complete", (label, cut)
