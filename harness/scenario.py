@@ -39,9 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIO_DIR = ROOT / "scenarios"
 BASELINE_DIR = SCENARIO_DIR / "baseline"
 
-#: layer-0 durable time may be this much worse than the baseline's (ratio on p95 and an
-#: absolute floor, since TCG timing on a shared 2-core machine jitters by tens of ms)
-REGRESS_TOLERANCE = {"ratio": 1.5, "floor_ms": 50.0}
+#: layer-0 durable time may be this much worse than the baseline's (ratio on p95, or an
+#: absolute margin, whichever is larger). Layer 0's time is mostly the producer's CPU work
+#: before and between the first writes (kallsyms, printk, unwinding), which on a shared
+#: 2-core machine varied 190-620 ms for the same snapshot; the margin covers that jitter.
+REGRESS_TOLERANCE = {"ratio": 2.0, "floor_ms": 400.0}
 
 _KNOWN_KEYS = {
     "description", "guest", "memory_mib", "trigger", "device_models", "plans", "seed", "ci",

@@ -322,14 +322,23 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
             _timed(ph, "workload_s", t)
 
         def panic_capture(elf: str):
+            """Panic, capture, save the ELF core the writer gets; return the snapshot *as loaded from it*.
+
+            Ground truth is what the writer was given: the producer's output for
+            the ELF-loaded snapshot (byte-identical memory; metadata key order
+            may differ from the live capture, which changes JSON artifact bytes).
+            """
+            from progdump.snapshot import Snapshot
+
             t = time.monotonic()
             g.panic(sc.trigger)
-            snap = g.capture()
+            live = g.capture()
             _timed(ph, "panic_capture_s", t)
             t = time.monotonic()
-            snap.to_elf(elf)
+            live.to_elf(elf)
+            live.close()
             _timed(ph, "save_elf_s", t)
-            return snap, dict(getattr(g, "markers", {}) or {})
+            return Snapshot.from_elf(elf), dict(getattr(g, "markers", {}) or {})
 
         # 1. the older dump: a complete dump of an earlier panic, under every later one
         workload()

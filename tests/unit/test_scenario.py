@@ -49,14 +49,15 @@ def _summary(fa=0, lost=0, p95=10.0, model="hdd"):
 
 def test_compare_passes_within_tolerance_and_fails_on_each_rule():
     base = _summary(p95=100.0)
-    ok, lines = compare(_summary(p95=140.0), base)
+    ok, lines = compare(_summary(p95=190.0), base)
     assert ok and any("tolerance" in ln for ln in lines)
     assert not compare(_summary(fa=1), base)[0]
     assert not compare(_summary(lost=2), base)[0]
-    assert not compare(_summary(p95=400.0), base)[0]
-    # the absolute floor: small times may jitter by tens of ms
-    assert compare(_summary(p95=9.0 + 45.0), _summary(p95=9.0))[0]
-    assert not compare(_summary(p95=9.0 + 80.0), _summary(p95=9.0))[0]
+    big = _summary(p95=1000.0)
+    assert compare(_summary(p95=1900.0), big)[0] and not compare(_summary(p95=2100.0), big)[0]
+    # the absolute margin: small times may jitter by hundreds of ms under CPU contention
+    assert compare(_summary(p95=9.0 + 390.0), _summary(p95=9.0))[0]
+    assert not compare(_summary(p95=9.0 + 420.0), _summary(p95=9.0))[0]
 
 
 def test_list_command_prints_one_line_per_scenario(capsys):
