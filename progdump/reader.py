@@ -95,6 +95,9 @@ class _FileSource:
             os.close(self.fd)
             self.fd = -1
 
+    def __del__(self) -> None:
+        self.close()
+
 
 def open_source(source: object) -> tuple[Source, bool]:
     """``(source, owned)``: a path is opened (owned, close it); an object is used as is."""
@@ -185,6 +188,19 @@ class ScanResult:
     _src: Source | None = field(default=None, repr=False)
     _recs: list[_Rec] = field(default_factory=list, repr=False)
     _artifacts: dict[str, tuple[int, list[_Rec]]] = field(default_factory=dict, repr=False)
+    _owned: bool = field(default=False, repr=False)
+
+    def close(self) -> None:
+        """Close the device when scan() opened it from a path."""
+        if self._owned and self._src is not None:
+            self._src.close()  # type: ignore[attr-defined]
+        self._owned = False
+
+    def __enter__(self) -> "ScanResult":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- export helpers ---------------------------------------------------
     def artifact_names(self) -> dict[str, int]:
@@ -414,15 +430,21 @@ class _Scanner:
 def scan(source: object, *, resync_window: int = RESYNC_WINDOW) -> ScanResult:
     """Scan ``source`` (a path, or an object with ``size`` and ``pread``) for the newest dump.
 
+    A path is opened read-only and kept open for the result's ``read_*``
+    methods until ``ScanResult.close()`` (or the result is dropped).
+
     Never raises for device content; raises :class:`ReaderError` only when
     the source itself cannot be read (I/O error, missing file).
     """
     src, owned = open_source(source)
     try:
-        return _scan(src, resync_window)
-    finally:
+        res = _scan(src, resync_window)
+    except BaseException:
         if owned:
             src.close()  # type: ignore[attr-defined]
+        raise
+    res._owned = owned
+    return res
 
 
 def _scan(src: Source, resync_window: int) -> ScanResult:
