@@ -63,6 +63,14 @@ def kdump_kept_pfns(path: Path) -> np.ndarray:
     return np.unpackbits(bits, bitorder="little")[:max_mapnr].astype(bool)
 
 
+def count_zero_pages(snap, pfns) -> int:  # type: ignore[no-untyped-def]
+    n = 0
+    for p in pfns.tolist():
+        if not np.frombuffer(snap.page(p), dtype=np.uint64).any():
+            n += 1
+    return n
+
+
 def mdf_counts(text: str) -> dict[str, int]:
     out = {}
     for line in text.splitlines():
@@ -115,7 +123,7 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
     print(f"producer: init {t_init * 1000:.0f} ms, panic() {tm.get('panic_s', 0) * 1000:.0f} ms, "
           f"tasks() {tm.get('tasks_s', 0) * 1000:.0f} ms, page_classes() {tm.get('pages_total_s', 0) * 1000:.0f} ms "
           f"(struct pages {tm.get('pages_struct_pages_s', 0) * 1000:.0f}, buddy/tails "
-          f"{tm.get('pages_buddy_tail_s', 0) * 1000:.0f}, zero check {tm.get('pages_zero_check_s', 0) * 1000:.0f}) "
+          f"{tm.get('pages_buddy_tail_s', 0) * 1000:.0f}) "
           f"for {int(tm.get('pages_pages', 0))} pfns")
     assert classes is not None
     counts = classes.counts()
@@ -148,18 +156,21 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
         lo = first - classes.base_pfn
         present[max(lo, 0):min(lo + cnt, n)] = True
     ours2 = present & ((cls[:n] == PageClass.KERNEL) | (cls[:n] == PageClass.UNKNOWN))
-    ours_or_zero = ours2 | (present & (cls[:n] == PageClass.ZERO))
-    print(f"layer 2 (ours, kernel+unknown, zero pages out): {int(ours2.sum())} pages; "
-          f"makedumpfile -d 31 keeps {mc.get('Remaining pages')} (+ zero pages it writes as one shared page)")
-    diff_a = ours_or_zero & ~kept[:n]
-    diff_b = present & kept[:n] & ~ours_or_zero
-    print(f"pfn sets before zero removal: ours {int(ours_or_zero.sum())}, makedumpfile {int((kept[:n] & present).sum())}; "
-          f"ours only {int(diff_a.sum())}, makedumpfile only {int(diff_b.sum())}")
+    zero2 = count_zero_pages(snap, np.nonzero(ours2)[0] + classes.base_pfn)
+    mdf_set = present & kept[:n]
+    print(f"layer 2 (ours): {int(ours2.sum())} pages, of which {zero2} all-zero (the writer stores those as "
+          f"markers); makedumpfile -d 31 keeps {int(mdf_set.sum())} = {mc.get('Remaining pages')} written "
+          f"+ {mc.get('Pages filled with zero')} zero pages it writes as one shared page")
+    diff_a = ours2 & ~mdf_set
+    diff_b = mdf_set & ~ours2
+    print(f"pfn sets: ours only {int(diff_a.sum())}, makedumpfile only {int(diff_b.sum())}")
     for name, mask in (("ours only", diff_a), ("makedumpfile only", diff_b)):
         idx = np.nonzero(mask)[0]
         if idx.size:
             by = {PageClass(c).name.lower(): int((cls[idx] == c).sum()) for c in np.unique(cls[idx])}
-            print(f"  {name}: by our class {by}; pfns {int(idx[0]) + classes.base_pfn:#x}..{int(idx[-1]) + classes.base_pfn:#x}")
+            zero = count_zero_pages(snap, idx + classes.base_pfn)
+            print(f"  {name}: by our class {by}, {zero} of them all-zero; "
+                  f"pfns {int(idx[0]) + classes.base_pfn:#x}..{int(idx[-1]) + classes.base_pfn:#x}")
     t = time.perf_counter()
     r = subprocess.run(["makedumpfile", "--dump-dmesg", str(core), str(dm)], capture_output=True, timeout=300)
     t_dm = time.perf_counter() - t

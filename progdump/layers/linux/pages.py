@@ -14,10 +14,14 @@ their head's class, as makedumpfile treats a compound page as one unit):
 * USER: ``mapping & PAGE_MAPPING_ANON`` (anonymous and KSM pages);
 * CACHE: not slab, not anon, and on an LRU list or with a plain (untagged)
   ``mapping``: page cache, ramfs/tmpfs, buffer pages;
-* ZERO: a KERNEL candidate whose 4 KiB are all zero (checked only for those:
-  other classes leave layer 2 anyway);
 * KERNEL: everything else with a readable ``struct page``; UNKNOWN where the
   ``struct page`` is not in the snapshot (kept in layer 2: keep when unsure).
+
+No page is classed ZERO (makedumpfile's ``-d 1``): an all-zero kernel page
+stays KERNEL, in layer 2, where the writer stores it as a zero marker at no
+cost. Taking it out of layer 2 would punch holes in kernel structures that
+tools read wholesale (makedumpfile reads the whole printk descriptor array,
+mostly zero on a young system, and fails on a hole).
 
 Work is vectorised with numpy over the raw ``struct page`` bytes (one view
 per physically contiguous piece of vmemmap), never a Python loop per page.
@@ -162,28 +166,12 @@ def build_page_classes(k: LinuxKernel) -> tuple[PageClassMap, list[str], dict[st
         if (~ok).sum():
             notes.append(f"{int((~ok).sum())} tail pages point at heads outside memory: left as they were")
     t2 = time.perf_counter()
-    # zero pages among the kernel candidates
-    zeros = 0
-    for r in snap.ranges:
-        lo = r.phys_start // PAGE_SIZE - base_pfn
-        cnt = r.size // PAGE_SIZE
-        cand = np.nonzero(cls[lo:lo + cnt] == int(PageClass.KERNEL))[0]
-        if not cand.size:
-            continue
-        pages = np.frombuffer(r.buffer, dtype="<u8", count=cnt * 512).reshape(cnt, 512)
-        # chunked so the temporary stays small
-        for s in range(0, cand.size, 8192):
-            idx = cand[s:s + 8192]
-            z = idx[~pages[idx].any(axis=1)]
-            cls[lo + z] = int(PageClass.ZERO)
-            zeros += z.size
     t3 = time.perf_counter()
     if missing:
         notes.append(f"{missing} pages have no readable struct page: UNKNOWN (kept in the kernel layer)")
     pcm = PageClassMap(base_pfn, 0)
     pcm.classes = bytearray(cls.tobytes())
-    timings = {"struct_pages_s": t1 - t0, "buddy_tail_s": t2 - t1, "zero_check_s": t3 - t2,
-               "total_s": t3 - t0, "pages": float(npages)}
+    timings = {"struct_pages_s": t1 - t0, "buddy_tail_s": t2 - t1, "total_s": t3 - t0, "pages": float(npages)}
     return pcm, notes, timings
 
 
