@@ -123,17 +123,24 @@ def _write_vmcore(res: ScanResult, path: str, warnings: list[str], zero_by_layer
             if bits == 0 and skip == 0:
                 w.write(data)
             else:
-                pos = 0  # index into data, in pages
-                for i in range(n):
+                mv = memoryview(data)
+                pos = 0  # pages of data consumed
+                i = 0
+                while i < n:  # runs of zero / non-zero pages: one call each (zero runs become holes)
                     isz = (bits >> i) & 1
-                    if i >= skip:
-                        if isz:
-                            w.write_zeros(PAGE_SIZE)
-                            zero += 1
-                        else:
-                            w.write(memoryview(data)[pos * PAGE_SIZE : (pos + 1) * PAGE_SIZE])
-                    if not isz:
-                        pos += 1
+                    j = i
+                    while j < n and ((bits >> j) & 1) == isz:
+                        j += 1
+                    lo = max(i, skip)
+                    if isz:
+                        if j > lo:
+                            w.write_zeros((j - lo) * PAGE_SIZE)
+                            zero += j - lo
+                    else:
+                        if j > lo:
+                            w.write(mv[(pos + lo - i) * PAGE_SIZE : (pos + j - i) * PAGE_SIZE])
+                        pos += j - i
+                    i = j
             pages += n - skip
         w.close()
     except BaseException:

@@ -180,8 +180,8 @@ def parse_header(block: bytes) -> DumpHeader | None:
         info = json.loads(bytes(block[128 : 128 + info_len]).decode())
         if not isinstance(info, dict):
             raise ValueError("not an object")
-    except ValueError as e:
-        raise FormatError(f"dump header info is not a JSON object: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"dump header info is not a JSON object: {type(e).__name__}") from None
     return DumpHeader(ver, bytes(dump_id), t_ns, dev_size, align, copy, nlayers, info, incompat, compat)
 
 
@@ -342,6 +342,6 @@ def parse_commit(payload: bytes) -> CommitInfo:
         stats = json.loads(payload[_COMMIT.size :].decode()) if len(payload) > _COMMIT.size else {}
         if not isinstance(stats, dict):
             stats = {}
-    except ValueError:
+    except (ValueError, RecursionError):
         raise FormatError("commit statistics are not JSON") from None
     return CommitInfo(first, count, bytes(digest), nbytes, t, stats)

@@ -399,7 +399,7 @@ class _Scanner:
                 if not isinstance(obj, dict):
                     raise ValueError("not a JSON object")
                 r.small = obj
-        except (ValueError, UnicodeDecodeError, FormatError) as e:
+        except (ValueError, UnicodeDecodeError, FormatError, RecursionError) as e:
             self.warn(f"record {h.seq} at {h.offset:#x}: checksum good but payload unreadable: {e}")
             return
         r.verified = True

@@ -273,3 +273,32 @@ def test_property_no_false_accept(seed, pages, zero_frac, plan, crash_seed, old)
             if opi - 1 <= flushed:
                 idx = int(label.split()[1])
                 assert sr.found and sr.layers[idx].status == "complete", (label, cut)
+
+
+def _forge(img: bytearray, off: int, rtype, payload: bytes, dump_id=b"\x07" * 16, seq=0, layer=0, t=10**19):
+    """Write a record with valid checksums (a forger's or a buggy writer's) at ``off``."""
+    hdr = F.pack_record_header(rtype, layer, dump_id, t, seq, off, len(payload), len(payload), 0, 0, 0, F.payload_checksum(payload))
+    img[off : off + 128] = hdr
+    img[off + 128 : off + 128 + len(payload)] = payload
+    return off + F.record_span(len(payload))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"[" * 100000, b'{"name": 5, "notes": {"a": 1}, "plan": "x"}', b'{"plan": [1, null, "ok"], "notes": [[1]]}', b"\xff\xfe", b"{}"],
+)
+def test_R_RD_7_hostile_json_payloads_never_raise(payload, tmp_path):
+    """Checksum-valid but absurd LAYER_INFO / END / COMMIT payloads: the reader reports, never raises."""
+    img = bytearray(256 * 1024)
+    off = _forge(img, 4096, F.RecordType.LAYER_INFO, payload)
+    off = _forge(img, off, F.RecordType.COMMIT, payload[:200], seq=1)
+    _forge(img, off, F.RecordType.END, payload, seq=2)
+    sr = reader.scan(BytesSource(bytes(img)))
+    assert sr.found
+    assert all(lay.status != "complete" for lay in sr.layers)
+    p = tmp_path / "dev.img"
+    p.write_bytes(bytes(img))
+    from progdump.cli import main
+
+    assert main(["recover", str(p), str(tmp_path / "o"), "-q"]) == 0
+    assert main(["info", str(p)]) == 0
