@@ -180,42 +180,97 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
           f"makedumpfile --dump-dmesg {t_dm * 1000:.0f} ms wall: {'IDENTICAL' if same else 'DIFFERENT'}")
     for f in (core, out, dm):
         f.unlink(missing_ok=True)
-    drgn_check(snap, p, classes, work)
-    dbg_check(snap, p, classes, work)
+    # the real path: progdump's writer and reader
+    res, out = write_and_recover(snap, work, None)
+    print("progdump write (file device, unpaced) + recover:")
+    for lay in res.layers:
+        print(f"  layer {lay.index} {lay.name:<7} {lay.bytes / 2**20:9.2f} MiB on the device, {lay.pages:>8} pages "
+              f"({lay.zero_pages} zero), durable at {lay.durable_s:.2f} s")
+    res2, out2 = write_and_recover(snap, work, 2)
+    print(f"cut after layer 2: committed {[lay.committed for lay in res2.layers]}; recovered vmcore "
+          f"{(out2 / 'vmcore').stat().st_size / 2**20:.0f} MiB (the pages of layers 0-2)")
+    dm = work / "rec.dmesg"
+    dm.unlink(missing_ok=True)
+    r = subprocess.run(["makedumpfile", "--dump-dmesg", str(out2 / "vmcore"), str(dm)], capture_output=True, timeout=300)
+    print(f"makedumpfile --dump-dmesg on the recovered layer-2 vmcore: "
+          f"{'IDENTICAL to dmesg.txt' if r.returncode == 0 and dm.read_bytes() == (out2 / 'dmesg.txt').read_bytes() else 'FAILED/DIFFERENT'}")
+    k2 = work / "rec.kdump"
+    k2.unlink(missing_ok=True)
+    r = subprocess.run(["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(out2 / "vmcore"), str(k2)],
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode == 0:
+        mc2 = mdf_counts(r.stdout + r.stderr)
+        print(f"makedumpfile -d 31 on the recovered layer-2 vmcore: keeps {mc2.get('Remaining pages')} "
+              f"(+ {mc2.get('Pages filled with zero')} zero) of {mc2.get('Original pages')}; "
+              f"on the full snapshot it kept {mc.get('Remaining pages')} (+ {mc.get('Pages filled with zero')} zero)")
+    else:
+        print(f"makedumpfile -d 31 on the recovered layer-2 vmcore failed: {(r.stdout + r.stderr)[-300:]}")
+    k2.unlink(missing_ok=True)
+    drgn_check(out2 / "vmcore", out2)
+    dbg_check(snap, out2 / "vmcore", out2)
 
 
-def layer2_elf(snap, producer, classes, path: Path) -> list[int]:  # type: ignore[no-untyped-def]
-    """Write an ELF core holding only layers 1+2 (kernel pages, stack pages); return its pfns.
+class _CutAfter:
+    """FileDevice wrapper failing every write once layer ``n`` committed: a deterministic reset."""
 
-    What a recovered layer-2 vmcore would hold (the recovery tool is not in
-    the tree yet: this builds the same page set straight from the producer).
-    """
-    from progdump.snapshot import MemoryRange, Snapshot
+    def __init__(self, dev, n: int) -> None:  # type: ignore[no-untyped-def]
+        self.dev, self.n, self.cut = dev, n, False
+        self.size, self.sector_size, self.path = dev.size, dev.sector_size, dev.path
 
-    wanted = frozenset({PageClass.KERNEL, PageClass.UNKNOWN})
-    runs = list(classes.runs(wanted, snap)) + list(producer.tasks().page_runs())
-    pfns = sorted({p for f, n in runs for p in range(f, f + n)})
-    ranges = []
-    i = 0
-    while i < len(pfns):
-        j = i
-        while j + 1 < len(pfns) and pfns[j + 1] == pfns[j] + 1 and snap.has_phys(pfns[i] * PAGE, (j + 2 - i) * PAGE):
-            j += 1
-        ranges.append(MemoryRange(pfns[i] * PAGE, (j + 1 - i) * PAGE, snap.view_phys(pfns[i] * PAGE, (j + 1 - i) * PAGE)))
-        i = j + 1
-    Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, metadata=dict(snap.metadata)).to_elf(path)
-    return pfns
+    def write(self, offset: int, data) -> None:  # type: ignore[no-untyped-def]
+        from progdump.device import DeviceError
+
+        if self.cut:
+            raise DeviceError("simulated reset after the layer commit")
+        self.dev.write(offset, data)
+
+    def flush(self) -> None:
+        self.dev.flush()
+
+    def mark(self, label: str) -> None:
+        self.dev.mark(label)
+        self.cut = self.cut or (label.startswith(f"layer {self.n} ") and label.endswith("committed"))
+
+    def clock(self) -> float:
+        return self.dev.clock()
+
+    def close(self) -> None:
+        self.dev.close()
 
 
-def drgn_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-untyped-def]
+def write_and_recover(snap, work: Path, cut_after: int | None):  # type: ignore[no-untyped-def]
+    """progdump's writer (unpaced file device) then its reader: (WriteResult, outdir)."""
+    from progdump.device import DumpDevice, FileDevice
+    from progdump.reader import recover
+    from progdump.writer import write_dump
+
+    img = work / "dump.bin"
+    img.unlink(missing_ok=True)
+    with open(img, "wb") as f:
+        f.truncate(snap.total_bytes + (256 << 20))
+    dev = FileDevice(str(img), direct=False)
+    if cut_after is not None:
+        DumpDevice.register(_CutAfter)
+        dev = _CutAfter(dev, cut_after)
+    try:
+        res = write_dump(snap, dev)
+    finally:
+        dev.close()
+    out = work / "recovered"
+    shutil.rmtree(out, ignore_errors=True)
+    recover(str(img), out)
+    img.unlink()
+    return res, out
+
+
+def drgn_check(vmcore: Path, outdir: Path) -> None:
     try:
         import drgn
         from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
     except ImportError as e:
         print(f"drgn check skipped: {e}")
         return
-    pfns = layer2_elf(snap, producer, classes, work / "layer2.elf")
-    path = work / "layer2.elf"
+    path = vmcore
     try:
         prog = drgn.Program()
         prog.set_core_dump(str(path))
@@ -224,7 +279,7 @@ def drgn_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-
         t_sym = time.perf_counter() - t
         import json
 
-        pj = json.loads({a.name: a.data for a in producer.panic().artifacts}["panic.json"])
+        pj = json.loads((outdir / "panic.json").read_bytes())
         cpu = next(c for c in pj["cpus"] if c["panicking"]) if any(c["panicking"] for c in pj["cpus"]) else pj["cpus"][0]
         rip = int(cpu["regs"]["rip"], 16)
         s = prog.symbol(rip)
@@ -235,14 +290,14 @@ def drgn_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-
             w = struct.unpack("<Q", prog.read(int(f["stack_addr"], 16), 8))[0]
             s = prog.symbol(w - 1)  # a return address, looked up like printk's %pB
             agree += f"{s.name}+{w - s.address:#x}" == f["symbol"].split("/")[0]
-        print(f"drgn on layers 1+2 only ({len(pfns)} pages): kallsyms loaded in {t_sym * 1000:.0f} ms; "
+        print(f"drgn 0.3 on the recovered layer-2 vmcore: kallsyms loaded in {t_sym * 1000:.0f} ms; "
               f"RIP {'agrees' if rip_ok else 'DISAGREES'}; stack-scan frames re-read and symbolized: "
               f"{agree}/{len(frames)} agree")
     finally:
-        path.unlink(missing_ok=True)
+        pass
 
 
-def dbg_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-untyped-def]
+def dbg_check(snap, vmcore: Path, outdir: Path) -> None:  # type: ignore[no-untyped-def]
     import json
 
     release = snap.vmcoreinfo["OSRELEASE"]
@@ -254,8 +309,7 @@ def dbg_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-u
     import drgn
     from drgn.helpers.linux.pid import for_each_task
 
-    core = work / "dbg-layer2.elf"
-    layer2_elf(snap, producer, classes, core)
+    core = vmcore
     try:
         prog = drgn.Program()
         prog.set_core_dump(str(core))
@@ -273,19 +327,18 @@ def dbg_check(snap, producer, classes, work: Path) -> None:  # type: ignore[no-u
         t_drgn = time.perf_counter() - t
         from drgn.helpers.linux.printk import get_dmesg
 
-        ours_log = {a.name: a.data for a in producer.panic().artifacts}["dmesg.txt"]
+        ours_log = (outdir / "dmesg.txt").read_bytes()
         theirs_log = get_dmesg(prog)
         log_same = theirs_log == ours_log
     finally:
-        core.unlink(missing_ok=True)
-    tasks = json.loads({a.name: a.data for a in producer.tasks().artifacts}["tasks.json"])["tasks"]
+        pass
+    tasks = json.loads((outdir / "tasks.json").read_bytes())["tasks"]
     both = [t for t in tasks if int(t["task"], 16) in theirs]
     same = sum(1 for t in both if [int(f["address"], 16) for f in t["backtrace"] if f["method"] == "orc"]
                == theirs[int(t["task"], 16)])
-    print(f"drgn + -dbg vmlinux on layers 1+2 only: get_dmesg {'IDENTICAL to' if log_same else 'DIFFERS from'} our dmesg.txt; "
+    print(f"drgn + -dbg vmlinux on the recovered layer-2 vmcore: get_dmesg {'IDENTICAL to' if log_same else 'DIFFERS from'} our dmesg.txt; "
           f"its own unwinder: {same}/{len(both)} task backtraces identical "
-          f"pc by pc ({len(tasks) - len(both)} idle tasks drgn does not list); drgn unwind {t_drgn * 1000:.0f} ms, "
-          f"ours {producer.timings.get('tasks_s', 0) * 1000:.0f} ms")
+          f"pc by pc ({len(tasks) - len(both)} idle tasks drgn does not list); drgn unwind {t_drgn * 1000:.0f} ms")
 
 
 def main() -> None:
