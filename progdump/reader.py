@@ -420,8 +420,11 @@ class _Scanner:
             is_newest = self.newest is not None and self.newest[1] == h.dump_id and self.times[h.dump_id] == h.dump_time_ns
             if is_newest:
                 self.verify(r)
-                if h.rtype == RecordType.END and r.verified:
-                    return
+            if h.rtype == RecordType.END:
+                # The end of some dump's log (R-RD-2): of the newest, the walk is done; of an older
+                # dump, what follows is older still (a newer dump reaching past it would have covered
+                # it), so stop rather than resync through the rest of the device.
+                return
             off += record_span(h.stored_len)
             # a writer with a larger alignment pads further: the next header is found by resync
             # (cheap: it is within one alignment unit)
