@@ -138,6 +138,8 @@ class LayerStatus:
     records: int = 0  # verified records (commit included)
     records_expected: int | None = None  # from the commit, when one verified
     pages: int = 0  # pages recovered (data + known zero)
+    #: pages known zero: after scan() those of ZERO records; export adds the zero pages
+    #: inside PAGES records (their zero maps are compressed, so scan does not read them)
     zero_pages: int = 0
     artifacts: list[str] = field(default_factory=list)  # complete artifacts
     artifacts_incomplete: list[str] = field(default_factory=list)

@@ -333,13 +333,25 @@ class _Chunk:
     psum: bytes = b""
 
 
-def _zero_flags(data: bytes | memoryview, npages: int) -> list[bool]:
-    """Per page: is it all zero? numpy reads the mmap once without the GIL; else one copy and C compares."""
+def _zero_flags(data: bytes | memoryview, npages: int) -> tuple[list[bool], bytes]:
+    """Per page: is it all zero? And the zero map (R-PAG-1) of those flags.
+
+    numpy reads the mmap once without the GIL and packs the bits in C; the
+    fallback copies the chunk once and compares pages with ``startswith``.
+    """
+    maplen = pages_map_len(npages)
     if _np is not None:
         arr = _np.frombuffer(data, dtype=_np.uint64).reshape(npages, PAGE_SIZE // 8)
-        return (~arr.any(axis=1)).tolist()
+        zero = ~arr.any(axis=1)
+        zmap = _np.packbits(zero, bitorder="little").tobytes().ljust(maplen, b"\0")
+        return zero.tolist(), zmap
     b = data if isinstance(data, bytes) else bytes(data)
-    return [b.startswith(ZERO_PAGE, i * PAGE_SIZE) for i in range(npages)]
+    flags = [b.startswith(ZERO_PAGE, i * PAGE_SIZE) for i in range(npages)]
+    bits = 0
+    for i, z in enumerate(flags):
+        if z:
+            bits |= 1 << i
+    return flags, bits.to_bytes(maplen, "little")
 
 
 def _encode_pages(pfn: int, data: memoryview, npages: int, level: int) -> _Chunk:
@@ -349,16 +361,11 @@ def _encode_pages(pfn: int, data: memoryview, npages: int, level: int) -> _Chunk
     and copied only where the format needs contiguous bytes (an
     incompressible chunk stored raw).
     """
-    zero = _zero_flags(data, npages)
+    zero, zmap = _zero_flags(data, npages)
     nz = sum(zero)
     if nz == npages:
         return _Chunk(pfn, npages, True, npages)
-    maplen = pages_map_len(npages)
-    bits = 0
-    for i, z in enumerate(zero):
-        if z:
-            bits |= 1 << i
-    zmap = bits.to_bytes(maplen, "little")
+    maplen = len(zmap)
     # runs of non-zero pages, fed to zstd without joining them first
     runs: list[memoryview] = []
     i = 0

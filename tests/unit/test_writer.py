@@ -187,3 +187,20 @@ def test_writer_uses_plan_layer_levels_and_large_artifact_chunks():
     sr = reader.scan(BytesSource(bytes(dev.image)))
     assert sr.read_artifact("big.bin") == bytes(range(256)) * 9000
     assert sr.layers[1].status == "complete"
+
+
+def test_zero_detection_without_numpy_same_records(monkeypatch):
+    """The numpy fast path and the pure-Python fallback produce the same zero maps and pages."""
+    from progdump import writer as W
+
+    snap = make_snapshot(300, seed=15, zero_frac=0.5)
+    mv = snap.ranges[0].buffer[: 256 * 4096]
+    with_np = W._encode_pages(0, mv, 256, 1)
+    monkeypatch.setattr(W, "_np", None)
+    without = W._encode_pages(0, mv, 256, 1)
+    assert (with_np.zero_pages, with_np.raw_len) == (without.zero_pages, without.raw_len)
+    assert reader._decompress(with_np.stored, type("H", (), {"compression": with_np.comp, "raw_len": with_np.raw_len})()) == \
+        reader._decompress(without.stored, type("H", (), {"compression": without.comp, "raw_len": without.raw_len})())
+    dev, res = _write(snap)
+    sr = reader.scan(BytesSource(bytes(dev.image)))
+    assert check_recovery(sr, snapshot_pages(snap), res.dump_id) == snapshot_pages(snap)
