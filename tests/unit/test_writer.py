@@ -193,7 +193,7 @@ def test_zero_detection_without_numpy_same_records(monkeypatch):
     """The numpy fast path and the pure-Python fallback produce the same zero maps and pages."""
     from progdump import writer as W
 
-    snap = make_snapshot(300, seed=15, zero_frac=0.5)
+    snap = make_snapshot(600, seed=15, zero_frac=0.5)
     mv = snap.ranges[0].buffer[: 256 * 4096]
     with_np = W._encode_pages(0, mv, 256, 1)
     monkeypatch.setattr(W, "_np", None)
