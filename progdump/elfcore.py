@@ -140,7 +140,8 @@ MAX_NOTES = 1 << 16  # notes in all
 MAX_NOTE_NAME = 256
 MAX_CPUS = 8192
 MAX_PHYS = 1 << 52  # x86-64 physical address width
-MAX_PRSTATUS_HEX = 4096  # bytes of raw prstatus kept in the JSON note
+MAX_PRSTATUS_HEX = 4096
+MAX_WARNINGS = 64  # load_warnings kept; the rest are counted  # bytes of raw prstatus kept in the JSON note
 
 # x86-64 struct elf_prstatus: 112 bytes of signal/pid/times, pr_reg (27 x u64),
 # pr_fpvalid and padding: 336 bytes; pr_pid at 32.
@@ -643,6 +644,9 @@ def load_elf_snapshot(path: str | os.PathLike[str]) -> Snapshot:
         )
         if not ranges:
             warnings.append("no memory: the core has no PT_LOAD with page-sized content")
+        if len(warnings) > MAX_WARNINGS:  # e.g. a paging:true dump maps pages many times over
+            more = len(warnings) - MAX_WARNINGS
+            warnings[MAX_WARNINGS:] = [f"... and {more} more adjustments of the same kinds"]
         return snap
     except SnapshotError:
         _release(owned)

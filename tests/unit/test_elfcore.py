@@ -237,6 +237,16 @@ def test_partial_overlap_is_clipped(tmp):
         assert any("clipped" in w for w in s.load_warnings)
 
 
+def test_many_overlaps_give_bounded_warnings(tmp):
+    # Like a paging:true dump: the same physical page mapped by many PT_LOADs.
+    page = pattern(PAGE_SIZE, 12)
+    path = write(tmp, "m.elf", build_core([(0x5000, page, PAGE_SIZE)] * 500, b""))
+    with load_elf_snapshot(path) as s:
+        assert [(r.phys_start, r.size) for r in s.ranges] == [(0x5000, PAGE_SIZE)]
+        assert len(s.load_warnings) == 65 and "499" not in s.load_warnings[-1]
+        assert s.load_warnings[-1].startswith("... and 435 more")
+
+
 def test_unaligned_segment_rounded_inwards(tmp):
     data = pattern(0x3000, 6)
     path = write(tmp, "u.elf", build_core([(0x10800, data, 0x3000)], b""))
