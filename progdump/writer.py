@@ -174,7 +174,7 @@ class _Log:
 
     QUEUE = 4
 
-    def __init__(self, device: DumpDevice, dump_id: bytes, t_ns: int, align: int) -> None:
+    def __init__(self, device: DumpDevice, dump_id: bytes, t_ns: int, align: int, t0: float) -> None:
         self.dev = device
         self.dump_id = dump_id
         self.t_ns = t_ns
@@ -186,7 +186,7 @@ class _Log:
         self.buf_off = LOG_START
         self.seq = 0
         self.written = 0  # bytes handed to the device
-        self.t0 = device.clock()  # device clock at the dump's start: durable times are relative to it
+        self.t0 = t0  # device clock at the dump's start: durable times are relative to it
         self.q: queue.Queue = queue.Queue(self.QUEUE)
         self.error: BaseException | None = None
         self.io = threading.Thread(target=self._io_loop, name="progdump-io", daemon=True)
@@ -427,6 +427,9 @@ def write_dump(
         raise WriterError(f"device sector size {device.sector_size} is not a multiple of 512 up to 1 MiB")
     if device.size < 4 * HEADER_BLOCK or log_end(device.size) - LOG_START < 2 * align:
         raise WriterError(f"device is {device.size} bytes: too small for a dump (needs at least 16 KiB)")
+    # The clock starts before the producer is chosen: "layer 0 durable at" is the time
+    # from the writer's start, OS analysis included.
+    t_start = device.clock()
     if producer is None:
         producer = select_producer(snapshot)
 
@@ -436,7 +439,6 @@ def write_dump(
     if len(dump_id) != 16:
         raise WriterError("dump id must be 16 bytes")
     t_ns = time.time_ns() if dump_time_ns is None else int(dump_time_ns)
-    t_start = device.clock()
     info = {
         "plan": plan,
         "layers": [s.name for s in specs],
@@ -461,7 +463,7 @@ def write_dump(
             )
 
     pages_done = [0]
-    log = _Log(device, dump_id, t_ns, align)
+    log = _Log(device, dump_id, t_ns, align, t_start)
     nthreads = threads or max(1, min(4, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="progdump-zstd")
     written = _Written(snapshot)
