@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from typing import Iterator
 
 import pytest
@@ -27,8 +28,21 @@ def qemu_elf_core() -> Iterator[QemuCore]:
     reason = qemu_unavailable_reason()
     if reason:
         pytest.skip(f"qemu_elf_core: {reason}")
+    _remove_stale(tempfile.gettempdir(), "progdump-qemu-core-", max_age_s=3600)
     work = tempfile.mkdtemp(prefix="progdump-qemu-core-")
     try:
         yield make_qemu_elf_core(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_stale(parent: str, prefix: str, max_age_s: float) -> None:
+    """Remove ``prefix*`` directories left by killed runs (old enough not to be in use)."""
+    now = time.time()
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        try:
+            if name.startswith(prefix) and now - os.stat(path).st_mtime > max_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
