@@ -41,7 +41,12 @@ def _write_file(path: str, data: bytes) -> None:
     if os.path.islink(path):
         os.unlink(path)  # never write through a link planted in OUTDIR
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
 

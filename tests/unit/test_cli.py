@@ -148,3 +148,24 @@ def test_register_subcommand(capsys):
         assert capsys.readouterr().out == "hi there\n"
     finally:
         del cli.SUBCOMMANDS["hello"]
+
+
+def test_progress_bar_only_on_a_terminal():
+    import io
+
+    from progdump.cli import _Bar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    t = Tty()
+    b = _Bar(t)
+    b.update(50, 100, "layer 4 all")
+    assert "50.0%" in t.getvalue() and "layer 4 all" in t.getvalue()
+    b.clear()
+    assert t.getvalue().endswith("\r")
+    p = io.StringIO()
+    b = _Bar(p)
+    b.update(50, 100, "x")
+    assert p.getvalue() == ""

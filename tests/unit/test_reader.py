@@ -302,3 +302,33 @@ def test_R_RD_7_hostile_json_payloads_never_raise(payload, tmp_path):
 
     assert main(["recover", str(p), str(tmp_path / "o"), "-q"]) == 0
     assert main(["info", str(p)]) == 0
+
+
+def test_R_EXP_1_no_path_from_the_device(tmp_path):
+    """Artifact names that are paths or reserved names are never written; links in OUTDIR are not followed."""
+    img = bytearray(256 * 1024)
+    off = 4096
+    seq = 0
+    for name in (b"../../escape", b"manifest.json", b"vmcore", b"ok.txt", b"/etc/passwd"):
+        payload = name.ljust(64, b"\0") + b"DATA"
+        hdr = F.pack_record_header(F.RecordType.ARTIFACT, 0, b"\x09" * 16, 5, seq, off, len(payload), len(payload), 0, 4, 0,
+                                   F.payload_checksum(payload))  # fmt: skip
+        img[off : off + 128] = hdr
+        img[off + 128 : off + 128 + len(payload)] = payload
+        off += F.record_span(len(payload))
+        seq += 1
+    dev = tmp_path / "dev.img"
+    dev.write_bytes(bytes(img))
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("untouched")
+    os.symlink(outside, out / "ok.txt")
+    sr = reader.recover(str(dev), str(out))
+    assert sr.found
+    assert (out / "ok.txt").read_bytes() == b"DATA" and not (out / "ok.txt").is_symlink()
+    assert outside.read_text() == "untouched"
+    assert not (tmp_path / "escape").exists()
+    assert (out / "manifest.json").read_text().startswith("{")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["layers", "manifest.json", "ok.txt", "vmcore"]
