@@ -151,8 +151,5 @@ class LinuxKernel:
         keys = ("sysname", "nodename", "release", "version", "machine", "domainname")
         return {k: raw[65 * i:65 * (i + 1)].split(b"\0")[0].decode("utf-8", "replace") for i, k in enumerate(keys)}
 
-    def read_struct_u(self, va: int, size: int) -> int:
-        return int.from_bytes(self.mem.read(va, size), "little")
-
     def u64s(self, va: int, n: int) -> tuple[int, ...]:
         return struct.unpack(f"<{n}Q", self.mem.read(va, 8 * n))

@@ -18,7 +18,7 @@ from progdump.layers.linux.kallsyms import Symbol
 from progdump.layers.linux.translate import FaultError
 from progdump.layers.linux.unwind import OrcTable
 
-__all__ = ["ModuleInfo", "read_modules", "module_symbols", "module_orc", "MAX_MODULES"]
+__all__ = ["ModuleInfo", "list_entries", "read_modules", "module_symbols", "module_orc", "MAX_MODULES"]
 
 MAX_MODULES = 4096
 MAX_MODULE_SYMS = 1 << 18
@@ -38,7 +38,8 @@ class ModuleInfo:
     address: int = 0  # the struct module
 
 
-def _list(mem, head: int, limit: int) -> tuple[list[int], str]:  # type: ignore[no-untyped-def]
+def list_entries(mem, head: int, limit: int) -> tuple[list[int], str]:  # type: ignore[no-untyped-def]
+    """Entries of a ``list_head`` ring (addresses of the members), bounded; a reason when cut short."""
     out: list[int] = []
     seen = {head}
     try:
@@ -70,7 +71,7 @@ def read_modules(k) -> tuple[list[ModuleInfo], list[str]]:  # type: ignore[no-un
     except BtfError:  # 6.4+: mem[MOD_TEXT] = {base, size, ...}
         o_base = btf.offsetof("module", "mem")
         o_size = o_text = o_base + 8
-    entries, why = _list(k.mem, head, MAX_MODULES)
+    entries, why = list_entries(k.mem, head, MAX_MODULES)
     out = []
     notes = [f"module list: {why}"] if why else []
     for e in entries:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from progdump.layers.linux.btf import BtfError
 from progdump.layers.linux.kernel import LinuxKernel
-from progdump.layers.linux.modules import ModuleInfo, read_modules
+from progdump.layers.linux.modules import ModuleInfo, list_entries as _list, read_modules
 from progdump.layers.linux.translate import FaultError
 from progdump.layers.linux.unwind import THREAD_SIZE, Frame, orc_unwind, stack_scan
 
@@ -101,23 +101,6 @@ def task_state_letter(state: int, exit_state: int) -> str:
     if s == 0:
         return "R"
     return _STATE_LETTERS[min((s & -s).bit_length(), 8)]
-
-
-def _list(mem, head: int, limit: int) -> tuple[list[int], str]:  # type: ignore[no-untyped-def]
-    """Entries of a list_head ring (addresses of the list_head members)."""
-    out: list[int] = []
-    seen = {head}
-    try:
-        cur = mem.u64(head)
-        while cur != head:
-            if cur in seen or len(out) >= limit:
-                return out, f"list at {head:#x} loops or exceeds {limit} entries"
-            seen.add(cur)
-            out.append(cur)
-            cur = mem.u64(cur)
-    except FaultError as e:
-        return out, f"list at {head:#x} broken: {e}"
-    return out, ""
 
 
 def current_tasks(k: LinuxKernel, ncpus: int) -> dict[int, int]:
