@@ -114,33 +114,39 @@ class Btf:
             raise BtfError(f"BTF has no {kind} {name}")
         return tid
 
+    def _t(self, tid: int) -> tuple[int, int, int, int]:
+        """Type record by id; ids come from untrusted data, so range-checked."""
+        if not 0 < tid < len(self._types):
+            raise BtfError(f"BTF type id {tid} outside the table")
+        return self._types[tid]
+
     def kind(self, tid: int) -> int:
-        return self._types[tid][0]
+        return self._t(tid)[0]
 
     def name(self, tid: int) -> str:
-        return self._str(self._types[tid][1])
+        return self._str(self._t(tid)[1])
 
     def resolve(self, tid: int) -> int:
         """Skip typedefs and qualifiers."""
         for _ in range(64):
-            kind, _, st, _ = self._types[tid]
+            kind, _, st, _ = self._t(tid)
             if kind not in _QUALIFIERS:
                 return tid
             tid = st
-            if not 0 <= tid < len(self._types):
-                raise BtfError("BTF qualifier points outside the table")
         raise BtfError("BTF qualifier chain too long")
 
-    def sizeof(self, tid: int) -> int:
+    def sizeof(self, tid: int, _depth: int = 0) -> int:
+        if _depth > 32:
+            raise BtfError("BTF array nesting too deep (a loop?)")
         tid = self.resolve(tid)
-        kind, _, st, rec = self._types[tid]
+        kind, _, st, rec = self._t(tid)
         if kind in (1, 4, 5, 6, 16, 19):
             return st
         if kind == 2:
             return 8
         if kind == 3:
             elem, _idx, n = struct.unpack_from("<III", self.blob, rec)
-            return self.sizeof(elem) * n
+            return self.sizeof(elem, _depth + 1) * n
         raise BtfError(f"BTF type {tid} (kind {kind}) has no size")
 
     def struct_size(self, name: str) -> int:
@@ -151,7 +157,7 @@ class Btf:
 
     def members(self, tid: int) -> list[Member]:
         tid = self.resolve(tid)
-        kind, _, _, rec = self._types[tid]
+        kind, _, _, rec = self._t(tid)
         if kind not in (4, 5):
             raise BtfError(f"BTF type {tid} is not a struct or union")
         kflag = self._kflag[tid]
@@ -164,13 +170,15 @@ class Btf:
                 out.append(Member(self._str(name_off), mtype, moff, 0))
         return out
 
-    def _member(self, tid: int, name: str) -> tuple[int, Member] | None:
+    def _member(self, tid: int, name: str, _depth: int = 0) -> tuple[int, Member] | None:
         """Find ``name`` in ``tid``, descending into anonymous members: (bit base, member)."""
+        if _depth > 16:
+            raise BtfError("BTF anonymous members nested too deep (a loop?)")
         for m in self.members(tid):
             if m.name == name:
                 return 0, m
             if not m.name and self.kind(self.resolve(m.type_id)) in (4, 5):
-                hit = self._member(m.type_id, name)
+                hit = self._member(m.type_id, name, _depth + 1)
                 if hit is not None:
                     return m.bit_offset + hit[0], hit[1]
         return None
@@ -195,14 +203,14 @@ class Btf:
 
     def array_len(self, tid: int) -> int:
         tid = self.resolve(tid)
-        kind, _, _, rec = self._types[tid]
+        kind, _, _, rec = self._t(tid)
         if kind != 3:
             raise BtfError(f"BTF type {tid} is not an array")
         return struct.unpack_from("<III", self.blob, rec)[2]
 
     def enum_values(self, name: str) -> dict[str, int]:
         tid = self.find(name, "enum")
-        _, _, _, rec = self._types[tid]
+        _, _, _, rec = self._t(tid)
         out = {}
         for i in range(self._vlen[tid]):
             n, v = struct.unpack_from("<Ii", self.blob, rec + 8 * i)
