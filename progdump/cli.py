@@ -17,8 +17,9 @@ Every error is one line on stderr, never a traceback (set
 ``PROGDUMP_TRACEBACK=1`` to see one when debugging).
 
 Other modules add subcommands with :func:`register` (``replay``, ``bench``):
-any module named in :data:`PLUGIN_MODULES` that exists is imported and its
-``register_cli(register)`` called.
+any module named in :data:`PLUGIN_MODULES` that exists, and any entry point
+of group ``progdump.cli``, is loaded and its ``register_cli(register)``
+called.
 """
 
 from __future__ import annotations
@@ -278,6 +279,10 @@ register("info", "print the layer table of the newest dump on a device", _setup_
 
 
 def _load_plugins() -> None:
+    """Subcommands from other modules: :data:`PLUGIN_MODULES` that exist, and entry points
+    of group ``progdump.cli`` (``replay = "harness.crashsim.cli:register_cli"`` in
+    pyproject.toml), so ``progdump`` itself never imports the harness."""
+    hooks = []
     for mod in PLUGIN_MODULES:
         try:
             m = importlib.import_module(mod)
@@ -285,7 +290,15 @@ def _load_plugins() -> None:
             if e.name == mod:
                 continue
             raise
-        hook = getattr(m, "register_cli", None)
+        hooks.append(getattr(m, "register_cli", None))
+    try:
+        from importlib.metadata import entry_points  # noqa: PLC0415
+
+        for ep in entry_points(group="progdump.cli"):
+            hooks.append(ep.load())
+    except ImportError:
+        pass
+    for hook in hooks:
         if callable(hook):
             hook(register)
 
