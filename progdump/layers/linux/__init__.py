@@ -114,8 +114,7 @@ class LinuxProducer(Producer):
         self.k.load_modules()
         notes += self.k.module_notes
         records, lnotes = self.log()
-        for n in lnotes:
-            notes.append(n)
+        notes += [n for n in lnotes if n not in self.degraded]  # degradations reach the notes once, via the plan
         text = format_records(records)
         # panic message: the kernel's own line in the log, else the console
         msg, src = None, None
@@ -183,7 +182,7 @@ class LinuxProducer(Producer):
             d["cpus"].append(entry)
         # backtraces
         d["backtrace"] = {"log": self._log_call_trace(records), "orc": {}, "scan": {}}
-        if not d["backtrace"]["log"]:
+        if records and not d["backtrace"]["log"]:
             notes.append("no Call Trace block in the log")
         cpu = next((c for c in self.snapshot.cpus if c.index == pcpu), self.snapshot.cpus[0] if self.snapshot.cpus else None)
         if cpu is None:
