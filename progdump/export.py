@@ -22,6 +22,7 @@ import os
 from progdump.elfcore import ElfCoreWriter, ElfSegment, parse_prstatus, snapshot_notes
 from progdump.layers.base import ARTIFACT_NAME_RE
 from progdump.layers.generic import decode_notes
+from progdump.format import RecordHeader
 from progdump.reader import ScanResult, iter_recovered_pages
 from progdump.snapshot import PAGE_SIZE, CpuState, Note
 
@@ -35,6 +36,17 @@ U64 = (1 << 64) - 1
 
 class ExportError(Exception):
     """Recovery output could not be written (disk full, device changed under us); one line."""
+
+
+class _BadRecord(Exception):
+    """A page record verified at scan but fails on re-read (device changed) or its content is invalid."""
+
+    def __init__(self, h: RecordHeader) -> None:
+        super().__init__(f"record {h.seq}")
+        self.h = h
+
+
+MAX_REJECTS = 64
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -115,7 +127,7 @@ def _write_vmcore(res: ScanResult, path: str, warnings: list[str], zero_by_layer
         for first, n, skip, h in pieces:
             got = res.read_pages(h)
             if got is None:
-                raise ExportError(f"record {h.seq} at {h.offset:#x} no longer verifies: the device changed during recovery")
+                raise _BadRecord(h)
             npages, zmap, data = got
             if zmap is None:  # ZERO record
                 w.write_zeros((n - skip) * PAGE_SIZE)
@@ -178,7 +190,16 @@ def export(res: ScanResult, outdir: str) -> dict[str, object]:
         vm_path = os.path.join(outdir, "vmcore")
         if os.path.islink(vm_path):
             os.unlink(vm_path)
-        vm = _write_vmcore(res, vm_path, warnings, zero_by_layer)
+        for _ in range(MAX_REJECTS + 1):
+            try:
+                vm = _write_vmcore(res, vm_path, warnings, zero_by_layer)
+                break
+            except _BadRecord as b:  # rare: rebuild the vmcore without that record
+                res.reject_record(b.h, "payload no longer verifies or its zero map does not match its length")
+                warnings.append(f"page record {b.h.seq} rejected at export; vmcore rebuilt without it")
+                zero_by_layer.clear()
+        else:
+            raise ExportError(f"more than {MAX_REJECTS} page records failed on re-read: the device is changing under us")
         for lay in res.layers:
             lay.zero_pages += zero_by_layer.get(lay.index, 0)
             _write_file(os.path.join(outdir, "layers", f"{lay.index}.json"), json.dumps(lay.to_json(), indent=1).encode())

@@ -222,6 +222,22 @@ class ScanResult:
             out += raw[ARTIFACT_NAME_FIELD:]
         return bytes(out)
 
+    def reject_record(self, h: RecordHeader, why: str) -> None:
+        """Drop a record that verified at scan but cannot be used (content invalid on re-read).
+
+        Its layer can no longer be complete: all its content is not there.
+        """
+        for r in self._recs:
+            if r.h.seq == h.seq and r.verified:
+                r.verified = False
+        for lay in self.layers:
+            if lay.index == h.layer:
+                if lay.status == "complete":
+                    lay.status = "partial"
+                lay.reasons.append(f"record {h.seq}: {why}")
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append(f"record {h.seq} at {h.offset:#x} rejected at export: {why}")
+
     def page_records(self) -> list[tuple[int, int, RecordHeader]]:
         """``(first_pfn, npages, header)`` of every verified PAGES/ZERO record, by pfn then seq."""
         out = [

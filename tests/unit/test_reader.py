@@ -332,3 +332,37 @@ def test_R_EXP_1_no_path_from_the_device(tmp_path):
     assert (out / "manifest.json").read_text().startswith("{")
     names = sorted(p.name for p in out.iterdir())
     assert names == ["layers", "manifest.json", "ok.txt", "vmcore"]
+
+
+def test_R_PAG_1_checksum_valid_page_record_with_bad_zero_map_rejected_at_export(tmp_path):
+    """A PAGES record whose map disagrees with its length (buggy or forged writer): its layer is not
+    complete, its pages are not in the vmcore, recovery still succeeds."""
+    snap, dev, res = _dump(seed=41, pages=16, producer=False)
+    img = bytearray(dev.image)
+    sr = reader.scan(BytesSource(bytes(img)))
+    recs = [r for r in sr._recs if r.h.rtype == F.RecordType.PAGES]
+    assert recs
+    h = recs[0].h
+    # forge: same record, map claiming one more zero page than the data says, checksums redone
+    raw = reader._payload(BytesSource(bytes(img)), h)
+    bad = bytearray(raw)
+    bad[0] ^= 1 if not (bad[0] & 1) else 2
+    import zstandard
+
+    payload = zstandard.ZstdCompressor(level=19).compress(bytes(bad))
+    hdr = F.pack_record_header(h.rtype, h.layer, h.dump_id, h.dump_time_ns, h.seq, h.offset, len(payload), len(bad),
+                               h.aux0, h.aux1, F.Compression.ZSTD, F.payload_checksum(payload))  # fmt: skip
+    if F.record_span(len(payload)) > h.span:
+        pytest.skip("forged record would not fit in place")
+    img[h.offset : h.offset + 128] = hdr
+    img[h.offset + 128 : h.offset + 128 + len(payload)] = payload
+    p = tmp_path / "dev.img"
+    p.write_bytes(bytes(img))
+    out = tmp_path / "o"
+    sr = reader.recover(str(p), str(out))
+    lay = sr.layers[h.layer]
+    assert lay.status == "partial" and any("record" in r for r in lay.reasons)
+    from progdump.elfcore import load_elf_snapshot
+
+    with load_elf_snapshot(out / "vmcore") as v:
+        assert not v.has_phys(h.aux0 * 4096, 4096)
