@@ -183,6 +183,10 @@ def export(res: ScanResult, outdir: str) -> dict[str, object]:
             data = res.read_artifact(name)
             if data is None:
                 warnings.append(f"artifact {name}: no longer verifies; not written")
+                for lay in res.layers:
+                    if lay.index == li:
+                        lay.status = "partial" if lay.status == "complete" else lay.status
+                        lay.reasons.append(f"artifact {name} failed on re-read")
                 continue
             _write_file(os.path.join(outdir, name), data)
             written[name] = li
