@@ -153,3 +153,20 @@ def test_random_blocks_never_parse():
     for _ in range(200):
         assert F.parse_record_header(F.RECORD_MAGIC + rng(120), 4096) is None
         assert F.parse_header(F.HEADER_MAGIC + rng(4088)) is None
+
+
+def test_every_requirement_id_is_cited_by_a_test():
+    """Each R-xxx of docs/FORMAT.md appears (as R-X-n or R_X_n) in some test of the format's tests."""
+    import glob
+    import re
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    doc = open(os.path.join(here, "..", "..", "docs", "FORMAT.md")).read()
+    ids = set(re.findall(r"R-[A-Z]+-\d+", doc))
+    assert len(ids) > 20
+    text = ""
+    for pat in ("test_format*.py", "test_writer*.py", "test_reader*.py", "test_cli*.py", "test_device*.py"):
+        for f in glob.glob(os.path.join(here, pat)):
+            text += open(f).read()
+    uncited = sorted(i for i in ids if i not in text and i.replace("-", "_") not in text)
+    assert not uncited, f"requirement IDs no test cites: {uncited}"

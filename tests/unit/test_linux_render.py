@@ -45,7 +45,7 @@ panic_task:   sh[152]
  #0    sysrq_handle_crash+0x16/0x20                     [orc]
   unwind ended: reached user mode
 
----- panic backtrace 3: stack scan of the same stack (method: stack scan; text addresses after a call instruction: may be stale, '?')
+---- panic backtrace 3: stack scan of every stack the unwind crossed (method: stack scan; text addresses after a call instruction: may be stale, '?')
  #0  ? vfs_write+0xc4/0x3f0                             [stack scan] (stack 0xffffc90000013f08)
   scan ended: top of stack
 

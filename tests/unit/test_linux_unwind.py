@@ -84,3 +84,11 @@ def test_orc_table_without_numpy(monkeypatch) -> None:  # type: ignore[no-untype
     assert plain._np is None and [int(x) for x in plain.ips] == ips and ip_va == ips[0]
     frames, why = orc_unwind(img.kmem(), syms, plain, TEXT + 0x110, sp, 0)
     assert [f.symbol for f in frames] == ["A+0x10/0x100", "B+0x15/0x100", "C+0x5/0x100"]
+
+
+def test_stacks_of_groups_stack_pointers_by_stack_in_visit_order() -> None:
+    from progdump.layers.linux.unwind import stacks_of
+
+    nmi, irq, task = 0xFFFFFE000000DE30, 0xFFFFC90000003ED0, 0xFFFFC900005DFD90
+    assert stacks_of([nmi, nmi + 0x40, irq, irq + 8, task, 0x7FFF0000]) == [
+        (nmi, 0xFFFFFE0000010000), (irq, 0xFFFFC90000004000), (task, 0xFFFFC900005E0000)]

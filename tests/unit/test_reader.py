@@ -366,3 +366,52 @@ def test_R_PAG_1_checksum_valid_page_record_with_bad_zero_map_rejected_at_export
 
     with load_elf_snapshot(out / "vmcore") as v:
         assert not v.has_phys(h.aux0 * 4096, 4096)
+
+
+def test_R_LIM_1_R_RD_6_decompression_bounded_by_raw_length():
+    """A checksum-valid zstd payload that inflates past its raw length is a corrupt record."""
+    import zstandard
+
+    img = bytearray(256 * 1024)
+    payload = zstandard.ZstdCompressor().compress(b"a".ljust(64, b"\0") + bytes(3 << 20))
+    hdr = F.pack_record_header(F.RecordType.ARTIFACT, 0, b"\x0a" * 16, 5, 0, 4096, len(payload), 200, 0, 136, 1,
+                               F.payload_checksum(payload))  # fmt: skip
+    img[4096 : 4096 + 128] = hdr
+    img[4096 + 128 : 4096 + 128 + len(payload)] = payload
+    sr = reader.scan(BytesSource(bytes(img)))
+    assert sr.found and sr.artifact_names() == {} and all(lay.status == "missing" for lay in sr.layers)
+
+
+def test_R_RD_5_partial_layer_keeps_complete_artifacts(small):
+    """Layer 1's records landed but not its commit: it is partial, and its whole artifact is exported."""
+    snap, dev, res, lp = small
+    marks = [i for i, label in dev.marks]
+    # state: everything up to layer 0's durable mark, then layer 1's records (no commit, no flush)
+    commit1 = marks[1]
+    ops_before_commit = commit1 - 3  # the write holding layer 1's commit, its flush, the mark follow
+    img = dev.state(ops_before_commit, keep=set(range(ops_before_commit)))
+    sr = reader.scan(BytesSource(img))
+    assert sr.layers[0].status == "complete" and sr.layers[1].status == "partial"
+    assert sr.read_artifact("tasks.txt") == b"pid 1 init\n" * 50
+
+
+def test_R_EXP_2_vmcore_covers_exactly_the_recovered_pages(small, tmp_path):
+    """Partial dump: recovered pages read back exactly, zero pages as zero, missing pages in no PT_LOAD."""
+    from progdump.elfcore import load_elf_snapshot
+
+    snap, dev, res, lp = small
+    pages = snapshot_pages(snap)
+    marks = [i for i, label in dev.marks]
+    img = dev.state(marks[2] + 1)  # layers 0-2 durable, later layers' unflushed writes lost
+    p = tmp_path / "dev.img"
+    p.write_bytes(img)
+    out = tmp_path / "o"
+    sr = reader.recover(str(p), str(out))
+    assert [lay.status for lay in sr.layers][:3] == ["complete"] * 3
+    with load_elf_snapshot(out / "vmcore") as v:
+        for pfn, data in pages.items():
+            if pfn in lp[2]:
+                assert v.read_phys(pfn * 4096, 4096) == data
+            else:
+                assert not v.has_phys(pfn * 4096, 4096), f"page {pfn:#x} not recovered but covered"
+        assert any(pages[p] == bytes(4096) for p in lp[2]), "test needs a zero page in layer 2"
