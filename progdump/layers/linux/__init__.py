@@ -24,7 +24,7 @@ from progdump.layers.generic import CONSOLE_TAIL_MAX, core_artifacts, find_panic
 from progdump.layers.linux.kernel import LinuxKernel, LinuxUnsupported
 from progdump.layers.linux.printk import LogRecord, PrintkError, format_records, read_log
 from progdump.layers.linux.render import render_panic, render_tasks
-from progdump.layers.linux.unwind import THREAD_SIZE, orc_unwind, stack_scan
+from progdump.layers.linux.unwind import THREAD_SIZE, orc_unwind, stack_scan, stacks_of
 from progdump.snapshot import PAGE_SIZE, Snapshot
 
 __all__ = ["LinuxProducer", "LinuxUnsupported"]
@@ -72,11 +72,6 @@ class LinuxProducer(Producer):
         except Exception:
             return None
         return v if 0 <= v < 8192 else None
-
-    def _stack_of(self, rsp: int) -> tuple[int, int]:
-        """Bounds of the THREAD_SIZE-aligned stack holding ``rsp``."""
-        lo = rsp & ~(THREAD_SIZE - 1)
-        return lo, lo + THREAD_SIZE
 
     # -- never raise ------------------------------------------------------------------
     def panic(self) -> LayerContent:
@@ -189,16 +184,24 @@ class LinuxProducer(Producer):
             degrade("no CPU registers in the snapshot: no unwind")
         else:
             r = cpu.regs
+            sps = [r.get("rsp", 0)]
             try:
                 frames, why = orc_unwind(self.k.mem, self.k.syms, self.k.orc, r.get("rip", 0), r.get("rsp", 0),
                                          r.get("rbp", 0), True)
                 d["backtrace"]["orc"] = {"cpu": cpu.index, "frames": [f.as_dict() for f in frames], "end": why}
+                sps += [f.sp for f in frames]
             except Exception as e:
                 degrade(f"ORC unwind unavailable: {_err(e)}")
-            lo, hi = self._stack_of(r.get("rsp", 0))
+            # scan every stack the unwind crossed (NMI -> IRQ -> task), like the kernel's own trace
+            scan: list = []
+            ends: list[str] = []
             try:
-                frames, why = stack_scan(self.k.mem, self.k.syms, r.get("rsp", 0), hi)
-                d["backtrace"]["scan"] = {"cpu": cpu.index, "frames": [f.as_dict() for f in frames], "end": why}
+                for lo, hi in stacks_of(sps)[:4]:
+                    frames, why = stack_scan(self.k.mem, self.k.syms, lo, hi)
+                    scan += frames
+                    ends.append(f"{lo:#x}..{hi:#x}: {len(frames)} frames, {why}")
+                d["backtrace"]["scan"] = {"cpu": cpu.index, "frames": [f.as_dict() for f in scan],
+                                          "end": "; ".join(ends)}
             except Exception as e:
                 degrade(f"stack scan failed: {_err(e)}")
         # log and console

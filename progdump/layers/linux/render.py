@@ -76,7 +76,7 @@ def render_panic(d: dict) -> str:
         L.append(f"  unwind ended: {orc['end']}")
     L.append("")
     scan = bt.get("scan", {})
-    L.append("---- panic backtrace 3: stack scan of the same stack "
+    L.append("---- panic backtrace 3: stack scan of every stack the unwind crossed "
              "(method: stack scan; text addresses after a call instruction: may be stale, '?')")
     L += _frame_lines(scan.get("frames", [])) or ["  (no frames)"]
     if scan.get("end"):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from progdump.layers.linux.translate import FaultError
 
-__all__ = ["Frame", "OrcTable", "OrcSet", "orc_unwind", "stack_scan", "THREAD_SIZE", "is_call_preceded"]
+__all__ = ["Frame", "OrcTable", "OrcSet", "orc_unwind", "stack_scan", "stacks_of", "THREAD_SIZE", "is_call_preceded"]
 
 THREAD_SIZE = 16384
 MAX_FRAMES = 64
@@ -50,6 +50,7 @@ class Frame:
     reliable: bool
     stack_addr: int = 0  # where on the stack it was found (0: from a register)
     note: str = ""
+    sp: int = 0  # ORC: the stack pointer at this frame (which stack the walk was on)
 
     def as_dict(self) -> dict[str, object]:
         return {"address": f"{self.address:#x}", "symbol": self.symbol, "method": self.method,
@@ -134,7 +135,7 @@ def orc_unwind(mem, syms, orc: OrcTable, ip: int, sp: int, bp: int, regs_valid: 
     for _ in range(max_frames):
         if ip < KERNEL_MIN:
             return frames, "reached user mode"
-        frames.append(Frame(ip, syms.format(ip, return_address=not signal), "orc", True))
+        frames.append(Frame(ip, syms.format(ip, return_address=not signal), "orc", True, sp=sp))
         e = orc.find(ip if signal else ip - 1)
         if e is None:
             where = "text without ORC data" if syms.is_text(ip) else "not in known text"
@@ -206,6 +207,21 @@ def is_call_preceded(mem, addr: int) -> bool:
         if b[i] == 0xFF and (b[i + 1] >> 3) & 7 == 2:
             return True
     return False
+
+
+def stacks_of(sps: list[int]) -> list[tuple[int, int]]:
+    """``(lowest sp, top)`` of each distinct stack the stack pointers visit, in visit order.
+
+    Task and IRQ stacks are THREAD_SIZE aligned; an exception stack (NMI,
+    #DF ...) is smaller, and :func:`stack_scan` stops at its guard page.
+    """
+    out: dict[int, int] = {}
+    for sp in sps:
+        if sp < KERNEL_MIN:
+            continue
+        top = (sp & ~(THREAD_SIZE - 1)) + THREAD_SIZE
+        out[top] = min(out.get(top, sp), sp)
+    return [(lo, top) for top, lo in out.items()]
 
 
 def stack_scan(mem, syms, sp: int, stack_hi: int, text_ok=None, max_frames: int = MAX_FRAMES) -> tuple[list[Frame], str]:
