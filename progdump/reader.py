@@ -426,6 +426,12 @@ class _Scanner:
         off = LOG_START
         while off < end:
             h = self.header_at(off, end)
+            if h is None and off % 4096:
+                # a writer with 4 KiB alignment (4Kn / 512e devices) pads records to 4 KiB: look there first
+                up = off + (-off % 4096)
+                h = self.header_at(up, end)
+                if h is not None:
+                    off = up
             if h is None:
                 nxt = self.resync(off + RECORD_ALIGN, end)
                 if nxt is None:
@@ -444,8 +450,6 @@ class _Scanner:
                 # it), so stop rather than resync through the rest of the device.
                 return
             off += record_span(h.stored_len)
-            # a writer with a larger alignment pads further: the next header is found by resync
-            # (cheap: it is within one alignment unit)
 
 
 def scan(source: object, *, resync_window: int = RESYNC_WINDOW) -> ScanResult:

@@ -415,3 +415,15 @@ def test_R_EXP_2_vmcore_covers_exactly_the_recovered_pages(small, tmp_path):
             else:
                 assert not v.has_phys(pfn * 4096, 4096), f"page {pfn:#x} not recovered but covered"
         assert any(pages[p] == bytes(4096) for p in lp[2]), "test needs a zero page in layer 2"
+
+
+def test_R_REC_1_scan_of_a_4k_aligned_dump_reads_little():
+    """Records padded to 4 KiB (a 4096-byte-sector device): the walk finds each next record directly."""
+    snap = make_snapshot(64, seed=23)
+    dev = MemDevice(8 << 20, sector_size=4096)
+    res = write_dump(snap, dev, producer=ClassProducer(snap))
+    src = _CountingSource(bytes(dev.image))
+    sr = reader.scan(src)
+    assert sr.found and all(lay.status == "complete" for lay in sr.layers)
+    used = sum(len(o.data) for o in dev.ops if o.kind == "W")
+    assert src.bytes_read < 2 * used, (src.bytes_read, used)
