@@ -54,7 +54,7 @@ __all__ = ["Source", "ScanResult", "LayerStatus", "ReaderError", "scan", "recove
 RESYNC_WINDOW = 4 << 20  # R-RD-2: how far past a bad spot to look for the next record
 MAX_ARTIFACT = 64 << 20  # R-TYP-2
 MAX_LAYERS = 64
-MAX_PFN_END = 1 << 52  # pages beyond 2^64 bytes of physical address do not exist
+MAX_PFN_END = 1 << 40  # x86-64 physical addresses have at most 52 bits: 2^40 page frames
 MAX_WARNINGS = 50
 LAYER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 
