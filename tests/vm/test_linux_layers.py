@@ -253,7 +253,11 @@ def test_other_panics_orc_agrees_with_the_log(other_panic: Any) -> None:
     trigger, snap, layers = other_panic
     pj = json.loads(artifacts(layers, 0)["panic.json"])
     orc = [f["symbol"].split("/")[0] for f in pj["backtrace"]["orc"]["frames"]]
-    assert orc[1].startswith("panic+"), orc
+    # The CPU is inside panic(): in its final delay loop (panic is frame 1) or, when the
+    # controller's stop lands while panic() still flushes a long oops to the serial
+    # console, a few printk/console frames deeper. Either way the unwind crosses panic().
+    at = [i for i, o in enumerate(orc) if o.startswith("panic+")]
+    assert at and at[0] <= 12, orc
     assert pj["backtrace"]["orc"]["end"] in ("reached user mode", "end of stack (ORC)")
     # every reliable frame the kernel printed below panic() is one of ours, same offset
     log = [ln.split()[0].split("/")[0] for ln in pj["backtrace"]["log"] if "+0x" in ln and "?" not in ln
