@@ -128,11 +128,42 @@ def recover_argv(device: str, outdir: str) -> list[str]:
     return [sys.executable, "-m", "progdump", "recover", device, outdir]
 
 
+_CODE_ROOT: list[str] = [str(ROOT)]
+
+
 def child_env() -> dict[str, str]:
-    """Environment for the writer and recovery processes: this tree's progdump, whatever is installed."""
+    """Environment for the writer and recovery processes: the pinned progdump (see :func:`pin_code`)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = _CODE_ROOT[0] + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def pin_code(work: Path) -> dict[str, object]:
+    """Freeze the progdump code for the whole run, in this process and in every child.
+
+    The tree may change during a run (a shared working tree; a developer
+    editing). Ground truth computed here by one version and a dump written
+    by another would differ for reasons that have nothing to do with crashes.
+    So: copy ``progdump/`` into the work dir for the children, and import
+    every progdump module now so this process keeps the same version.
+    """
+    import importlib
+    import pkgutil
+
+    import progdump
+
+    dst = work / "code"
+    shutil.copytree(ROOT / "progdump", dst / "progdump", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for m in pkgutil.walk_packages(progdump.__path__, "progdump."):
+        with contextlib.suppress(Exception):
+            importlib.import_module(m.name)
+    _CODE_ROOT[0] = str(dst)
+    info: dict[str, object] = {"pinned_copy": str(dst / "progdump")}
+    with contextlib.suppress(Exception):
+        info["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        info["progdump_dirty"] = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "progdump"],
+                                                     capture_output=True, text=True).stdout.strip())
+    return info
 
 
 def statuses_for(score: Score) -> list[str]:
@@ -557,6 +588,7 @@ def run_scenario(sc, results_root: str) -> dict:
     log(f"scenario {sc.name}: {sc.description}")
     log(f"models {', '.join(sc.device_models)}; plans {', '.join(sc.plans)}; {sc.real} killed trials and "
         f"{sc.states} replayed states per (model, plan); results {run_dir}")
+    code = pin_code(work)
     n_real = 1 + len(sc.device_models) * len(sc.plans) * (1 + sc.real)
     t0 = time.monotonic()
     ph = run_real_phase(sc, run_dir, work, Progress("real trials", n_real))
@@ -577,6 +609,7 @@ def run_scenario(sc, results_root: str) -> dict:
         "replay_phase_s": round(replay_s, 1),
         "timings_s": {k: [round(x, 3) for x in v] for k, v in ph.timings.items()},
         "base_image": ph.base_image,
+        "code": code,
         "notes": ph.notes,
         "results_dir": str(run_dir),
     })

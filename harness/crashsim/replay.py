@@ -115,6 +115,9 @@ class ReplayContext:
     #: optional full check: (overlay source) -> (false_accept, reasons); recovery scored against the snapshot
     verify: Callable[[OverlaySource], tuple[bool, list[str]]] | None = None
     layer_writes: dict[int, list[Rec]] = field(default_factory=dict)
+    #: also fully verify the first state of every distinct outcome (catches wrong content in partial layers)
+    verify_each_outcome: bool = True
+    _verified_outcomes: set = field(default_factory=set)
     #: the reader under test; progdump's by default (unit tests pass a toy one and say so)
     reader: Callable[[object], Outcome] = read_outcome
     _full: OverlaySource | None = None
@@ -172,6 +175,10 @@ def evaluate(ctx: ReplayContext, state: CrashState) -> StateResult:
             fa = True
             reasons.append(f"reader returned dump {out.dump_id}, neither this dump ({ctx.dump_id}) nor the older one")
     statuses = [out.statuses.get(i, "missing") if ours else "missing" for i in range(n)]
+    extra = sorted(i for i, st in out.statuses.items() if i >= n and st != "missing") if ours else []
+    if extra:
+        fa = True
+        reasons.append(f"reader returned layers {extra} that this dump's plan ({n} layers) does not have")
     lost = [k for k in committed if k < n and statuses[k] != "complete"]
     if lost:
         reasons.append(f"committed layers lost: {lost} (durable by t={state.t * 1e3:.3f} ms)")
@@ -181,13 +188,17 @@ def evaluate(ctx: ReplayContext, state: CrashState) -> StateResult:
             suspect = True
             reasons.append(f"layer {i} claimed complete but some of its bytes are not as written")
     verified = "records"
-    if suspect and ctx.verify is not None:
+    sig = (tuple(statuses), tuple(sorted(out.statuses.items())) if ours else (), out.dump_id if not ours else "")
+    first_of_kind = ctx.verify is not None and ctx.verify_each_outcome and sig not in ctx._verified_outcomes
+    if first_of_kind:
+        ctx._verified_outcomes.add(sig)
+    if (suspect or first_of_kind) and ctx.verify is not None:
         vfa, vreasons = ctx.verify(ov)
         verified = "full"
         if vfa:
             fa = True
             reasons += vreasons
-        else:
+        elif suspect:
             reasons.append("full recovery scored against the snapshot: content verified (suspect cleared)")
     elif suspect:
         fa = True  # without a verifier a suspect cannot be cleared: count it

@@ -154,3 +154,32 @@ def test_a_verifier_clears_or_confirms_suspects(tmp_path):
     res = [evaluate(ctx, st) for _, st in enumerate_states(tr, 300, seed=2)]
     sus = [r for r in res if r.suspect]
     assert sus and calls and all(not r.false_accept and r.verified == "full" for r in sus)
+
+
+def test_layers_the_plan_does_not_have_are_a_false_accept(tmp_path):
+    """The bug a real run found: an older dump's later layers reported under the new dump's id."""
+    tr, bi = _setup(tmp_path)
+    good = toy_reader()
+
+    def mixing(src):
+        o = good(src)
+        if o.found:
+            o.statuses[NLAYERS] = "complete"  # a layer index beyond this dump's plan
+        return o
+
+    ctx = ReplayContext(tr, bi, ["a", "b", "c"], reader=mixing)
+    ctx.prepare()
+    res = [evaluate(ctx, st) for _, st in enumerate_states(tr, 50, seed=4)]
+    fa = [r for r in res if r.false_accept]
+    assert fa and all("does not have" in " ".join(r.reasons) for r in fa)
+
+
+def test_each_distinct_outcome_is_fully_verified_once(tmp_path):
+    tr, bi = _setup(tmp_path)
+    seen = []
+    ctx = ReplayContext(tr, bi, ["a", "b", "c"], reader=toy_reader(), verify=lambda ov: (seen.append(1), (False, []))[1])
+    ctx.prepare()
+    res = [evaluate(ctx, st) for _, st in enumerate_states(tr, 200, seed=5)]
+    outcomes = {tuple(r.statuses) for r in res if not r.older_dump_returned}
+    assert len(seen) >= len(outcomes) and sum(r.verified == "full" for r in res) == len(seen)
+    assert len(seen) < len(res)
