@@ -146,3 +146,14 @@ def test_marker_json_is_bounded_and_flat() -> None:
         parse_marker_json(json.dumps({"a": "x" * 10000}))
     with pytest.raises(ValueError):
         parse_marker_json("{not json")
+
+
+def test_ready_and_markers_survive_a_kernel_message_on_the_same_line() -> None:
+    # seen in CI: a kernel message printed before init's newline reached the console
+    buf = ConsoleBuffer()
+    buf.feed(load("linux-boot-interleaved-ready.txt"))
+    hit = first_match(buf.lines_since(0), LINUX.ready_patterns())
+    assert hit is not None and hit.pattern.name == "ready" and b"IPv6" in hit.line
+    mk = first_match(buf.lines_since(0), [LINUX.marker_pattern()])
+    assert mk is not None
+    assert parse_marker_json(mk.group(1))["nonce"] == hit.group(1)
