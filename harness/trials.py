@@ -155,6 +155,8 @@ def pin_code(work: Path) -> dict[str, object]:
     dst = work / "code"
     shutil.copytree(ROOT / "progdump", dst / "progdump", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for m in pkgutil.walk_packages(progdump.__path__, "progdump."):
+        if m.name.endswith("__main__"):
+            continue  # importing it would run the CLI
         with contextlib.suppress(Exception):
             importlib.import_module(m.name)
     _CODE_ROOT[0] = str(dst)
