@@ -59,6 +59,7 @@ from progdump.format import (
     record_span,
 )
 from progdump.layers.base import LayerContent, Producer
+from progdump.layers.plan import LayerSpec
 from progdump.snapshot import PAGE_SIZE, Snapshot
 
 __all__ = ["LayerResult", "WriteResult", "ProgressEvent", "write_dump", "WriterError", "format_durable_line"]
@@ -517,7 +518,8 @@ def write_dump(
 
 
 def _write_layer(
-    log: _Log, spec, content: LayerContent, lay: LayerResult, specs, producer: Producer, snapshot: Snapshot,
+    log: _Log, spec: LayerSpec, content: LayerContent, lay: LayerResult, specs: tuple[LayerSpec, ...],
+    producer: Producer, snapshot: Snapshot,
     written: _Written, pool: ThreadPoolExecutor, nthreads: int, past_deadline: Callable[[], bool],
     pages_done: list[int], tick: Callable[[], None],
 ) -> None:  # fmt: skip
@@ -526,7 +528,10 @@ def _write_layer(
     digest = xxhash.xxh3_128()
     payload_bytes = 0
 
-    def add(rtype: RecordType, stored, raw_len: int, comp: Compression, aux0: int = 0, aux1: int = 0, psum=None):
+    def add(
+        rtype: RecordType, stored: bytes | bytearray, raw_len: int, comp: Compression,
+        aux0: int = 0, aux1: int = 0, psum: bytes | None = None,
+    ) -> None:  # fmt: skip
         nonlocal payload_bytes
         if past_deadline():
             raise _Stop("deadline")

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 
 from progdump.device import DeviceError, DumpDevice
-from progdump.layers.base import LayerContent, PageClass, PageClassMap, Producer
+from progdump.layers.base import LayerContent, PageClass, PageClassMap
 from progdump.layers.generic import GenericProducer
 from progdump.reader import ScanResult, iter_recovered_pages
 from progdump.snapshot import PAGE_SIZE, CpuState, MemoryRange, Note, Snapshot

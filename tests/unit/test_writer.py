@@ -10,7 +10,6 @@ import pytest
 from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, make_snapshot, snapshot_pages
 from progdump import format as F
 from progdump import reader
-from progdump.device import DeviceError
 from progdump.layers.base import LayerContent
 from progdump.layers.generic import GenericProducer
 from progdump.writer import WriterError, format_durable_line, write_dump, LayerResult
