@@ -606,7 +606,7 @@ def _write_layer(
         pages_done[0] += ch.npages
         r = snapshot.ranges[ri]
         snapshot.release_phys(r.phys_start + boff, ch.npages * PAGE_SIZE)  # bounded RSS on big snapshots
-        if pages_done[0] % (64 * CHUNK_PAGES) < ch.npages:
+        if pages_done[0] % (4 * CHUNK_PAGES) < ch.npages:  # every ~4 MiB; the bar rate-limits itself
             tick()
 
     try:
