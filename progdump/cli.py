@@ -195,6 +195,12 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+def _secs(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
 def layer_table(res) -> str:  # type: ignore[no-untyped-def]
     """The human layer table ``info`` and ``recover`` print."""
     when = ""
@@ -202,14 +208,14 @@ def layer_table(res) -> str:  # type: ignore[no-untyped-def]
         when = time.strftime(", written %Y-%m-%d %H:%M:%S UTC", time.gmtime(res.dump_time_ns / 1e9))
     lines = [
         f"dump {res.dump_id} (format {res.format_version}), plan {res.plan or '?'}, producer {res.producer or '?'}{when}",
-        f"{'layer':>5}  {'name':<8} {'status':<9} {'bytes':>10} {'pages':>9}  artifacts / why",
+        f"{'layer':>5}  {'name':<8} {'status':<9} {'bytes':>10} {'pages':>9} {'flushed':>10}  artifacts / why",
     ]
     for lay in res.layers:
         extra = " ".join(lay.artifacts)
         if lay.status != "complete" and lay.reasons:
             extra = (extra + "  " if extra else "") + f"({lay.reasons[0]})"
         lines.append(
-            f"{lay.index:>5}  {lay.name:<8} {lay.status:<9} {_human(lay.bytes):>10} {lay.pages:>9}  {extra}"
+            f"{lay.index:>5}  {lay.name:<8} {lay.status:<9} {_human(lay.bytes):>10} {lay.pages:>9} {_secs(lay.durable_s):>10}  {extra}"
         )
     if res.end:
         lines.append(f"writer ended: {res.end.get('reason', '?')}")
