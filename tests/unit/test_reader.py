@@ -236,7 +236,7 @@ def test_scan_reads_little_on_a_small_dump_on_a_large_device():
 # -- property tests (hypothesis) ----------------------------------------------
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**16),
     pages=st.integers(1, 40),
