@@ -189,7 +189,8 @@ def evaluate(ctx: ReplayContext, state: CrashState) -> StateResult:
             reasons.append(f"layer {i} claimed complete but some of its bytes are not as written")
     verified = "records"
     sig = (tuple(statuses), tuple(sorted(out.statuses.items())) if ours else (), out.dump_id if not ours else "")
-    first_of_kind = ctx.verify is not None and ctx.verify_each_outcome and sig not in ctx._verified_outcomes
+    # (only this dump's outcomes: an older dump returned is checked by its id, its content is not this snapshot's)
+    first_of_kind = ours and ctx.verify is not None and ctx.verify_each_outcome and sig not in ctx._verified_outcomes
     if first_of_kind:
         ctx._verified_outcomes.add(sig)
     if (suspect or first_of_kind) and ctx.verify is not None:

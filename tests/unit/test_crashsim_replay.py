@@ -183,3 +183,4 @@ def test_each_distinct_outcome_is_fully_verified_once(tmp_path):
     outcomes = {tuple(r.statuses) for r in res if not r.older_dump_returned}
     assert len(seen) >= len(outcomes) and sum(r.verified == "full" for r in res) == len(seen)
     assert len(seen) < len(res)
+    assert not any(r.verified == "full" for r in res if r.older_dump_returned)  # the older dump is not this snapshot
