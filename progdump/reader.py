@@ -438,11 +438,15 @@ class _Scanner:
                     return
                 off = nxt
                 continue
-            r = _Rec(h)
-            self.recs.setdefault(h.dump_id, []).append(r)
             self.consider(h.dump_time_ns, h.dump_id)
             is_newest = self.newest is not None and self.newest[1] == h.dump_id and self.times[h.dump_id] == h.dump_time_ns
             if is_newest:
+                # Only the newest dump's records are kept (memory follows the chosen dump, not the
+                # device); a newer dump seen later replaces them.
+                if h.dump_id not in self.recs:
+                    self.recs = {h.dump_id: []}
+                r = _Rec(h)
+                self.recs[h.dump_id].append(r)
                 self.verify(r)
             if h.rtype == RecordType.END:
                 # The end of some dump's log (R-RD-2): of the newest, the walk is done; of an older
