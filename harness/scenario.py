@@ -262,7 +262,7 @@ def cmd_regress(update: bool = False) -> int:
         bpath = BASELINE_DIR / f"{sc.name}.json"
         if update or not bpath.exists():
             BASELINE_DIR.mkdir(parents=True, exist_ok=True)
-            keep = {k: summary[k] for k in summary if k not in ("results_dir",)}
+            keep = {k: summary[k] for k in summary if k not in ("results_dir", "base_image", "code", "timings_s")}
             bpath.write_text(json.dumps(keep, indent=2) + "\n")
             report.append(f"== {sc.name}: baseline written to {bpath.relative_to(ROOT)} (commit it)")
             ok, lines = compare(summary, keep)
