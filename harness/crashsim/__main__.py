@@ -37,61 +37,81 @@ def _ctx(a: argparse.Namespace) -> tuple[ReplayContext, object]:
     return ctx, st
 
 
+def add_state_args(p: argparse.ArgumentParser, replay: bool) -> None:
+    p.add_argument("trace")
+    p.add_argument("--base", help="the device image before the dump (an older dump); zeros if omitted")
+    p.add_argument("--t", type=float, required=True, help="reset time, seconds since the device opened (t_s)")
+    p.add_argument("--kind", choices=KINDS, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--plan", default="progressive")
+    if replay:
+        p.add_argument("--snapshot", help="ELF core of the dumped snapshot: recover and score fully")
+        p.add_argument("--out", help="recovery output directory (with --snapshot)")
+
+
+def run_info(a: argparse.Namespace) -> int:
+    tr = read_trace(a.trace)
+    print(json.dumps({
+        "model": tr.model_name, "device_size": tr.device_size, "sector_size": tr.sector_size,
+        "writes": len(tr.writes), "failed_writes": len(tr.failed_writes), "flushes": len(tr.flushes),
+        "bytes": sum(w.length for w in tr.writes), "destaged_writes": len(tr.destages),
+        "marks": [(m.label, round(m.t_complete * 1e3, 3)) for m in tr.marks],
+        "end_ms": round(tr.end_time * 1e3, 3), "closed": tr.closed, "truncated": tr.truncated,
+    }, indent=2))
+    return 0
+
+
+def run_replay(a: argparse.Namespace) -> int:
+    ctx, st = _ctx(a)
+    r = evaluate(ctx, st)
+    print(st.describe())
+    print(json.dumps({"dump_id": r.outcome.dump_id, "statuses": r.statuses, "layers_recovered": r.layers_recovered,
+                      "committed": r.committed, "committed_lost": r.committed_lost,
+                      "false_accept": r.false_accept, "reasons": r.reasons}, indent=2))
+    if a.snapshot:
+        from harness.crashsim.overlay import OverlaySource
+        from harness.scoring import expected_layers, score_recovery
+        from progdump import reader
+        from progdump.export import export
+        from progdump.snapshot import Snapshot
+
+        out = a.out or "replay-recovered"
+        export(reader.scan(OverlaySource(ctx.base, ctx.trace, st)), out)
+        with Snapshot.from_elf(a.snapshot) as snap:
+            s = score_recovery(out, snap, expected_layers(snap, a.plan))
+        print(json.dumps({"recovered_to": out, "scored": s.statuses(), "false_accept": s.false_accept,
+                          "reasons": s.reasons}, indent=2))
+        if s.false_accept:
+            return 1
+    return 1 if (r.false_accept or r.committed_lost) else 0
+
+
+def run_narrow(a: argparse.Namespace) -> int:
+    ctx, st = _ctx(a)
+    print(st.describe())
+    print(json.dumps(narrow(ctx, st), indent=2, default=str))
+    return 0
+
+
+def _guard(fn):  # type: ignore[no-untyped-def]
+    def run(a: argparse.Namespace) -> int:
+        try:
+            return fn(a)
+        except (TraceError, ValueError, OSError) as e:
+            print(f"crashsim: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.crashsim")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    i = sub.add_parser("info", help="summarise a trace")
-    i.add_argument("trace")
-    for name in ("replay", "narrow"):
-        p = sub.add_parser(name)
-        p.add_argument("trace")
-        p.add_argument("--base", help="the device image before the dump (an older dump); zeros if omitted")
-        p.add_argument("--t", type=float, required=True, help="reset time, seconds since the device opened (t_s)")
-        p.add_argument("--kind", choices=KINDS, required=True)
-        p.add_argument("--seed", type=int, required=True)
-        p.add_argument("--plan", default="progressive")
-        if name == "replay":
-            p.add_argument("--snapshot", help="ELF core of the dumped snapshot: recover and score fully")
-            p.add_argument("--out", help="recovery output directory (with --snapshot)")
+    sub.add_parser("info", help="summarise a trace").add_argument("trace")
+    add_state_args(sub.add_parser("replay", help="replay one crash state exactly"), True)
+    add_state_args(sub.add_parser("narrow", help="narrow a failing state to the write that breaks it"), False)
     a = ap.parse_args(argv)
-    try:
-        if a.cmd == "info":
-            tr = read_trace(a.trace)
-            print(json.dumps({
-                "model": tr.model_name, "device_size": tr.device_size, "sector_size": tr.sector_size,
-                "writes": len(tr.writes), "failed_writes": len(tr.failed_writes), "flushes": len(tr.flushes),
-                "bytes": sum(w.length for w in tr.writes), "destaged_writes": len(tr.destages),
-                "marks": [(m.label, round(m.t_complete * 1e3, 3)) for m in tr.marks],
-                "end_ms": round(tr.end_time * 1e3, 3), "closed": tr.closed, "truncated": tr.truncated,
-            }, indent=2))
-            return 0
-        ctx, st = _ctx(a)
-        if a.cmd == "replay":
-            r = evaluate(ctx, st)
-            print(st.describe())
-            print(json.dumps({"dump_id": r.outcome.dump_id, "statuses": r.statuses, "layers_recovered": r.layers_recovered,
-                              "committed": r.committed, "committed_lost": r.committed_lost,
-                              "false_accept": r.false_accept, "reasons": r.reasons}, indent=2))
-            if a.snapshot:
-                from harness.crashsim.overlay import OverlaySource
-                from harness.scoring import expected_layers, score_recovery
-                from progdump import reader
-                from progdump.export import export
-                from progdump.snapshot import Snapshot
-
-                out = a.out or "replay-recovered"
-                export(reader.scan(OverlaySource(ctx.base, ctx.trace, st)), out)
-                with Snapshot.from_elf(a.snapshot) as snap:
-                    s = score_recovery(out, snap, expected_layers(snap, a.plan))
-                print(json.dumps({"recovered_to": out, "scored": s.statuses(), "false_accept": s.false_accept,
-                                  "reasons": s.reasons}, indent=2))
-            return 1 if (r.false_accept or r.committed_lost) else 0
-        print(st.describe())
-        print(json.dumps(narrow(ctx, st), indent=2, default=str))
-        return 0
-    except (TraceError, ValueError, OSError) as e:
-        print(f"crashsim: {e}", file=sys.stderr)
-        return 1
+    return _guard({"info": run_info, "replay": run_replay, "narrow": run_narrow}[a.cmd])(a)
 
 
 if __name__ == "__main__":
