@@ -24,7 +24,7 @@ import bisect
 import struct
 from typing import NamedTuple
 
-__all__ = ["KallsymsError", "Symbol", "SymbolTable", "decode_kallsyms", "load_kallsyms"]
+__all__ = ["KallsymsError", "Symbol", "SymbolTable", "decode_columns", "decode_kallsyms", "load_kallsyms"]
 
 MAX_SYMS = 1 << 21
 MAX_NAMES_BYTES = 64 << 20
@@ -42,46 +42,75 @@ class Symbol(NamedTuple):
 
 
 class SymbolTable:
-    """Sorted symbols with address lookup (``sym+0xoff/0xsize`` like printk's %pS)."""
+    """Sorted symbols with address lookup (``sym+0xoff/0xsize`` like printk's %pS).
+
+    Why columns, not a list of :class:`Symbol`: a kernel has ~100k symbols
+    and this table is built on the layer-0 path, while a dump looks up a few
+    hundred of them. Names, addresses, types and modules are kept in
+    parallel lists; a :class:`Symbol` is made only when one is looked up.
+    """
 
     def __init__(self, symbols: list[Symbol]) -> None:
+        self._build([s.name for s in symbols], [s.address for s in symbols], [s.type for s in symbols],
+                    [s.module for s in symbols])
+
+    @classmethod
+    def from_columns(cls, names: list[str], addrs: list[int], types: list[str]) -> SymbolTable:
+        """The table of vmlinux symbols given as parallel lists (what the kallsyms decoder yields)."""
+        self = cls.__new__(cls)
+        self._build(names, addrs, types, [""] * len(names))
+        return self
+
+    def _build(self, names: list[str], addrs: list[int], types: list[str], mods: list[str]) -> None:
+        self._name, self._addr, self._type, self._mod = names, addrs, types, mods
+        # the first symbol of a name wins (as a dict.setdefault pass would)
+        n = len(names)
+        self._index: dict[str, int] = dict(zip(reversed(names), range(n - 1, -1, -1)))
         # per-cpu offsets (tiny absolute values) are not addresses: keep them
         # for by-name lookup, out of address lookup.
-        self.by_name: dict[str, Symbol] = {}
-        for s in symbols:
-            self.by_name.setdefault(s.name, s)
-        addr_syms = sorted((s for s in symbols if s.address >= 1 << 63), key=lambda s: s.address)
-        self._syms = addr_syms
-        self._addrs = [s.address for s in addr_syms]
+        self._order, self._addrs = _sorted_by_address(None if n >= 4096 else
+                                                      [i for i in range(n) if addrs[i] >= 1 << 63], addrs)
         self._module_ranges: list[tuple[int, int]] = []  # symbols here end at their module's end
         self.text_ranges: list[tuple[int, int]] = []
         for lo, hi in (("_stext", "_etext"), ("_sinittext", "_einittext")):
-            if lo in self.by_name and hi in self.by_name:
-                a, b = self.by_name[lo].address, self.by_name[hi].address
-                if a < b:
-                    self.text_ranges.append((a, b))
+            a, b = self.address(lo), self.address(hi)
+            if a is not None and b is not None and a < b:
+                self.text_ranges.append((a, b))
+
+    def _symbol(self, i: int) -> Symbol:
+        return Symbol(self._name[i], self._addr[i], self._type[i], self._mod[i])
+
+    @property
+    def by_name(self) -> dict[str, Symbol]:
+        """Name -> first symbol of that name (vmlinux only); built on demand (costly: every symbol)."""
+        return {name: self._symbol(i) for name, i in self._index.items()}
 
     def __len__(self) -> int:
-        return len(self.by_name)
+        return len(self._index)
 
     def add_modules(self, modules: list[tuple[str, list[Symbol], int, int, int]]) -> None:
         """Add modules' symbols (from their own ``mod_kallsyms``) and text ranges.
 
-        ``modules``: ``(name, symbols, base, size, text_size)``; one re-sort for all.
+        ``modules``: ``(name, symbols, base, size, text_size)``; one merge for all
+        (stable: a module symbol at a vmlinux symbol's address sorts after it).
         """
-        extra: list[Symbol] = []
+        first = len(self._name)
         for name, symbols, base, size, text_size in modules:
-            extra += [Symbol(s.name, s.address, s.type, name) for s in symbols if base <= s.address < base + size]
+            for s in symbols:
+                if base <= s.address < base + size:
+                    self._name.append(s.name)
+                    self._addr.append(s.address)
+                    self._type.append(s.type)
+                    self._mod.append(name)
             self._module_ranges.append((base, base + size))
             if text_size > 0:
                 self.text_ranges.append((base, base + min(text_size, size)))
-        merged = sorted(self._syms + extra, key=lambda s: s.address)
-        self._syms = merged
-        self._addrs = [s.address for s in merged]
+        self._order, self._addrs = _merge_by_address(self._order, self._addrs, range(first, len(self._name)),
+                                                     self._addr)
 
     def address(self, name: str) -> int | None:
-        s = self.by_name.get(name)
-        return s.address if s else None
+        i = self._index.get(name)
+        return self._addr[i] if i is not None else None
 
     def is_text(self, addr: int) -> bool:
         return any(lo <= addr < hi for lo, hi in self.text_ranges)
@@ -94,7 +123,7 @@ class SymbolTable:
         i = bisect.bisect_right(self._addrs, addr) - 1
         if i < 0:
             return None
-        s = self._syms[i]
+        s = self._symbol(self._order[i])
         j = bisect.bisect_right(self._addrs, s.address)
         nxt = self._addrs[j] if j < len(self._addrs) else None
         if s.module:  # a module's last symbol ends with the module
@@ -120,12 +149,60 @@ class SymbolTable:
         return f"{s.name}+{off + (1 if return_address else 0):#x}/{size:#x}{mod}"
 
 
+def _sorted_by_address(small: list[int] | None, addrs: list[int]) -> tuple[list[int], list[int]]:
+    """Indices of the kernel-address symbols (``>= 2**63``) in stable address order, and those addresses.
+
+    ``small``: the selected indices when the table is small (pure Python);
+    ``None``: select and sort with numpy (a kernel's ~100k symbols).
+    """
+    if small is None:
+        try:
+            import numpy as np  # noqa: PLC0415
+
+            a = np.fromiter(addrs, dtype=np.uint64, count=len(addrs))
+            sel = np.flatnonzero(a >= np.uint64(1 << 63))
+            order = sel[np.argsort(a[sel], kind="stable")]
+            return order.tolist(), a[order].tolist()
+        except (ImportError, OverflowError, ValueError):  # no numpy, or an address outside u64
+            small = [i for i in range(len(addrs)) if addrs[i] >= 1 << 63]
+    order = sorted(small, key=addrs.__getitem__)
+    return order, [addrs[i] for i in order]
+
+
+def _merge_by_address(order: list[int], sorted_addrs: list[int], new: range,
+                      addrs: list[int]) -> tuple[list[int], list[int]]:
+    """``order`` (sorted) with the indices ``new`` merged in, stably (existing entries first on ties)."""
+    if not len(new):
+        return order, sorted_addrs
+    if len(order) >= 4096:
+        try:
+            import numpy as np  # noqa: PLC0415
+
+            new_addrs = np.array([addrs[i] for i in new], dtype=np.uint64)
+            new_sorted = np.argsort(new_addrs, kind="stable")
+            # each new entry goes after every existing one at its address; new ones keep their order
+            at = np.searchsorted(np.array(sorted_addrs, dtype=np.uint64), new_addrs[new_sorted], side="right")
+            idx = np.insert(np.array(order, dtype=np.int64), at, np.asarray(new, dtype=np.int64)[new_sorted])
+            adr = np.insert(np.array(sorted_addrs, dtype=np.uint64), at, new_addrs[new_sorted])
+            return idx.tolist(), adr.tolist()
+        except (ImportError, OverflowError, ValueError):
+            pass
+    merged = sorted(order + list(new), key=addrs.__getitem__)
+    return merged, [addrs[i] for i in merged]
+
+
 def decode_kallsyms(num_syms: int, names: bytes, token_table: bytes, token_index: bytes,
                     offsets: bytes, relative_base: int) -> list[Symbol]:
-    """Decode the raw tables (pure: unit tests feed hand-built tables).
+    """Decode the raw tables (pure: unit tests feed hand-built tables)."""
+    return list(map(Symbol, *decode_columns(num_syms, names, token_table, token_index, offsets, relative_base)))
+
+
+def decode_columns(num_syms: int, names: bytes, token_table: bytes, token_index: bytes,
+                   offsets: bytes, relative_base: int) -> tuple[list[str], list[int], list[str]]:
+    """Names, addresses and type letters of every symbol, as parallel lists.
 
     A first pass finds every entry's span (length bytes are sequential); the
-    second expands tokens per entry; symbols are light named tuples.
+    second expands all tokens at once (:func:`_expand`).
     """
     if not 0 < num_syms <= MAX_SYMS:
         raise KallsymsError(f"kallsyms_num_syms={num_syms} out of range")
@@ -140,17 +217,73 @@ def decode_kallsyms(num_syms: int, names: bytes, token_table: bytes, token_index
             raise KallsymsError(f"kallsyms token at {off} outside the token table")
         tokens.append(token_table[off:end])
     starts, lens = _name_spans(num_syms, names)
-    offs = struct.unpack_from(f"<{num_syms}i", offsets)
-    absolute_percpu = any(o < 0 for o in offs)
+    addrs = _addresses(num_syms, offsets, relative_base)
+    texts = _expand(tokens, names, starts, lens)  # type letter + name; kernel symbol names are ASCII
+    return [t[1:] for t in texts], addrs, [t[:1] or "?" for t in texts]
+
+
+def _addresses(num_syms: int, offsets: bytes, relative_base: int) -> list[int]:
+    """Every symbol's address from ``kallsyms_offsets`` (numpy when present: ~100k symbols)."""
     mask = (1 << 64) - 1
-    if absolute_percpu:
-        addrs = [(o if o >= 0 else relative_base - 1 - o) & mask for o in offs]
+    try:
+        import numpy as np  # noqa: PLC0415
+    except ImportError:
+        offs = struct.unpack_from(f"<{num_syms}i", offsets)
+        if any(o < 0 for o in offs):
+            return [(o if o >= 0 else relative_base - 1 - o) & mask for o in offs]
+        return [(relative_base + (o & 0xFFFFFFFF)) & mask for o in offs]
+    o = np.frombuffer(offsets, dtype="<i4", count=num_syms).astype(np.int64)
+    rb = np.uint64(relative_base & mask)
+    neg = o < 0
+    if neg.any():  # absolute per-cpu: off >= 0 is absolute, else relative_base - 1 - off
+        a = np.where(neg, rb + (-o - 1).astype(np.uint64), o.astype(np.uint64))
     else:
-        addrs = [(relative_base + (o & 0xFFFFFFFF)) & mask for o in offs]
-    texts = [b"".join([tokens[b] for b in names[p:p + n]]) for p, n in zip(starts, lens)]
-    types = [chr(t[0]) if t else "?" for t in texts]
-    nms = [t[1:].decode("latin-1") for t in texts]  # kernel symbol names are ASCII
-    return list(map(Symbol, nms, addrs, types))
+        a = rb + (o & 0xFFFFFFFF).astype(np.uint64)
+    return a.tolist()
+
+
+def _expand(tokens: list[bytes], names: bytes, starts: list[int], lens: list[int]) -> list[str]:
+    """Each entry's token indices expanded to its text (type letter + name).
+
+    Why vectorised: a kernel has ~100k symbols and this is on the layer-0
+    path. All entries are expanded at once by a numpy gather over the
+    concatenated token table, with a separator token (index 256) in place of
+    each entry's length byte(s); the per-entry loop is the fallback and the
+    reference (same output).
+    """
+    try:
+        import numpy as np  # noqa: PLC0415
+    except ImportError:
+        np = None  # type: ignore[assignment]
+    if np is not None and starts:
+        sep = b"\n"
+        if not any(sep in t for t in tokens):
+            end = starts[-1] + lens[-1]
+            codes = np.frombuffer(names, dtype=np.uint8, count=end).astype(np.int32)
+            st = np.asarray(starts, dtype=np.int64)
+            ln = np.asarray(lens, dtype=np.int64)
+            first = st - 1  # the (last) length byte before every entry
+            big = (st - np.concatenate(([0], st[:-1] + ln[:-1]))) == 2  # a two-byte length
+            codes[first] = 257  # an empty token ...
+            codes[first[big] - 1] = 257  # ... also for a two-byte length's first byte
+            codes[st[1:] - 1 - big[1:]] = 256  # a separator before every entry but the first
+            codes = codes[codes != 257]
+            tok = tokens + [sep, b""]
+            tlen = np.fromiter((len(t) for t in tok), dtype=np.int64, count=len(tok))
+            tstart = np.concatenate(([0], np.cumsum(tlen)[:-1]))
+            table = np.frombuffer(b"".join(tok), dtype=np.uint8)
+            out_len = tlen[codes]
+            total = int(out_len.sum())
+            if total:
+                pos = np.cumsum(out_len) - out_len  # output start of each code
+                idx = np.repeat(tstart[codes] - pos, out_len) + np.arange(total, dtype=np.int64)
+                blob = table[idx].tobytes()
+            else:
+                blob = b""
+            texts = blob.decode("latin-1").split("\n")
+            if len(texts) == len(starts):
+                return texts
+    return [b"".join([tokens[b] for b in names[p:p + n]]).decode("latin-1") for p, n in zip(starts, lens)]
 
 
 def _name_spans(num_syms: int, names: bytes) -> tuple[list[int], list[int]]:
@@ -209,4 +342,4 @@ def load_kallsyms(mem, vmcoreinfo) -> SymbolTable:  # type: ignore[no-untyped-de
         rb = mem.u64(a_rb)
     except FaultError as e:
         raise KallsymsError(f"kallsyms tables unreadable: {e}") from None
-    return SymbolTable(decode_kallsyms(num, names, tt, ti, offs, rb))
+    return SymbolTable.from_columns(*decode_columns(num, names, tt, ti, offs, rb))
