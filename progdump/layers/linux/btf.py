@@ -17,7 +17,9 @@ qualifiers (skipped to the real type), ints, enums.
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 from dataclasses import dataclass
 
 __all__ = ["BtfError", "Btf", "Member", "KIND"]
@@ -29,7 +31,66 @@ KIND = {
     "volatile": 9, "const": 10, "restrict": 11, "func": 12, "func_proto": 13, "var": 14,
     "datasec": 15, "float": 16, "decl_tag": 17, "type_tag": 18, "enum64": 19,
 }
+# record sizes in 4-byte words: the 12-byte header plus a fixed part, plus a part per vlen item; -1: no such kind
+_FIXED_WORDS = [-1] * 32
+_PER_WORDS = [0] * 32
+for _k in range(1, 20):
+    _FIXED_WORDS[_k] = 3 + {1: 1, 3: 3, 14: 1, 17: 1}.get(_k, 0)
+    _PER_WORDS[_k] = {4: 3, 5: 3, 6: 2, 13: 2, 15: 3, 19: 3}.get(_k, 0)
+_INDEXED = {4, 5, 6, 8, 19, 1}  # kinds found by name: struct, union, enum, typedef, enum64, int
 _QUALIFIERS = {KIND["typedef"], KIND["volatile"], KIND["const"], KIND["restrict"], KIND["type_tag"]}
+
+
+def _walk(words: array.array, n: int) -> list[int]:
+    """Word index of every type record (plain loop; the reference for :func:`_walk_numpy`)."""
+    heads: list[int] = []
+    append = heads.append
+    i = 0
+    while i + 3 <= n:
+        info = words[i + 1]
+        kind = (info >> 24) & 0x1F
+        fixed = _FIXED_WORDS[kind]
+        if fixed < 0:
+            raise BtfError(f"BTF type {len(heads) + 1} has unknown kind {kind}")
+        nxt = i + fixed + _PER_WORDS[kind] * (info & 0xFFFF)
+        if nxt > n:
+            raise BtfError(f"BTF type {len(heads) + 1} runs past the type section")
+        append(i)
+        i = nxt
+    return heads
+
+
+def _walk_numpy(words: array.array, n: int) -> list[int]:
+    """As :func:`_walk`, with the record size at *every* word computed at once.
+
+    The walk stays sequential, but each step is one array read: where the
+    next record would start if a record started at word ``i``, or a marker
+    for "unknown kind / runs past the section" (then :func:`_walk` redoes
+    the prefix to raise its exact error).
+    """
+    import numpy as np  # noqa: PLC0415
+
+    if n < 3:
+        return []
+    w = np.frombuffer(words, dtype=np.uint32, count=n)
+    info = w[1:n - 1]  # record header at i = 0 .. n-3 (needs i + 3 <= n)
+    kind = ((info >> 24) & 0x1F).astype(np.intp)
+    fixed = np.array(_FIXED_WORDS, dtype=np.int64)[kind]
+    nxt = np.arange(n - 2, dtype=np.int64) + fixed + np.array(_PER_WORDS, dtype=np.int64)[kind] * (info & 0xFFFF)
+    bad = n + 1
+    nxt[(fixed < 0) | (nxt > n)] = bad
+    step = array.array("q")
+    step.frombytes(nxt.tobytes())
+    heads: list[int] = []
+    append = heads.append
+    i = 0
+    lim = n - 2
+    while i < lim:
+        append(i)
+        i = step[i]
+    if i == bad:
+        return _walk(words, n)  # raises, naming the type
+    return heads
 
 
 class BtfError(Exception):
@@ -64,39 +125,96 @@ class Btf:
             raise BtfError("BTF header points outside the blob")
         self.blob = blob
         self.strings = blob[s0:s0 + str_len]
-        self._types: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)]  # (kind, name_off, size_or_type, rec_off)
+        # columns per type id (0 is void): kind, name_off, size_or_type, record offset, vlen, kind_flag
+        self._kind: list[int] = [0]
+        self._nameoff: list[int] = [0]
+        self._st: list[int] = [0]
+        self._rec: list[int] = [0]
         self._vlen: list[int] = [0]
         self._kflag: list[int] = [0]
-        self._by_name: dict[tuple[int, str], int] = {}
+        self._name_offs: object = None  # numpy array of name_off per type id, or a list
+        self._kinds: object = None
+        self._found: dict[tuple[int, str], int | None] = {}
         self._parse(t0, t0 + type_len)
 
     def _parse(self, off: int, end: int) -> None:
-        b = self.blob
-        unpack = struct.unpack_from
-        extra_fixed = {1: 4, 3: 12, 14: 4, 17: 4}
-        extra_per = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
-        types = self._types
-        while off + 12 <= end:
-            name_off, info, st = unpack("<III", b, off)
-            kind = (info >> 24) & 0x1F
-            vlen = info & 0xFFFF
-            rec = off + 12
-            if kind in extra_fixed:
-                off = rec + extra_fixed[kind]
-            elif kind in extra_per:
-                off = rec + extra_per[kind] * vlen
-            elif 1 <= kind <= 19:
-                off = rec
-            else:
-                raise BtfError(f"BTF type {len(types)} has unknown kind {kind}")
-            if off > end:
-                raise BtfError(f"BTF type {len(types)} runs past the type section")
-            types.append((kind, name_off, st, rec))
-            self._vlen.append(vlen)
-            self._kflag.append(info >> 31)
-            if name_off and kind in (4, 5, 6, 8, 19, 1):
-                key = (kind, self._str(name_off))
-                self._by_name.setdefault(key, len(types) - 1)
+        """Walk the type records (sequential: each one's size depends on its kind and vlen).
+
+        Why this shape: the kernel's BTF has ~100k types and layer 0 needs a
+        dozen. The walk only finds where each record starts; the columns are
+        then taken from the words in one go, and names are looked up only
+        when asked (:meth:`_lookup`), not indexed up front.
+        """
+        n = (end - off) // 4
+        words = array.array("I")
+        words.frombytes(self.blob[off:off + 4 * n])
+        if sys.byteorder != "little":
+            words.byteswap()
+        try:
+            heads = _walk_numpy(words, n)
+        except ImportError:
+            heads = _walk(words, n)
+        try:
+            import numpy as np  # noqa: PLC0415
+        except ImportError:
+            np = None  # type: ignore[assignment]
+        if np is not None:
+            h = np.array(heads, dtype=np.int64)
+            w = np.frombuffer(words, dtype=np.uint32, count=n)
+            infos = w[h + 1] if len(h) else np.zeros(0, np.uint32)
+            name_offs = w[h] if len(h) else np.zeros(0, np.uint32)
+            kinds = ((infos >> 24) & 0x1F).astype(np.uint8)
+            self._kind += kinds.tolist()
+            self._nameoff += name_offs.tolist()
+            self._st += (w[h + 2] if len(h) else h).tolist()
+            self._rec += (off + 4 * h + 12).tolist()
+            self._vlen += (infos & 0xFFFF).tolist()
+            self._kflag += (infos >> 31).tolist()
+            self._name_offs, self._kinds = name_offs, kinds
+        else:
+            self._kind += [(words[i + 1] >> 24) & 0x1F for i in heads]
+            self._nameoff += [words[i] for i in heads]
+            self._st += [words[i + 2] for i in heads]
+            self._rec += [off + 4 * i + 12 for i in heads]
+            self._vlen += [words[i + 1] & 0xFFFF for i in heads]
+            self._kflag += [words[i + 1] >> 31 for i in heads]
+            self._name_offs, self._kinds = self._nameoff[1:], self._kind[1:]
+
+    def _lookup(self, kind: int, name: str) -> int | None:
+        """First type id of ``kind`` (an indexed kind) whose name is ``name``, or None."""
+        key = (kind, name)
+        if key in self._found:
+            return self._found[key]
+        tid = None
+        if kind in _INDEXED:
+            if name.isascii() and "\0" not in name and name:
+                # every string offset whose C string is ``name`` (a whole string or a shared suffix)
+                pat = name.encode() + b"\0"
+                offs = []
+                p = self.strings.find(pat)
+                while p >= 0:
+                    if p:  # name_off 0 is the empty name, never indexed
+                        offs.append(p)
+                    p = self.strings.find(pat, p + 1)
+                tid = self._first_with(kind, offs)
+            else:  # not a name a caller asks for; compare as the full index would
+                tid = next((t for t in range(1, len(self._kind))
+                            if self._kind[t] == kind and self._nameoff[t] and self._str(self._nameoff[t]) == name),
+                           None)
+        self._found[key] = tid
+        return tid
+
+    def _first_with(self, kind: int, offs: list[int]) -> int | None:
+        if not offs:
+            return None
+        if isinstance(self._name_offs, list):
+            want = set(offs)
+            return next((t for t in range(1, len(self._kind))
+                         if self._kind[t] == kind and self._nameoff[t] in want), None)
+        import numpy as np  # noqa: PLC0415
+
+        hit = np.flatnonzero(np.isin(self._name_offs, np.array(offs, dtype=np.uint32)) & (self._kinds == kind))
+        return int(hit[0]) + 1 if len(hit) else None
 
     def _str(self, off: int) -> str:
         end = self.strings.find(b"\0", off)
@@ -105,20 +223,20 @@ class Btf:
         return self.strings[off:end].decode("ascii", "replace")
 
     def __len__(self) -> int:
-        return len(self._types) - 1
+        return len(self._kind) - 1
 
     # -- lookups -------------------------------------------------------------
     def find(self, name: str, kind: str = "struct") -> int:
-        tid = self._by_name.get((KIND[kind], name))
+        tid = self._lookup(KIND[kind], name)
         if tid is None:
             raise BtfError(f"BTF has no {kind} {name}")
         return tid
 
     def _t(self, tid: int) -> tuple[int, int, int, int]:
         """Type record by id; ids come from untrusted data, so range-checked."""
-        if not 0 < tid < len(self._types):
+        if not 0 < tid < len(self._kind):
             raise BtfError(f"BTF type id {tid} outside the table")
-        return self._types[tid]
+        return self._kind[tid], self._nameoff[tid], self._st[tid], self._rec[tid]
 
     def kind(self, tid: int) -> int:
         return self._t(tid)[0]
@@ -185,7 +303,7 @@ class Btf:
 
     def member(self, struct_name: str, path: str) -> tuple[int, int]:
         """``(byte offset, member type id)`` of ``path`` (``a.b.c``) in ``struct struct_name``."""
-        tid = self._by_name.get((KIND["struct"], struct_name)) or self._by_name.get((KIND["union"], struct_name))
+        tid = self._lookup(KIND["struct"], struct_name) or self._lookup(KIND["union"], struct_name)
         if tid is None:
             raise BtfError(f"BTF has no struct or union {struct_name}")
         bits = 0
