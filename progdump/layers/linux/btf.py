@@ -135,6 +135,8 @@ class Btf:
         self._name_offs: object = None  # numpy array of name_off per type id, or a list
         self._kinds: object = None
         self._found: dict[tuple[int, str], int | None] = {}
+        self._members: dict[int, tuple[Member, ...]] = {}
+        self._member_cache: dict[tuple[str, str], tuple[int, int]] = {}
         self._parse(t0, t0 + type_len)
 
     def _parse(self, off: int, end: int) -> None:
@@ -274,7 +276,14 @@ class Btf:
             return self.sizeof(self.find(name, "union"))
 
     def members(self, tid: int) -> list[Member]:
+        """Members of a struct/union (cached: layouts ask for the same big structs many times)."""
         tid = self.resolve(tid)
+        hit = self._members.get(tid)
+        if hit is None:
+            hit = self._members[tid] = tuple(self._read_members(tid))
+        return list(hit)
+
+    def _read_members(self, tid: int) -> list[Member]:
         kind, _, _, rec = self._t(tid)
         if kind not in (4, 5):
             raise BtfError(f"BTF type {tid} is not a struct or union")
@@ -302,7 +311,14 @@ class Btf:
         return None
 
     def member(self, struct_name: str, path: str) -> tuple[int, int]:
-        """``(byte offset, member type id)`` of ``path`` (``a.b.c``) in ``struct struct_name``."""
+        """``(byte offset, member type id)`` of ``path`` (``a.b.c``) in ``struct struct_name`` (cached)."""
+        key = (struct_name, path)
+        hit = self._member_cache.get(key)
+        if hit is None:
+            hit = self._member_cache[key] = self._find_member(struct_name, path)
+        return hit
+
+    def _find_member(self, struct_name: str, path: str) -> tuple[int, int]:
         tid = self._lookup(KIND["struct"], struct_name) or self._lookup(KIND["union"], struct_name)
         if tid is None:
             raise BtfError(f"BTF has no struct or union {struct_name}")

@@ -68,8 +68,8 @@ class SymbolTable:
         self._index: dict[str, int] = dict(zip(reversed(names), range(n - 1, -1, -1)))
         # per-cpu offsets (tiny absolute values) are not addresses: keep them
         # for by-name lookup, out of address lookup.
-        self._order, self._addrs = _sorted_by_address(None if n >= 4096 else
-                                                      [i for i in range(n) if addrs[i] >= 1 << 63], addrs)
+        self._order, self._addrs, self._arrays = _sorted_by_address(None if n >= 4096 else
+                                                                    [i for i in range(n) if addrs[i] >= 1 << 63], addrs)
         self._module_ranges: list[tuple[int, int]] = []  # symbols here end at their module's end
         self.text_ranges: list[tuple[int, int]] = []
         for lo, hi in (("_stext", "_etext"), ("_sinittext", "_einittext")):
@@ -105,8 +105,8 @@ class SymbolTable:
             self._module_ranges.append((base, base + size))
             if text_size > 0:
                 self.text_ranges.append((base, base + min(text_size, size)))
-        self._order, self._addrs = _merge_by_address(self._order, self._addrs, range(first, len(self._name)),
-                                                     self._addr)
+        self._order, self._addrs, self._arrays = _merge_by_address(self._order, self._addrs, self._arrays,
+                                                                   range(first, len(self._name)), self._addr)
 
     def address(self, name: str) -> int | None:
         i = self._index.get(name)
@@ -149,11 +149,12 @@ class SymbolTable:
         return f"{s.name}+{off + (1 if return_address else 0):#x}/{size:#x}{mod}"
 
 
-def _sorted_by_address(small: list[int] | None, addrs: list[int]) -> tuple[list[int], list[int]]:
+def _sorted_by_address(small: list[int] | None, addrs: list[int]) -> tuple[list[int], list[int], object]:
     """Indices of the kernel-address symbols (``>= 2**63``) in stable address order, and those addresses.
 
     ``small``: the selected indices when the table is small (pure Python);
-    ``None``: select and sort with numpy (a kernel's ~100k symbols).
+    ``None``: select and sort with numpy (a kernel's ~100k symbols); then the
+    third item is the pair of numpy arrays, kept for :func:`_merge_by_address`.
     """
     if small is None:
         try:
@@ -162,33 +163,35 @@ def _sorted_by_address(small: list[int] | None, addrs: list[int]) -> tuple[list[
             a = np.fromiter(addrs, dtype=np.uint64, count=len(addrs))
             sel = np.flatnonzero(a >= np.uint64(1 << 63))
             order = sel[np.argsort(a[sel], kind="stable")]
-            return order.tolist(), a[order].tolist()
+            sa = a[order]
+            return order.tolist(), sa.tolist(), (order, sa)
         except (ImportError, OverflowError, ValueError):  # no numpy, or an address outside u64
             small = [i for i in range(len(addrs)) if addrs[i] >= 1 << 63]
     order = sorted(small, key=addrs.__getitem__)
-    return order, [addrs[i] for i in order]
+    return order, [addrs[i] for i in order], None
 
 
-def _merge_by_address(order: list[int], sorted_addrs: list[int], new: range,
-                      addrs: list[int]) -> tuple[list[int], list[int]]:
+def _merge_by_address(order: list[int], sorted_addrs: list[int], arrays: object, new: range,
+                      addrs: list[int]) -> tuple[list[int], list[int], object]:
     """``order`` (sorted) with the indices ``new`` merged in, stably (existing entries first on ties)."""
     if not len(new):
-        return order, sorted_addrs
-    if len(order) >= 4096:
+        return order, sorted_addrs, arrays
+    if arrays is not None:
         try:
             import numpy as np  # noqa: PLC0415
 
+            old_order, old_addrs = arrays  # type: ignore[misc]
             new_addrs = np.array([addrs[i] for i in new], dtype=np.uint64)
             new_sorted = np.argsort(new_addrs, kind="stable")
             # each new entry goes after every existing one at its address; new ones keep their order
-            at = np.searchsorted(np.array(sorted_addrs, dtype=np.uint64), new_addrs[new_sorted], side="right")
-            idx = np.insert(np.array(order, dtype=np.int64), at, np.asarray(new, dtype=np.int64)[new_sorted])
-            adr = np.insert(np.array(sorted_addrs, dtype=np.uint64), at, new_addrs[new_sorted])
-            return idx.tolist(), adr.tolist()
+            at = np.searchsorted(old_addrs, new_addrs[new_sorted], side="right")
+            idx = np.insert(old_order, at, np.asarray(new, dtype=old_order.dtype)[new_sorted])
+            adr = np.insert(old_addrs, at, new_addrs[new_sorted])
+            return idx.tolist(), adr.tolist(), (idx, adr)
         except (ImportError, OverflowError, ValueError):
             pass
     merged = sorted(order + list(new), key=addrs.__getitem__)
-    return merged, [addrs[i] for i in merged]
+    return merged, [addrs[i] for i in merged], None
 
 
 def decode_kallsyms(num_syms: int, names: bytes, token_table: bytes, token_index: bytes,
