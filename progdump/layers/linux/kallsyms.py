@@ -24,7 +24,7 @@ import bisect
 import struct
 from typing import NamedTuple
 
-__all__ = ["KallsymsError", "Symbol", "SymbolTable", "decode_columns", "decode_kallsyms", "load_kallsyms"]
+__all__ = ["KallsymsError", "Symbol", "SymbolTable", "KallsymsTexts", "decode_columns", "decode_kallsyms", "load_kallsyms"]
 
 MAX_SYMS = 1 << 21
 MAX_NAMES_BYTES = 64 << 20
@@ -61,15 +61,29 @@ class SymbolTable:
         self._build(names, addrs, types, [""] * len(names))
         return self
 
-    def _build(self, names: list[str], addrs: list[int], types: list[str], mods: list[str]) -> None:
+    @classmethod
+    def from_kallsyms(cls, texts: KallsymsTexts, addrs: list[int], addr_array: object = None) -> SymbolTable:
+        """The table of vmlinux symbols whose names stay encoded until looked up (see :class:`KallsymsTexts`)."""
+        self = cls.__new__(cls)
+        self._build([], addrs, [], [], texts, addr_array)
+        return self
+
+    def _build(self, names: list[str], addrs: list[int], types: list[str], mods: list[str],
+               texts: KallsymsTexts | None = None, addr_array: object = None) -> None:
+        # symbol i < self._nk is kallsyms entry i (name decoded on demand); the others are
+        # self._name/_type/_mod[i - self._nk]. self._addr holds every symbol's address.
+        self._texts = texts
+        self._nk = len(texts) if texts is not None else 0
         self._name, self._addr, self._type, self._mod = names, addrs, types, mods
+        n = len(addrs)
         # the first symbol of a name wins (as a dict.setdefault pass would)
-        n = len(names)
-        self._index: dict[str, int] = dict(zip(reversed(names), range(n - 1, -1, -1)))
+        self._index: dict[str, int] | None = (None if texts is not None else
+                                              dict(zip(reversed(names), range(n - 1, -1, -1))))
         # per-cpu offsets (tiny absolute values) are not addresses: keep them
         # for by-name lookup, out of address lookup.
         self._order, self._addrs, self._arrays = _sorted_by_address(None if n >= 4096 else
-                                                                    [i for i in range(n) if addrs[i] >= 1 << 63], addrs)
+                                                                    [i for i in range(n) if addrs[i] >= 1 << 63], addrs,
+                                                                    addr_array)
         self._module_ranges: list[tuple[int, int]] = []  # symbols here end at their module's end
         self.text_ranges: list[tuple[int, int]] = []
         for lo, hi in (("_stext", "_etext"), ("_sinittext", "_einittext")):
@@ -78,15 +92,33 @@ class SymbolTable:
                 self.text_ranges.append((a, b))
 
     def _symbol(self, i: int) -> Symbol:
-        return Symbol(self._name[i], self._addr[i], self._type[i], self._mod[i])
+        if i < self._nk:
+            t = self._texts.text(i)  # type: ignore[union-attr]
+            return Symbol(t[1:], self._addr[i], t[:1] or "?", "")
+        j = i - self._nk
+        return Symbol(self._name[j], self._addr[i], self._type[j], self._mod[j])
+
+    def _first(self, name: str) -> int | None:
+        """Index of the first vmlinux symbol named ``name``."""
+        if self._texts is not None:
+            return self._texts.find(name)
+        return self._index.get(name)  # type: ignore[union-attr]
 
     @property
     def by_name(self) -> dict[str, Symbol]:
         """Name -> first symbol of that name (vmlinux only); built on demand (costly: every symbol)."""
-        return {name: self._symbol(i) for name, i in self._index.items()}
+        if self._texts is not None:
+            out: dict[str, Symbol] = {}
+            for i in range(self._nk):
+                s = self._symbol(i)
+                out.setdefault(s.name, s)
+            return out
+        return {name: self._symbol(i) for name, i in self._index.items()}  # type: ignore[union-attr]
 
     def __len__(self) -> int:
-        return len(self._index)
+        if self._texts is not None:
+            return len({self._texts.text(i)[1:] for i in range(self._nk)})
+        return len(self._index)  # type: ignore[arg-type]
 
     def add_modules(self, modules: list[tuple[str, list[Symbol], int, int, int]]) -> None:
         """Add modules' symbols (from their own ``mod_kallsyms``) and text ranges.
@@ -94,7 +126,7 @@ class SymbolTable:
         ``modules``: ``(name, symbols, base, size, text_size)``; one merge for all
         (stable: a module symbol at a vmlinux symbol's address sorts after it).
         """
-        first = len(self._name)
+        first = len(self._addr)
         for name, symbols, base, size, text_size in modules:
             for s in symbols:
                 if base <= s.address < base + size:
@@ -106,10 +138,10 @@ class SymbolTable:
             if text_size > 0:
                 self.text_ranges.append((base, base + min(text_size, size)))
         self._order, self._addrs, self._arrays = _merge_by_address(self._order, self._addrs, self._arrays,
-                                                                   range(first, len(self._name)), self._addr)
+                                                                   range(first, len(self._addr)), self._addr)
 
     def address(self, name: str) -> int | None:
-        i = self._index.get(name)
+        i = self._first(name)
         return self._addr[i] if i is not None else None
 
     def is_text(self, addr: int) -> bool:
@@ -149,7 +181,93 @@ class SymbolTable:
         return f"{s.name}+{off + (1 if return_address else 0):#x}/{size:#x}{mod}"
 
 
-def _sorted_by_address(small: list[int] | None, addrs: list[int]) -> tuple[list[int], list[int], object]:
+_HASH_P = 0x100000001B3  # the multiplier of a polynomial hash mod 2**64 (collisions only cost a compare)
+_M64 = (1 << 64) - 1
+
+
+def _name_hash(name: bytes) -> int:
+    h, p = 0, 1
+    for b in name:
+        h = (h + b * p) & _M64
+        p = (p * _HASH_P) & _M64
+    return h
+
+
+class KallsymsTexts:
+    """The kallsyms entries, decoded one at a time, found by name through a hash per entry.
+
+    Why: expanding ~100k names into Python strings (and a dict) is most of
+    the cost of reading kallsyms, and layer 0 asks for a few dozen names and
+    symbolizes a few hundred addresses. The hash of every entry's name (its
+    text after the type letter) is computed from the token indices with
+    numpy, without expanding them; a by-name lookup hashes the name,
+    takes the entries with that hash in index order and compares their
+    decoded names, so the first symbol of that name wins, as with a dict.
+    """
+
+    def __init__(self, tokens: list[bytes], names: bytes, starts: list[int], lens: list[int], hashes: object) -> None:
+        self._tokens, self._names, self._starts, self._lens = tokens, names, starts, lens
+        self._hashes = hashes  # numpy uint64 per entry
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def text(self, i: int) -> str:
+        """Entry ``i``: type letter + name (latin-1; kernel symbol names are ASCII)."""
+        p = self._starts[i]
+        return b"".join([self._tokens[b] for b in self._names[p:p + self._lens[i]]]).decode("latin-1")
+
+    def find(self, name: str) -> int | None:
+        try:
+            raw = name.encode("latin-1")
+        except UnicodeEncodeError:
+            return None  # names are latin-1 decoded: none holds this
+        import numpy as np  # noqa: PLC0415
+
+        for i in np.flatnonzero(self._hashes == np.uint64(_name_hash(raw))).tolist():
+            if self.text(i)[1:] == name:
+                return i
+        return None
+
+    @classmethod
+    def build(cls, tokens: list[bytes], names: bytes, starts: list[int], lens: list[int]) -> KallsymsTexts | None:
+        """Hash every entry's name; None when numpy is missing or an entry starts with an empty token."""
+        try:
+            import numpy as np  # noqa: PLC0415
+        except ImportError:
+            return None
+        if not starts:
+            return None
+        end = starts[-1] + lens[-1]
+        st = np.asarray(starts, dtype=np.int64)
+        ln = np.asarray(lens, dtype=np.int64)
+        keep = np.ones(end, dtype=bool)
+        keep[st - 1] = False  # length bytes: the last one before every entry ...
+        keep[st[(st - np.concatenate(([0], st[:-1] + ln[:-1]))) == 2] - 2] = False  # ... and a big length's first
+        codes = np.frombuffer(names, dtype=np.uint8, count=end)[keep]
+        first = np.cumsum(ln) - ln  # each entry's first code
+        tlen = np.array([len(t) for t in tokens], dtype=np.int64)
+        tl = tlen[codes]
+        if not tl[first].all():
+            return None  # an entry whose type letter is not in its first token: decode eagerly
+        # per code: its output offset within its entry
+        ostart = np.cumsum(tl) - tl
+        off = ostart - np.repeat(ostart[first], ln)
+        maxoff = int(off.max()) if len(off) else 0
+        pw = np.empty(maxoff + 1, dtype=np.uint64)
+        pw[0] = 1
+        if maxoff:
+            pw[1:] = np.cumprod(np.full(maxoff, _HASH_P, dtype=np.uint64))
+        htok = np.array([_name_hash(t) for t in tokens], dtype=np.uint64)  # token bytes at weights P^0..
+        htail = np.array([_name_hash(t[1:]) for t in tokens], dtype=np.uint64)  # the first token minus its type
+        # the name's byte j sits at output offset j + 1: a code at offset o >= 1 weighs P^(o-1)
+        vals = htok[codes] * pw[np.maximum(off - 1, 0)]
+        vals[first] = htail[codes[first]]
+        return cls(tokens, names, starts, lens, np.add.reduceat(vals, first))
+
+
+def _sorted_by_address(small: list[int] | None, addrs: list[int],
+                       addr_array: object = None) -> tuple[list[int], list[int], object]:
     """Indices of the kernel-address symbols (``>= 2**63``) in stable address order, and those addresses.
 
     ``small``: the selected indices when the table is small (pure Python);
@@ -160,7 +278,7 @@ def _sorted_by_address(small: list[int] | None, addrs: list[int]) -> tuple[list[
         try:
             import numpy as np  # noqa: PLC0415
 
-            a = np.fromiter(addrs, dtype=np.uint64, count=len(addrs))
+            a = addr_array if addr_array is not None else np.fromiter(addrs, dtype=np.uint64, count=len(addrs))
             sel = np.flatnonzero(a >= np.uint64(1 << 63))
             order = sel[np.argsort(a[sel], kind="stable")]
             sa = a[order]
@@ -207,25 +325,34 @@ def decode_columns(num_syms: int, names: bytes, token_table: bytes, token_index:
     A first pass finds every entry's span (length bytes are sequential); the
     second expands all tokens at once (:func:`_expand`).
     """
+    _check_sizes(num_syms, token_index, offsets)
+    tokens = _tokens(token_table, token_index)
+    starts, lens = _name_spans(num_syms, names)
+    addrs, _ = _addresses(num_syms, offsets, relative_base)
+    texts = _expand(tokens, names, starts, lens)  # type letter + name; kernel symbol names are ASCII
+    return [t[1:] for t in texts], addrs, [t[:1] or "?" for t in texts]
+
+
+def _check_sizes(num_syms: int, token_index: bytes, offsets: bytes) -> None:
     if not 0 < num_syms <= MAX_SYMS:
         raise KallsymsError(f"kallsyms_num_syms={num_syms} out of range")
     if len(token_index) < 512:
         raise KallsymsError("kallsyms_token_index shorter than 256 entries")
     if len(offsets) < 4 * num_syms:
         raise KallsymsError("kallsyms_offsets shorter than kallsyms_num_syms")
+
+
+def _tokens(token_table: bytes, token_index: bytes) -> list[bytes]:
     tokens: list[bytes] = []
     for off in struct.unpack_from("<256H", token_index):
         end = token_table.find(b"\0", off)
         if off >= len(token_table) or end < 0:
             raise KallsymsError(f"kallsyms token at {off} outside the token table")
         tokens.append(token_table[off:end])
-    starts, lens = _name_spans(num_syms, names)
-    addrs = _addresses(num_syms, offsets, relative_base)
-    texts = _expand(tokens, names, starts, lens)  # type letter + name; kernel symbol names are ASCII
-    return [t[1:] for t in texts], addrs, [t[:1] or "?" for t in texts]
+    return tokens
 
 
-def _addresses(num_syms: int, offsets: bytes, relative_base: int) -> list[int]:
+def _addresses(num_syms: int, offsets: bytes, relative_base: int) -> tuple[list[int], object]:
     """Every symbol's address from ``kallsyms_offsets`` (numpy when present: ~100k symbols)."""
     mask = (1 << 64) - 1
     try:
@@ -233,8 +360,8 @@ def _addresses(num_syms: int, offsets: bytes, relative_base: int) -> list[int]:
     except ImportError:
         offs = struct.unpack_from(f"<{num_syms}i", offsets)
         if any(o < 0 for o in offs):
-            return [(o if o >= 0 else relative_base - 1 - o) & mask for o in offs]
-        return [(relative_base + (o & 0xFFFFFFFF)) & mask for o in offs]
+            return [(o if o >= 0 else relative_base - 1 - o) & mask for o in offs], None
+        return [(relative_base + (o & 0xFFFFFFFF)) & mask for o in offs], None
     o = np.frombuffer(offsets, dtype="<i4", count=num_syms).astype(np.int64)
     rb = np.uint64(relative_base & mask)
     neg = o < 0
@@ -242,7 +369,7 @@ def _addresses(num_syms: int, offsets: bytes, relative_base: int) -> list[int]:
         a = np.where(neg, rb + (-o - 1).astype(np.uint64), o.astype(np.uint64))
     else:
         a = rb + (o & 0xFFFFFFFF).astype(np.uint64)
-    return a.tolist()
+    return a.tolist(), a
 
 
 def _expand(tokens: list[bytes], names: bytes, starts: list[int], lens: list[int]) -> list[str]:
@@ -345,4 +472,18 @@ def load_kallsyms(mem, vmcoreinfo) -> SymbolTable:  # type: ignore[no-untyped-de
         rb = mem.u64(a_rb)
     except FaultError as e:
         raise KallsymsError(f"kallsyms tables unreadable: {e}") from None
-    return SymbolTable.from_columns(*decode_columns(num, names, tt, ti, offs, rb))
+    return _table(num, names, tt, ti, offs, rb)
+
+
+def _table(num_syms: int, names: bytes, token_table: bytes, token_index: bytes, offsets: bytes,
+           relative_base: int) -> SymbolTable:
+    """The symbol table, names left encoded (:class:`KallsymsTexts`) when it can be, else decoded."""
+    _check_sizes(num_syms, token_index, offsets)
+    tokens = _tokens(token_table, token_index)
+    starts, lens = _name_spans(num_syms, names)
+    texts = KallsymsTexts.build(tokens, names, starts, lens)
+    if texts is None:
+        return SymbolTable.from_columns(*decode_columns(num_syms, names, token_table, token_index, offsets,
+                                                        relative_base))
+    addrs, arr = _addresses(num_syms, offsets, relative_base)
+    return SymbolTable.from_kallsyms(texts, addrs, arr)
