@@ -256,5 +256,7 @@ def test_model_state_reproduces_a_really_killed_writer(tmp_path, seed):
         st2 = type(st)(st.t, "model", 0, frozenset(st.keep | {pending[0]}), None, st.flushed_seq)
         with BaseImage(str(tmp_path / "base"), 4 << 20) as bi:
             assert OverlaySource(bi, tr, st2).pread(0, 4 << 20) == disk
-    # and the unflushed cache really was lost: some acknowledged writes never reached the file
-    assert len(st.keep) < len(tr.writes)
+    # what did not reach the file is only ever unflushed data (the kill may land right after a
+    # flush, when nothing is pending; test_devmodel checks the loss itself deterministically)
+    lost = [w.seq for w in tr.writes if w.seq not in st.keep]
+    assert all(s > st.flushed_seq for s in lost)
