@@ -37,60 +37,42 @@ _PER_WORDS = [0] * 32
 for _k in range(1, 20):
     _FIXED_WORDS[_k] = 3 + {1: 1, 3: 3, 14: 1, 17: 1}.get(_k, 0)
     _PER_WORDS[_k] = {4: 3, 5: 3, 6: 2, 13: 2, 15: 3, 19: 3}.get(_k, 0)
+_EAGER_RECORDS = 2048  # records walked by the constructor (and per step of a lookup's Python walk)
+_PY_WALK_RECORDS = 8192  # beyond this many, a lookup walks the rest at once
 _INDEXED = {4, 5, 6, 8, 19, 1}  # kinds found by name: struct, union, enum, typedef, enum64, int
 _QUALIFIERS = {KIND["typedef"], KIND["volatile"], KIND["const"], KIND["restrict"], KIND["type_tag"]}
 
 
-def _walk(words: array.array, n: int) -> list[int]:
-    """Word index of every type record (plain loop; the reference for :func:`_walk_numpy`)."""
-    heads: list[int] = []
-    append = heads.append
-    i = 0
-    while i + 3 <= n:
-        info = words[i + 1]
-        kind = (info >> 24) & 0x1F
-        fixed = _FIXED_WORDS[kind]
-        if fixed < 0:
-            raise BtfError(f"BTF type {len(heads) + 1} has unknown kind {kind}")
-        nxt = i + fixed + _PER_WORDS[kind] * (info & 0xFFFF)
-        if nxt > n:
-            raise BtfError(f"BTF type {len(heads) + 1} runs past the type section")
-        append(i)
-        i = nxt
-    return heads
+def _walk_numpy(words: array.array, n: int, start: int = 0) -> list[int] | None:
+    """Word index of every record from word ``start`` on, or None if a malformed record is reached.
 
-
-def _walk_numpy(words: array.array, n: int) -> list[int]:
-    """As :func:`_walk`, with the record size at *every* word computed at once.
-
-    The walk stays sequential, but each step is one array read: where the
-    next record would start if a record started at word ``i``, or a marker
-    for "unknown kind / runs past the section" (then :func:`_walk` redoes
-    the prefix to raise its exact error).
+    The walk stays sequential, but each step is one array read: the record
+    size at *every* word is computed at once (where the next record would
+    start if a record started there, or a marker for "unknown kind / runs
+    past the section").
     """
     import numpy as np  # noqa: PLC0415
 
-    if n < 3:
+    if n - start < 3:
         return []
     w = np.frombuffer(words, dtype=np.uint32, count=n)
-    info = w[1:n - 1]  # record header at i = 0 .. n-3 (needs i + 3 <= n)
+    info = w[start + 1:n - 1]  # record header at i = start .. n-3 (needs i + 3 <= n)
     kind = ((info >> 24) & 0x1F).astype(np.intp)
     fixed = np.array(_FIXED_WORDS, dtype=np.int64)[kind]
-    nxt = np.arange(n - 2, dtype=np.int64) + fixed + np.array(_PER_WORDS, dtype=np.int64)[kind] * (info & 0xFFFF)
+    nxt = (np.arange(start, n - 2, dtype=np.int64) + fixed
+           + np.array(_PER_WORDS, dtype=np.int64)[kind] * (info & 0xFFFF))
     bad = n + 1
     nxt[(fixed < 0) | (nxt > n)] = bad
     step = array.array("q")
     step.frombytes(nxt.tobytes())
     heads: list[int] = []
     append = heads.append
-    i = 0
+    i = start
     lim = n - 2
     while i < lim:
         append(i)
-        i = step[i]
-    if i == bad:
-        return _walk(words, n)  # raises, naming the type
-    return heads
+        i = step[i - start]
+    return None if i == bad else heads
 
 
 class BtfError(Exception):
@@ -132,55 +114,90 @@ class Btf:
         self._rec: list[int] = [0]
         self._vlen: list[int] = [0]
         self._kflag: list[int] = [0]
-        self._name_offs: object = None  # numpy array of name_off per type id, or a list
-        self._kinds: object = None
         self._found: dict[tuple[int, str], int | None] = {}
         self._members: dict[int, tuple[Member, ...]] = {}
         self._member_cache: dict[tuple[str, str], tuple[int, int]] = {}
-        self._parse(t0, t0 + type_len)
-
-    def _parse(self, off: int, end: int) -> None:
-        """Walk the type records (sequential: each one's size depends on its kind and vlen).
-
-        Why this shape: the kernel's BTF has ~100k types and layer 0 needs a
-        dozen. The walk only finds where each record starts; the columns are
-        then taken from the words in one go, and names are looked up only
-        when asked (:meth:`_lookup`), not indexed up front.
-        """
-        n = (end - off) // 4
-        words = array.array("I")
-        words.frombytes(self.blob[off:off + 4 * n])
+        self._np_cols: tuple[int, object, object] | None = None  # (types covered, name_offs, kinds) for scans
+        n = type_len // 4
+        self._words = array.array("I")
+        self._words.frombytes(blob[t0:t0 + 4 * n])
         if sys.byteorder != "little":
-            words.byteswap()
-        try:
-            heads = _walk_numpy(words, n)
-        except ImportError:
-            heads = _walk(words, n)
+            self._words.byteswap()
+        self._t0, self._n, self._pos, self._done = t0, n, 0, False
+        self._walk_some(_EAGER_RECORDS)
+
+    # -- the walk --------------------------------------------------------------
+    # Why lazy: the kernel's BTF has ~100k types and layer 0 needs a dozen,
+    # all among the first thousand ids. Records are walked (sequentially:
+    # each one's size depends on its kind and vlen) only as far as a lookup
+    # needs; a long walk finishes the section at once with numpy
+    # (:func:`_walk_numpy`). Malformed records raise BtfError when reached.
+    def _walk_some(self, records: int) -> None:
+        """Walk up to ``records`` more records in Python."""
+        if self._done:
+            return
+        w, n, i = self._words, self._n, self._pos
+        kinds, noffs, sts, recs, vlens, kflags = (self._kind, self._nameoff, self._st, self._rec, self._vlen,
+                                                   self._kflag)
+        base = self._t0 + 12
+        for _ in range(records):
+            if i + 3 > n:
+                self._done = True
+                break
+            info = w[i + 1]
+            kind = (info >> 24) & 0x1F
+            fixed = _FIXED_WORDS[kind]
+            if fixed < 0:
+                raise BtfError(f"BTF type {len(kinds)} has unknown kind {kind}")
+            vlen = info & 0xFFFF
+            nxt = i + fixed + _PER_WORDS[kind] * vlen
+            if nxt > n:
+                raise BtfError(f"BTF type {len(kinds)} runs past the type section")
+            kinds.append(kind)
+            noffs.append(w[i])
+            sts.append(w[i + 2])
+            recs.append(base + 4 * i)
+            vlens.append(vlen)
+            kflags.append(info >> 31)
+            i = nxt
+        else:
+            if i + 3 > n:
+                self._done = True
+        self._pos = i
+
+    def _walk_rest(self) -> None:
+        """Walk every remaining record (numpy when present)."""
+        if self._done:
+            return
         try:
             import numpy as np  # noqa: PLC0415
         except ImportError:
-            np = None  # type: ignore[assignment]
-        if np is not None:
+            while not self._done:
+                self._walk_some(1 << 16)
+            return
+        heads = _walk_numpy(self._words, self._n, self._pos)
+        if heads is None:  # a malformed record ahead: walk to it in Python, which raises naming it
+            while not self._done:
+                self._walk_some(1 << 16)
+            return
+        if heads:
             h = np.array(heads, dtype=np.int64)
-            w = np.frombuffer(words, dtype=np.uint32, count=n)
-            infos = w[h + 1] if len(h) else np.zeros(0, np.uint32)
-            name_offs = w[h] if len(h) else np.zeros(0, np.uint32)
-            kinds = ((infos >> 24) & 0x1F).astype(np.uint8)
-            self._kind += kinds.tolist()
-            self._nameoff += name_offs.tolist()
-            self._st += (w[h + 2] if len(h) else h).tolist()
-            self._rec += (off + 4 * h + 12).tolist()
+            w = np.frombuffer(self._words, dtype=np.uint32, count=self._n)
+            infos = w[h + 1]
+            self._kind += ((infos >> 24) & 0x1F).tolist()
+            self._nameoff += w[h].tolist()
+            self._st += w[h + 2].tolist()
+            self._rec += (self._t0 + 12 + 4 * h).tolist()
             self._vlen += (infos & 0xFFFF).tolist()
             self._kflag += (infos >> 31).tolist()
-            self._name_offs, self._kinds = name_offs, kinds
+        self._pos, self._done = self._n, True
+
+    def _walk_more(self) -> None:
+        """One step of a lookup's walk: a short Python walk first, then the rest at once."""
+        if len(self._kind) < _PY_WALK_RECORDS:
+            self._walk_some(_EAGER_RECORDS)
         else:
-            self._kind += [(words[i + 1] >> 24) & 0x1F for i in heads]
-            self._nameoff += [words[i] for i in heads]
-            self._st += [words[i + 2] for i in heads]
-            self._rec += [off + 4 * i + 12 for i in heads]
-            self._vlen += [words[i + 1] & 0xFFFF for i in heads]
-            self._kflag += [words[i + 1] >> 31 for i in heads]
-            self._name_offs, self._kinds = self._nameoff[1:], self._kind[1:]
+            self._walk_rest()
 
     def _lookup(self, kind: int, name: str) -> int | None:
         """First type id of ``kind`` (an indexed kind) whose name is ``name``, or None."""
@@ -192,31 +209,42 @@ class Btf:
             if name.isascii() and "\0" not in name and name:
                 # every string offset whose C string is ``name`` (a whole string or a shared suffix)
                 pat = name.encode() + b"\0"
-                offs = []
+                offs = set()
                 p = self.strings.find(pat)
                 while p >= 0:
                     if p:  # name_off 0 is the empty name, never indexed
-                        offs.append(p)
+                        offs.add(p)
                     p = self.strings.find(pat, p + 1)
-                tid = self._first_with(kind, offs)
+                if offs:
+                    lo = 1
+                    while True:
+                        hi = len(self._kind)
+                        tid = self._scan(kind, offs, lo, hi)
+                        if tid is not None or self._done:
+                            break
+                        self._walk_more()
+                        lo = hi
             else:  # not a name a caller asks for; compare as the full index would
+                self._walk_rest()
                 tid = next((t for t in range(1, len(self._kind))
                             if self._kind[t] == kind and self._nameoff[t] and self._str(self._nameoff[t]) == name),
                            None)
         self._found[key] = tid
         return tid
 
-    def _first_with(self, kind: int, offs: list[int]) -> int | None:
-        if not offs:
-            return None
-        if isinstance(self._name_offs, list):
-            want = set(offs)
-            return next((t for t in range(1, len(self._kind))
-                         if self._kind[t] == kind and self._nameoff[t] in want), None)
-        import numpy as np  # noqa: PLC0415
+    def _scan(self, kind: int, offs: set[int], lo: int, hi: int) -> int | None:
+        """First id in ``[lo, hi)`` of ``kind`` with a name offset in ``offs``."""
+        if hi - lo <= 4 * _EAGER_RECORDS:
+            kinds, noffs = self._kind, self._nameoff
+            return next((t for t in range(lo, hi) if noffs[t] in offs and kinds[t] == kind), None)
+        import numpy as np  # noqa: PLC0415  (only reached after a numpy walk)
 
-        hit = np.flatnonzero(np.isin(self._name_offs, np.array(offs, dtype=np.uint32)) & (self._kinds == kind))
-        return int(hit[0]) + 1 if len(hit) else None
+        if self._np_cols is None or self._np_cols[0] < hi:
+            self._np_cols = (len(self._kind), np.array(self._nameoff, dtype=np.uint32),
+                             np.array(self._kind, dtype=np.uint8))
+        _, no, kd = self._np_cols
+        hit = np.flatnonzero(np.isin(no[lo:hi], np.array(sorted(offs), dtype=np.uint32)) & (kd[lo:hi] == kind))
+        return lo + int(hit[0]) if len(hit) else None
 
     def _str(self, off: int) -> str:
         end = self.strings.find(b"\0", off)
@@ -225,6 +253,7 @@ class Btf:
         return self.strings[off:end].decode("ascii", "replace")
 
     def __len__(self) -> int:
+        self._walk_rest()
         return len(self._kind) - 1
 
     # -- lookups -------------------------------------------------------------
@@ -236,6 +265,9 @@ class Btf:
 
     def _t(self, tid: int) -> tuple[int, int, int, int]:
         """Type record by id; ids come from untrusted data, so range-checked."""
+        if tid >= len(self._kind) and not self._done:
+            while tid >= len(self._kind) and not self._done:
+                self._walk_more()
         if not 0 < tid < len(self._kind):
             raise BtfError(f"BTF type id {tid} outside the table")
         return self._kind[tid], self._nameoff[tid], self._st[tid], self._rec[tid]

@@ -152,12 +152,12 @@ class SymbolTable:
 
         The size is the distance to the next higher symbol, as kallsyms does.
         """
-        i = bisect.bisect_right(self._addrs, addr) - 1
+        i = _bisect_right(self._addrs, addr) - 1
         if i < 0:
             return None
-        s = self._symbol(self._order[i])
-        j = bisect.bisect_right(self._addrs, s.address)
-        nxt = self._addrs[j] if j < len(self._addrs) else None
+        s = self._symbol(int(self._order[i]))
+        j = _bisect_right(self._addrs, s.address)
+        nxt = int(self._addrs[j]) if j < len(self._addrs) else None
         if s.module:  # a module's last symbol ends with the module
             end = next((hi for lo, hi in self._module_ranges if lo <= s.address < hi), s.address + 1)
             nxt = min(nxt, end) if nxt is not None else end
@@ -266,6 +266,19 @@ class KallsymsTexts:
         return cls(tokens, names, starts, lens, np.add.reduceat(vals, first))
 
 
+def _bisect_right(seq: object, x: int) -> int:
+    """``bisect_right`` over a list or a sorted numpy uint64 array (any Python int ``x``)."""
+    if isinstance(seq, list):
+        return bisect.bisect_right(seq, x)
+    if x < 0:
+        return 0
+    if x > _M64:
+        return len(seq)  # type: ignore[arg-type]
+    import numpy as np  # noqa: PLC0415
+
+    return int(np.searchsorted(seq, np.uint64(x), side="right"))  # type: ignore[call-overload]
+
+
 def _sorted_by_address(small: list[int] | None, addrs: list[int],
                        addr_array: object = None) -> tuple[list[int], list[int], object]:
     """Indices of the kernel-address symbols (``>= 2**63``) in stable address order, and those addresses.
@@ -282,7 +295,7 @@ def _sorted_by_address(small: list[int] | None, addrs: list[int],
             sel = np.flatnonzero(a >= np.uint64(1 << 63))
             order = sel[np.argsort(a[sel], kind="stable")]
             sa = a[order]
-            return order.tolist(), sa.tolist(), (order, sa)
+            return order, sa, (order, sa)
         except (ImportError, OverflowError, ValueError):  # no numpy, or an address outside u64
             small = [i for i in range(len(addrs)) if addrs[i] >= 1 << 63]
     order = sorted(small, key=addrs.__getitem__)
@@ -305,10 +318,10 @@ def _merge_by_address(order: list[int], sorted_addrs: list[int], arrays: object,
             at = np.searchsorted(old_addrs, new_addrs[new_sorted], side="right")
             idx = np.insert(old_order, at, np.asarray(new, dtype=old_order.dtype)[new_sorted])
             adr = np.insert(old_addrs, at, new_addrs[new_sorted])
-            return idx.tolist(), adr.tolist(), (idx, adr)
+            return idx, adr, (idx, adr)
         except (ImportError, OverflowError, ValueError):
             pass
-    merged = sorted(order + list(new), key=addrs.__getitem__)
+    merged = sorted(list(order) + list(new), key=addrs.__getitem__)
     return merged, [addrs[i] for i in merged], None
 
 
