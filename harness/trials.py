@@ -142,62 +142,52 @@ def pin_code(work: Path) -> dict[str, object]:
     """Freeze the progdump code for the whole run, in this process and in every child.
 
     The tree may change during a run (a shared working tree; a developer
-    editing). Ground truth computed here by one version and a dump written
-    by another would differ for reasons that have nothing to do with crashes.
-    So: copy ``progdump/`` into the work dir for the children, and import
-    every progdump module now so this process keeps the same version.
+    mid-edit). Ground truth computed by one version and a dump written by
+    another differ for reasons that are not crashes, and a half-edited file
+    breaks a trial (both happened). So the run uses one copy of ``progdump/``:
+    by default the last commit (``git archive HEAD``), with ``PIN=tree`` the
+    working tree as it is now. Children get it on PYTHONPATH; this process
+    drops the progdump modules it had imported and imports every module from
+    the copy.
     """
     import importlib
+    import io
     import pkgutil
-
-    import progdump
+    import tarfile
 
     dst = work / "code"
-    shutil.copytree(ROOT / "progdump", dst / "progdump", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    dst.mkdir(parents=True, exist_ok=True)
+    mode = os.environ.get("PIN", "head")
+    info: dict[str, object] = {"pin": mode}
+    done = False
+    if mode == "head":
+        p = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "HEAD", "progdump"], capture_output=True)
+        if p.returncode == 0 and p.stdout:
+            with tarfile.open(fileobj=io.BytesIO(p.stdout)) as tf:
+                tf.extractall(dst, filter="data")
+            done = True
+        else:
+            info["pin"] = "tree (no git HEAD: " + p.stderr.decode(errors="replace").strip()[:100] + ")"
+    if not done:
+        shutil.copytree(ROOT / "progdump", dst / "progdump", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in [n for n in sys.modules if n == "progdump" or n.startswith("progdump.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(dst))
+    importlib.invalidate_caches()
+    import progdump
+
     for m in pkgutil.walk_packages(progdump.__path__, "progdump."):
         if m.name.endswith("__main__"):
             continue  # importing it would run the CLI
         with contextlib.suppress(Exception):
             importlib.import_module(m.name)
     _CODE_ROOT[0] = str(dst)
-    info: dict[str, object] = {"pinned_copy": str(dst / "progdump")}
+    info["copy"] = str(dst / "progdump")
     with contextlib.suppress(Exception):
         info["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        info["progdump_dirty"] = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "progdump"],
-                                                     capture_output=True, text=True).stdout.strip())
+        info["tree_dirty"] = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "progdump"],
+                                                 capture_output=True, text=True).stdout.strip())
     return info
-
-
-def statuses_for(score: Score) -> list[str]:
-    return score.statuses()
-
-
-def agreement(real_statuses: list[str], trace: Trace, base: BaseImage, layer_names: list[str], dump_id: str | None,
-              older_ids: set[str]) -> tuple[str, str]:
-    """Does the replay of the cut trace at the kill predict the real outcome?
-
-    The replayed state is the ``model`` state at the end of the cut trace:
-    exactly the writes the modelled device had destaged when it was killed.
-    A SIGKILL can land between a destage's pwrite and its trace record, so if
-    the first comparison differs, the state with the next cached write also
-    destaged is tried; agreement with it is reported as such.
-    """
-    ctx = ReplayContext(trace, base, layer_names, dump_id=dump_id, older_ids=set(older_ids))
-    ctx.prepare()
-    ctx.dump_id = dump_id or ctx.dump_id
-    st = crash_state(trace, float("inf"), "model", 0)
-    r = evaluate(ctx, st)
-    norm = [s if s != "complete-unverified" else "complete" for s in real_statuses]
-    if r.statuses == norm:
-        return "agree", ""
-    destaged = st.keep
-    pending = [w.seq for w in trace.writes if w.seq not in destaged]
-    if pending:
-        st2 = type(st)(st.t, "model", 0, frozenset(destaged | {pending[0]}), None, st.flushed_seq)
-        r2 = evaluate(ctx, st2)
-        if r2.statuses == norm:
-            return "agree", "agrees once the write being destaged at the kill is counted"
-    return "disagree", f"real {'/'.join(norm)} vs replay {'/'.join(r.statuses)}"
 
 
 # -- the guest side ---------------------------------------------------------------------
