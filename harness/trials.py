@@ -146,7 +146,8 @@ def pin_code(work: Path) -> dict[str, object]:
     another differ for reasons that are not crashes, and a half-edited file
     breaks a trial (both happened). So the run uses one copy of ``progdump/``:
     by default the last commit (``git archive HEAD``), with ``PIN=tree`` the
-    working tree as it is now. Children get it on PYTHONPATH; this process
+    working tree as it is now (``PIN=none``: no pinning, for use inside a test
+    session). Children get it on PYTHONPATH; this process
     drops the progdump modules it had imported and imports every module from
     the copy.
     """
@@ -155,10 +156,13 @@ def pin_code(work: Path) -> dict[str, object]:
     import pkgutil
     import tarfile
 
-    dst = work / "code"
-    dst.mkdir(parents=True, exist_ok=True)
     mode = os.environ.get("PIN", "head")
     info: dict[str, object] = {"pin": mode}
+    if mode == "none":  # tests inside a larger pytest session: leave sys.modules alone
+        _CODE_ROOT[0] = str(ROOT)
+        return info
+    dst = work / "code"
+    dst.mkdir(parents=True, exist_ok=True)
     done = False
     if mode == "head":
         p = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "HEAD", "progdump"], capture_output=True)

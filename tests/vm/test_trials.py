@@ -34,11 +34,13 @@ def _skip_reason() -> str | None:
     return None
 
 
-def test_small_real_trial_set_end_to_end(tmp_path):
+def test_small_real_trial_set_end_to_end(tmp_path, monkeypatch):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
     from harness.trials import run_scenario
+
+    monkeypatch.setenv("PIN", "none")  # do not swap progdump modules under the rest of the test session
 
     sc = find_scenario("sysrq-panic")
     sc.memory_mib = 256
