@@ -43,8 +43,8 @@ _INDEXED = {4, 5, 6, 8, 19, 1}  # kinds found by name: struct, union, enum, type
 _QUALIFIERS = {KIND["typedef"], KIND["volatile"], KIND["const"], KIND["restrict"], KIND["type_tag"]}
 
 
-def _walk_numpy(words: array.array, n: int, start: int = 0) -> list[int] | None:
-    """Word index of every record from word ``start`` on, or None if a malformed record is reached.
+def _walk_numpy(words: array.array, n: int, start: int = 0) -> tuple[list[int], int | None]:
+    """Word index of every record from word ``start`` on, and that of the malformed record that stopped it.
 
     The walk stays sequential, but each step is one array read: the record
     size at *every* word is computed at once (where the next record would
@@ -54,7 +54,7 @@ def _walk_numpy(words: array.array, n: int, start: int = 0) -> list[int] | None:
     import numpy as np  # noqa: PLC0415
 
     if n - start < 3:
-        return []
+        return [], None
     w = np.frombuffer(words, dtype=np.uint32, count=n)
     info = w[start + 1:n - 1]  # record header at i = start .. n-3 (needs i + 3 <= n)
     kind = ((info >> 24) & 0x1F).astype(np.intp)
@@ -72,7 +72,9 @@ def _walk_numpy(words: array.array, n: int, start: int = 0) -> list[int] | None:
     while i < lim:
         append(i)
         i = step[i - start]
-    return None if i == bad else heads
+    if i == bad:
+        return heads[:-1], heads[-1]
+    return heads, None
 
 
 class BtfError(Exception):
@@ -124,7 +126,10 @@ class Btf:
         if sys.byteorder != "little":
             self._words.byteswap()
         self._t0, self._n, self._pos, self._done = t0, n, 0, False
+        self._bad: BtfError | None = None  # the malformed record that stopped the walk
         self._walk_some(_EAGER_RECORDS)
+        if self._bad is not None:
+            raise self._bad
 
     # -- the walk --------------------------------------------------------------
     # Why lazy: the kernel's BTF has ~100k types and layer 0 needs a dozen,
@@ -148,11 +153,15 @@ class Btf:
             kind = (info >> 24) & 0x1F
             fixed = _FIXED_WORDS[kind]
             if fixed < 0:
-                raise BtfError(f"BTF type {len(kinds)} has unknown kind {kind}")
+                self._bad = BtfError(f"BTF type {len(kinds)} has unknown kind {kind}")
+                self._done = True
+                break
             vlen = info & 0xFFFF
             nxt = i + fixed + _PER_WORDS[kind] * vlen
             if nxt > n:
-                raise BtfError(f"BTF type {len(kinds)} runs past the type section")
+                self._bad = BtfError(f"BTF type {len(kinds)} runs past the type section")
+                self._done = True
+                break
             kinds.append(kind)
             noffs.append(w[i])
             sts.append(w[i + 2])
@@ -175,11 +184,7 @@ class Btf:
             while not self._done:
                 self._walk_some(1 << 16)
             return
-        heads = _walk_numpy(self._words, self._n, self._pos)
-        if heads is None:  # a malformed record ahead: walk to it in Python, which raises naming it
-            while not self._done:
-                self._walk_some(1 << 16)
-            return
+        heads, bad_at = _walk_numpy(self._words, self._n, self._pos)
         if heads:
             h = np.array(heads, dtype=np.int64)
             w = np.frombuffer(self._words, dtype=np.uint32, count=self._n)
@@ -190,7 +195,15 @@ class Btf:
             self._rec += (self._t0 + 12 + 4 * h).tolist()
             self._vlen += (infos & 0xFFFF).tolist()
             self._kflag += (infos >> 31).tolist()
+        if bad_at is not None:  # the malformed record: one Python step names it
+            self._pos = bad_at
+            self._walk_some(1)
         self._pos, self._done = self._n, True
+
+    def _walk_all(self) -> None:
+        self._walk_rest()
+        if self._bad is not None:
+            raise self._bad
 
     def _walk_more(self) -> None:
         """One step of a lookup's walk: a short Python walk first, then the rest at once."""
@@ -220,12 +233,16 @@ class Btf:
                     while True:
                         hi = len(self._kind)
                         tid = self._scan(kind, offs, lo, hi)
-                        if tid is not None or self._done:
+                        if tid is not None:
+                            break
+                        if self._done:
+                            if self._bad is not None:  # the answer may lie beyond the malformed record
+                                raise self._bad
                             break
                         self._walk_more()
                         lo = hi
             else:  # not a name a caller asks for; compare as the full index would
-                self._walk_rest()
+                self._walk_all()
                 tid = next((t for t in range(1, len(self._kind))
                             if self._kind[t] == kind and self._nameoff[t] and self._str(self._nameoff[t]) == name),
                            None)
@@ -253,7 +270,7 @@ class Btf:
         return self.strings[off:end].decode("ascii", "replace")
 
     def __len__(self) -> int:
-        self._walk_rest()
+        self._walk_all()
         return len(self._kind) - 1
 
     # -- lookups -------------------------------------------------------------
@@ -265,9 +282,11 @@ class Btf:
 
     def _t(self, tid: int) -> tuple[int, int, int, int]:
         """Type record by id; ids come from untrusted data, so range-checked."""
-        if tid >= len(self._kind) and not self._done:
+        if tid >= len(self._kind):
             while tid >= len(self._kind) and not self._done:
                 self._walk_more()
+            if tid >= len(self._kind) and self._bad is not None:
+                raise self._bad
         if not 0 < tid < len(self._kind):
             raise BtfError(f"BTF type id {tid} outside the table")
         return self._kind[tid], self._nameoff[tid], self._st[tid], self._rec[tid]
