@@ -206,7 +206,7 @@ def plot_curve(
 
     models = sorted({r.device_model for r in rows} | set(durable_ms))
     n = max(1, len(models))
-    fig, axes = plt.subplots(1, n, figsize=(6.2 * n + 0.8, 5.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, n, figsize=(max(10.0, 6.2 * n + 0.8), 5.4), squeeze=False, sharey=True)
     full = len(layer_names)
     colors = {"progressive": "#1f77b4", "monolithic": "#d62728"}
     for ax, model in zip(axes[0], models):
