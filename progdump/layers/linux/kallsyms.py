@@ -181,16 +181,28 @@ class SymbolTable:
         return f"{s.name}+{off + (1 if return_address else 0):#x}/{size:#x}{mod}"
 
 
-_HASH_P = 0x100000001B3  # the multiplier of a polynomial hash mod 2**64 (collisions only cost a compare)
 _M64 = (1 << 64) - 1
 
 
+def _byte_weights() -> list[int]:
+    """A fixed pseudo-random 64-bit weight per byte value (splitmix64 from a constant seed)."""
+    out, x = [], 0x9E3779B97F4A7C15
+    for _ in range(256):
+        x = (x + 0x9E3779B97F4A7C15) & _M64
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        out.append(z ^ (z >> 31))
+    return out
+
+
+_WEIGHT = _byte_weights()
+
+
 def _name_hash(name: bytes) -> int:
-    h, p = 0, 1
-    for b in name:
-        h = (h + b * p) & _M64
-        p = (p * _HASH_P) & _M64
-    return h
+    """Sum of the bytes' weights mod 2**64: order-blind, so it adds up over tokens without
+    expanding them; the few names with the same bytes in another order cost a compare."""
+    return sum(_WEIGHT[b] for b in name) & _M64
 
 
 class KallsymsTexts:
@@ -199,8 +211,8 @@ class KallsymsTexts:
     Why: expanding ~100k names into Python strings (and a dict) is most of
     the cost of reading kallsyms, and layer 0 asks for a few dozen names and
     symbolizes a few hundred addresses. The hash of every entry's name (its
-    text after the type letter) is computed from the token indices with
-    numpy, without expanding them; a by-name lookup hashes the name,
+    text after the type letter: :func:`_name_hash`) is summed from the
+    token indices with numpy, without expanding them; a lookup hashes the name,
     takes the entries with that hash in index order and compares their
     decoded names, so the first symbol of that name wins, as with a dict.
     """
@@ -239,31 +251,19 @@ class KallsymsTexts:
         if not starts:
             return None
         end = starts[-1] + lens[-1]
+        arr = np.frombuffer(names, dtype=np.uint8, count=end)
         st = np.asarray(starts, dtype=np.int64)
         ln = np.asarray(lens, dtype=np.int64)
-        keep = np.ones(end, dtype=bool)
-        keep[st - 1] = False  # length bytes: the last one before every entry ...
-        keep[st[(st - np.concatenate(([0], st[:-1] + ln[:-1]))) == 2] - 2] = False  # ... and a big length's first
-        codes = np.frombuffer(names, dtype=np.uint8, count=end)[keep]
-        first = np.cumsum(ln) - ln  # each entry's first code
-        tlen = np.array([len(t) for t in tokens], dtype=np.int64)
-        tl = tlen[codes]
-        if not tl[first].all():
+        head = np.concatenate(([0], st[:-1] + ln[:-1]))  # entries are contiguous: each header starts there
+        first = arr[st]
+        if not np.array([len(t) for t in tokens], dtype=bool)[first].all():
             return None  # an entry whose type letter is not in its first token: decode eagerly
-        # per code: its output offset within its entry
-        ostart = np.cumsum(tl) - tl
-        off = ostart - np.repeat(ostart[first], ln)
-        maxoff = int(off.max()) if len(off) else 0
-        pw = np.empty(maxoff + 1, dtype=np.uint64)
-        pw[0] = 1
-        if maxoff:
-            pw[1:] = np.cumprod(np.full(maxoff, _HASH_P, dtype=np.uint64))
-        htok = np.array([_name_hash(t) for t in tokens], dtype=np.uint64)  # token bytes at weights P^0..
-        htail = np.array([_name_hash(t[1:]) for t in tokens], dtype=np.uint64)  # the first token minus its type
-        # the name's byte j sits at output offset j + 1: a code at offset o >= 1 weighs P^(o-1)
-        vals = htok[codes] * pw[np.maximum(off - 1, 0)]
-        vals[first] = htail[codes[first]]
-        return cls(tokens, names, starts, lens, np.add.reduceat(vals, first))
+        wtok = np.array([_name_hash(t) for t in tokens], dtype=np.uint64)  # a token's bytes, summed
+        wtype = np.array([_WEIGHT[t[0]] if t else 0 for t in tokens], dtype=np.uint64)  # its first byte
+        # every byte of an entry (header included) as tokens, minus the header bytes and the type letter
+        total = np.add.reduceat(wtok[arr], head)
+        hdr = wtok[arr[head]] + np.where(st - head == 2, wtok[arr[np.minimum(head + 1, end - 1)]], np.uint64(0))
+        return cls(tokens, names, starts, lens, total - hdr - wtype[first])
 
 
 def _bisect_right(seq: object, x: int) -> int:
