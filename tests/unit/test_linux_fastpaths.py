@@ -16,7 +16,8 @@ import struct
 import pytest
 
 from progdump.layers.linux.btf import Btf, BtfError
-from progdump.layers.linux.kallsyms import KallsymsTexts, Symbol, SymbolTable, _name_spans, _table, _tokens
+from progdump.layers.linux.kallsyms import (KallsymsError, KallsymsTexts, Symbol, SymbolTable, _name_spans,
+                                           _name_spans_checked, _table, _tokens)
 
 np = pytest.importorskip("numpy")
 
@@ -188,3 +189,12 @@ def test_lazy_btf_walk_raises_when_it_reaches_a_bad_record() -> None:
         b.find("filler5")  # an int of that name exists; looking for a struct walks to the end
     with pytest.raises(BtfError, match="unknown kind"):
         len(Btf(blob))
+
+
+def test_unchecked_name_walk_matches_the_checked_one() -> None:
+    num, names, *_ = encode(make_symbols(5000, seed=5), MULTI)
+    assert _name_spans(num, names) == _name_spans_checked(num, names)
+    for bad, why in ((names[:-3], "runs past"), (names[:-300], "ends at|runs past|truncated"),
+                     (b"\0" + names[1:], "length 0")):
+        with pytest.raises(KallsymsError, match=why):
+            _name_spans(num, bad)

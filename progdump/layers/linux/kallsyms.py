@@ -430,7 +430,36 @@ def _expand(tokens: list[bytes], names: bytes, starts: list[int], lens: list[int
 
 
 def _name_spans(num_syms: int, names: bytes) -> tuple[list[int], list[int]]:
-    """Start and length (in token bytes) of every entry of ``kallsyms_names``."""
+    """Start and length (in token bytes) of every entry of ``kallsyms_names``.
+
+    The walk is sequential (each length byte says where the next is) and on
+    the layer-0 path, so the loop does no checks: a bad table shows up as an
+    IndexError, a zero length or an end past the table, and then the checked
+    walk (:func:`_name_spans_checked`) says where it went wrong.
+    """
+    starts = [0] * num_syms
+    lens = [0] * num_syms
+    pos = 0
+    try:
+        for i in range(num_syms):
+            ln = names[pos]
+            if ln > 0x7F:
+                ln = (ln & 0x7F) | (names[pos + 1] << 7)
+                pos += 2
+            else:
+                pos += 1
+            starts[i] = pos
+            lens[i] = ln
+            pos += ln
+    except IndexError:
+        return _name_spans_checked(num_syms, names)
+    if pos > len(names) or 0 in lens:
+        return _name_spans_checked(num_syms, names)
+    return starts, lens
+
+
+def _name_spans_checked(num_syms: int, names: bytes) -> tuple[list[int], list[int]]:
+    """:func:`_name_spans` with a check at every step, raising KallsymsError where the table is bad."""
     starts: list[int] = []
     lens: list[int] = []
     pos = 0
