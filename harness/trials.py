@@ -194,6 +194,38 @@ def pin_code(work: Path) -> dict[str, object]:
     return info
 
 
+def statuses_for(score: Score) -> list[str]:
+    return score.statuses()
+
+
+def agreement(real_statuses: list[str], trace: Trace, base: BaseImage, layer_names: list[str], dump_id: str | None,
+              older_ids: set[str]) -> tuple[str, str]:
+    """Does the replay of the cut trace at the kill predict the real outcome?
+
+    The replayed state is the ``model`` state at the end of the cut trace:
+    exactly the writes the modelled device had destaged when it was killed.
+    A SIGKILL can land between a destage's pwrite and its trace record, so if
+    the first comparison differs, the state with the next cached write also
+    destaged is tried; agreement with it is reported as such.
+    """
+    ctx = ReplayContext(trace, base, layer_names, dump_id=dump_id, older_ids=set(older_ids))
+    ctx.prepare()
+    ctx.dump_id = dump_id or ctx.dump_id
+    st = crash_state(trace, float("inf"), "model", 0)
+    r = evaluate(ctx, st)
+    norm = [s if s != "complete-unverified" else "complete" for s in real_statuses]
+    if r.statuses == norm:
+        return "agree", ""
+    destaged = st.keep
+    pending = [w.seq for w in trace.writes if w.seq not in destaged]
+    if pending:
+        st2 = type(st)(st.t, "model", 0, frozenset(destaged | {pending[0]}), None, st.flushed_seq)
+        r2 = evaluate(ctx, st2)
+        if r2.statuses == norm:
+            return "agree", "agrees once the write being destaged at the kill is counted"
+    return "disagree", f"real {'/'.join(norm)} vs replay {'/'.join(r.statuses)}"
+
+
 # -- the guest side ---------------------------------------------------------------------
 
 

@@ -66,3 +66,14 @@ def test_restore_image_writes_only_what_differs(tmp_path):
 def test_writer_argv_is_the_user_command():
     a = writer_argv("s.elf", "d.img", "progressive", "hdd", "t.trace")
     assert a[1:] == ["-m", "progdump", "write", "s.elf", "d.img", "--plan", "progressive", "--device-model", "hdd", "--trace", "t.trace"]
+
+
+def test_agreement_compares_real_statuses_with_the_replayed_model_state(tmp_path):
+    from harness.crashsim.overlay import BaseImage
+    from harness.trials import agreement
+
+    tr = _trace(tmp_path)  # not a progdump dump: the reader finds nothing, real or replayed
+    with BaseImage(None, 1 << 20) as bi:
+        assert agreement(["missing"] * 3, tr, bi, ["a", "b", "c"], None, set())[0] == "agree"
+        verdict, why = agreement(["complete", "missing", "missing"], tr, bi, ["a", "b", "c"], None, set())
+    assert verdict == "disagree" and "real complete/missing/missing" in why
