@@ -25,6 +25,8 @@ MAX_MODULE_SYMS = 1 << 18
 MAX_MODULE_ORCS = 1 << 20
 MAX_STRTAB = 16 << 20
 ELF64_SYM = 24
+_ELF64_SYM_DTYPE = [("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"), ("value", "<u8"),
+                    ("size", "<u8")]
 _STATES = {0: "live", 1: "coming", 2: "going", 3: "unformed"}
 
 
@@ -85,14 +87,29 @@ def read_modules(k) -> tuple[list[ModuleInfo], list[str]]:  # type: ignore[no-un
 
 
 def parse_elf_symbols(symtab: bytes, strtab: bytes, typetab: bytes) -> list[Symbol]:
-    """``Elf64_Sym`` entries (name, info, other, shndx, value, size) to Symbols (pure)."""
+    """``Elf64_Sym`` entries (name, info, other, shndx, value, size) to Symbols (pure).
+
+    numpy picks the defined, named entries (a module has hundreds to
+    thousands, and all of them are read on the layer-0 path); only those are
+    turned into Symbols.
+    """
+    try:
+        import numpy as np  # noqa: PLC0415
+    except ImportError:
+        np = None  # type: ignore[assignment]
+    if np is None or len(symtab) % ELF64_SYM:  # (the plain loop also raises on a torn table)
+        rows = [(i, name, value) for i, (name, _info, _other, shndx, value, _size)
+                in enumerate(struct.iter_unpack("<IBBHQQ", symtab)) if name and shndx and name < len(strtab)]
+    else:
+        a = np.frombuffer(symtab, dtype=_ELF64_SYM_DTYPE)
+        keep = np.flatnonzero((a["name"] != 0) & (a["shndx"] != 0) & (a["name"] < len(strtab)))
+        rows = list(zip(keep.tolist(), a["name"][keep].tolist(), a["value"][keep].tolist()))
     out = []
-    for i, (name, _info, _other, shndx, value, _size) in enumerate(struct.iter_unpack("<IBBHQQ", symtab)):
-        if not name or not shndx or name >= len(strtab):
-            continue
+    ntype = len(typetab)
+    for i, name, value in rows:
         end = strtab.find(b"\0", name)
         n = strtab[name:end if end >= 0 else len(strtab)].decode("ascii", "replace")
-        t = chr(typetab[i]) if i < len(typetab) and 0x20 < typetab[i] < 0x7F else "?"
+        t = chr(typetab[i]) if i < ntype and 0x20 < typetab[i] < 0x7F else "?"
         if n:
             out.append(Symbol(n, value, t))
     return out
@@ -108,7 +125,7 @@ def module_symbols(k, m: ModuleInfo) -> list[Symbol]:  # type: ignore[no-untyped
     if not 0 < num <= MAX_MODULE_SYMS:
         raise ValueError(f"module {m.name}: {num} symbols")
     symtab = k.mem.read(symtab_va, num * ELF64_SYM)
-    max_name = max((n for n, *_ in struct.iter_unpack("<IBBHQQ", symtab)), default=0)
+    max_name = max(struct.unpack_from(f"<{num * 6}I", symtab)[::6])  # each Elf64_Sym starts with st_name
     if max_name >= MAX_STRTAB:
         raise ValueError(f"module {m.name}: string offset {max_name}")
     strtab = _read_upto(k, strtab_va, max_name + 256)
