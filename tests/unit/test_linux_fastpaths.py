@@ -198,3 +198,15 @@ def test_unchecked_name_walk_matches_the_checked_one() -> None:
                      (b"\0" + names[1:], "length 0")):
         with pytest.raises(KallsymsError, match=why):
             _name_spans(num, bad)
+
+
+def test_log_escaping_matches_the_per_byte_rule() -> None:
+    from progdump.layers.linux.printk import escape_text
+
+    def per_byte(text: bytes) -> str:  # makedumpfile's rule, one byte at a time
+        return "".join("\n" if b == 0x0A else chr(b) if 0x20 <= b < 0x7F or b == 0x09 else f"\\x{b:02x}" for b in text)
+
+    rnd = random.Random(6)
+    cases = [bytes(range(256)), b"", b"plain\n", b"a\tb"] + [rnd.randbytes(rnd.randrange(80)) for _ in range(500)]
+    for c in cases:
+        assert escape_text(c) == per_byte(c)

@@ -228,17 +228,19 @@ def _block_text(begin: int, nxt: int, size: int, data: bytes, expect_id: int | N
     return data[bo + 8:end]
 
 
+_PRINTABLE = bytes(range(0x20, 0x7F)) + b"\t\n"
+_ESCAPES = {b: f"\\x{b:02x}" for b in range(256) if b not in _PRINTABLE}
+
+
 def escape_text(text: bytes) -> str:
-    """Printable text as makedumpfile prints it: non-printables as ``\\xNN``."""
-    out = []
-    for b in text:
-        if b == 0x0A:
-            out.append("\n")
-        elif 0x20 <= b < 0x7F or b == 0x09:
-            out.append(chr(b))
-        else:
-            out.append(f"\\x{b:02x}")
-    return "".join(out)
+    """Printable text as makedumpfile prints it: non-printables as ``\\xNN``.
+
+    (Two C-speed passes instead of a loop per byte: the whole log is escaped
+    on the layer-0 path.)
+    """
+    if not text.translate(None, _PRINTABLE):  # nothing to escape
+        return text.decode("ascii")
+    return text.decode("latin-1").translate(_ESCAPES)
 
 
 def format_records(records: list[LogRecord]) -> str:
