@@ -125,8 +125,17 @@ class KernelMemory:
     def read(self, va: int, length: int) -> bytes:
         if length < 0 or length > 1 << 30:
             raise FaultError(f"read of {length} bytes at {va:#x} refused")
+        if length == 0:
+            return b""
+        va &= U64
+        pa, avail = self.to_phys(va)
+        if avail >= length:  # one physically contiguous piece (the kernel image, the direct map): one copy
+            try:
+                return self.snapshot.read_phys(pa, length)
+            except SnapshotError:
+                raise FaultError(f"virtual address {va:#x} (physical {pa:#x}) not in snapshot") from None
         out = bytearray()
-        for cva, pa, n in self.chunks(va & U64, length):
+        for cva, pa, n in self.chunks(va, length):
             try:
                 out += self.snapshot.read_phys(pa, n)
             except SnapshotError:
