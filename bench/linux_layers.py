@@ -125,6 +125,7 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
           f"(struct pages {tm.get('pages_struct_pages_s', 0) * 1000:.0f}, buddy/tails "
           f"{tm.get('pages_buddy_tail_s', 0) * 1000:.0f}) "
           f"for {int(tm.get('pages_pages', 0))} pfns")
+    print(layer0_line(p, t_init))
     assert classes is not None
     counts = classes.counts()
     print("our classes (pages): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -236,6 +237,36 @@ class _CutAfter:
 
     def close(self) -> None:
         self.dev.close()
+
+
+def layer0_line(p: LinuxProducer, t_init: float) -> str:
+    """Layer 0's producer time, and, same run and snapshot, the eager work its lazy paths skip.
+
+    Baseline: decoding every kallsyms name (what building the symbol table
+    did before names stayed encoded) and walking all of BTF (what the
+    constructor did before records were walked on demand).
+    """
+    from progdump.layers.linux.btf import Btf
+    from progdump.layers.linux.kallsyms import decode_kallsyms
+
+    k, vi = p.k, p.k.vi
+    a = {n: vi.symbol(f"kallsyms_{n}") for n in ("num_syms", "names", "token_table", "token_index", "offsets",
+                                                  "relative_base")}
+    num = k.mem.u32(a["num_syms"])
+    tables = (num, k.mem.read(a["names"], a["token_table"] - a["names"]),
+              k.mem.read(a["token_table"], a["token_index"] - a["token_table"]), k.mem.read(a["token_index"], 512),
+              k.mem.read(a["offsets"], 4 * num), k.mem.u64(a["relative_base"]))
+    t = time.perf_counter()
+    decode_kallsyms(*tables)
+    t_names = time.perf_counter() - t
+    lo, hi = k.syms.address("__start_BTF"), k.syms.address("__stop_BTF")
+    blob = k.mem.read(lo, hi - lo)
+    t = time.perf_counter()
+    ntypes = len(Btf(blob))
+    t_btf = time.perf_counter() - t
+    return (f"layer 0 path: producer init {t_init * 1000:.0f} ms + panic() {p.timings.get('panic_s', 0) * 1000:.0f} ms; "
+            f"baseline, same run: every kallsyms name decoded ({num}) {t_names * 1000:.0f} ms, "
+            f"all of BTF walked ({ntypes} types) {t_btf * 1000:.0f} ms")
 
 
 def write_and_recover(snap, work: Path, cut_after: int | None):  # type: ignore[no-untyped-def]
