@@ -16,7 +16,7 @@ from functools import cached_property
 from progdump.layers.linux.btf import Btf, BtfError
 from progdump.layers.linux.kallsyms import KallsymsError, SymbolTable, load_kallsyms
 from progdump.layers.linux.translate import FaultError, KernelMemory
-from progdump.layers.linux.unwind import OrcSet, OrcTable
+from progdump.layers.linux.unwind import MemoryBytes, OrcSet, OrcTable
 from progdump.layers.linux.vmcoreinfo import Vmcoreinfo, VmcoreinfoMissing
 from progdump.snapshot import Snapshot
 
@@ -135,7 +135,10 @@ class LinuxKernel:
         except BtfError:
             pass  # no BTF: trust the 6.1 layout, the unwinder sanity-checks each step
         n = (b - a) // 4
-        return OrcTable(a, self.mem.read(a, 4 * n), self.mem.read(e, 6 * n))
+        ips = self.mem.read(a, 4 * n)
+        if not self.mem.readable(e, 6 * n):
+            self.mem.read(e, 6 * n)  # raises, saying where
+        return OrcTable(a, ips, MemoryBytes(self.mem, e, 6 * n))  # entries are read as the unwinder asks
 
     def percpu_offset(self, cpu: int) -> int:
         a = self.syms.address("__per_cpu_offset")

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 from progdump.layers.linux.translate import FaultError
 
-__all__ = ["Frame", "OrcTable", "OrcSet", "orc_unwind", "stack_scan", "stacks_of", "THREAD_SIZE", "is_call_preceded"]
+__all__ = ["Frame", "MemoryBytes", "OrcTable", "OrcSet", "orc_unwind", "stack_scan", "stacks_of", "THREAD_SIZE",
+           "is_call_preceded"]
 
 THREAD_SIZE = 16384
 MAX_FRAMES = 64
@@ -56,6 +57,25 @@ class Frame:
         return {"address": f"{self.address:#x}", "symbol": self.symbol, "method": self.method,
                 "reliable": self.reliable, "stack_addr": f"{self.stack_addr:#x}" if self.stack_addr else None,
                 "note": self.note or None}
+
+
+class MemoryBytes:
+    """``length`` bytes of guest memory at ``va``, read a slice at a time (only ``len`` and slicing).
+
+    Why: vmlinux's ORC entry table is ~2 MiB and an unwind reads a few
+    dozen 6-byte entries of it; copying it whole is most of building the
+    table on the layer-0 path. The caller checks once that it is readable.
+    """
+
+    def __init__(self, mem, va: int, length: int) -> None:  # type: ignore[no-untyped-def]
+        self.mem, self.va, self.length = mem, va, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, s: slice) -> bytes:
+        start, stop, _ = s.indices(self.length)
+        return self.mem.read(self.va + start, max(0, stop - start))
 
 
 class OrcTable:
@@ -97,7 +117,7 @@ class OrcTable:
         i = self._index(ip)
         if i < 0 or ip - int(self.ips[i]) > 1 << 20:
             return None
-        sp_off, bp_off, bits = struct.unpack_from("<hhH", self.entries, 6 * i)
+        sp_off, bp_off, bits = struct.unpack("<hhH", self.entries[6 * i:6 * i + 6])
         return sp_off, bp_off, bits & 0xF, (bits >> 4) & 0xF, (bits >> 8) & 0x3, (bits >> 10) & 1
 
 
