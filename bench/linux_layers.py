@@ -264,7 +264,8 @@ def layer0_line(p: LinuxProducer, t_init: float) -> str:
     t = time.perf_counter()
     ntypes = len(Btf(blob))
     t_btf = time.perf_counter() - t
-    return (f"layer 0 path: producer init {t_init * 1000:.0f} ms + panic() {p.timings.get('panic_s', 0) * 1000:.0f} ms; "
+    panic_ms = p.timings.get("panic_s", 0) * 1000
+    return (f"layer 0 path: producer init {t_init * 1000:.0f} ms + panic() {panic_ms:.0f} ms; "
             f"baseline, same run: every kallsyms name decoded ({num}) {t_names * 1000:.0f} ms, "
             f"all of BTF walked ({ntypes} types) {t_btf * 1000:.0f} ms")
 

@@ -24,7 +24,8 @@ import bisect
 import struct
 from typing import NamedTuple
 
-__all__ = ["KallsymsError", "Symbol", "SymbolTable", "KallsymsTexts", "decode_columns", "decode_kallsyms", "load_kallsyms"]
+__all__ = ["KallsymsError", "Symbol", "SymbolTable", "KallsymsTexts", "decode_columns", "decode_kallsyms",
+           "load_kallsyms"]
 
 MAX_SYMS = 1 << 21
 MAX_NAMES_BYTES = 64 << 20
