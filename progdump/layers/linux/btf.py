@@ -38,7 +38,7 @@ for _k in range(1, 20):
     _FIXED_WORDS[_k] = 3 + {1: 1, 3: 3, 14: 1, 17: 1}.get(_k, 0)
     _PER_WORDS[_k] = {4: 3, 5: 3, 6: 2, 13: 2, 15: 3, 19: 3}.get(_k, 0)
 _EAGER_RECORDS = 2048  # records walked by the constructor (and per step of a lookup's Python walk)
-_PY_WALK_RECORDS = 8192  # beyond this many, a lookup walks the rest at once
+_PY_WALK_RECORDS = 2048  # beyond this many, a lookup walks the rest at once
 _INDEXED = {4, 5, 6, 8, 19, 1}  # kinds found by name: struct, union, enum, typedef, enum64, int
 _QUALIFIERS = {KIND["typedef"], KIND["volatile"], KIND["const"], KIND["restrict"], KIND["type_tag"]}
 
@@ -189,8 +189,13 @@ class Btf:
             h = np.array(heads, dtype=np.int64)
             w = np.frombuffer(self._words, dtype=np.uint32, count=self._n)
             infos = w[h + 1]
-            self._kind += ((infos >> 24) & 0x1F).tolist()
-            self._nameoff += w[h].tolist()
+            kinds, noffs = ((infos >> 24) & 0x1F).astype(np.uint8), w[h]
+            # the scan columns: the Python-walked ids (and void) then these
+            self._np_cols = (len(self._kind) + len(h),
+                             np.concatenate((np.array(self._nameoff, dtype=np.uint32), noffs)),
+                             np.concatenate((np.array(self._kind, dtype=np.uint8), kinds)))
+            self._kind += kinds.tolist()
+            self._nameoff += noffs.tolist()
             self._st += w[h + 2].tolist()
             self._rec += (self._t0 + 12 + 4 * h).tolist()
             self._vlen += (infos & 0xFFFF).tolist()
@@ -260,7 +265,14 @@ class Btf:
             self._np_cols = (len(self._kind), np.array(self._nameoff, dtype=np.uint32),
                              np.array(self._kind, dtype=np.uint8))
         _, no, kd = self._np_cols
-        hit = np.flatnonzero(np.isin(no[lo:hi], np.array(sorted(offs), dtype=np.uint32)) & (kd[lo:hi] == kind))
+        no = no[lo:hi]
+        if len(offs) <= 8:  # the usual case: a name's string, perhaps a shared suffix
+            named = np.zeros(len(no), dtype=bool)
+            for o in offs:
+                named |= no == o
+        else:
+            named = np.isin(no, np.array(sorted(offs), dtype=np.uint32))
+        hit = np.flatnonzero(named & (kd[lo:hi] == kind))
         return lo + int(hit[0]) if len(hit) else None
 
     def _str(self, off: int) -> str:
