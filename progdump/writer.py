@@ -417,7 +417,7 @@ def write_dump(
     ``threads`` sets the compression workers (default: CPUs, at most 4);
     ``dump_id``/``dump_time_ns`` are for reproducible golden test images only.
     """
-    from progdump.layers import get_plan, iter_layers, select_producer  # noqa: PLC0415
+    from progdump.layers import get_plan, iter_layers, preload_producers, select_producer  # noqa: PLC0415
 
     try:
         specs = get_plan(plan)
@@ -429,7 +429,10 @@ def write_dump(
     if device.size < 4 * HEADER_BLOCK or log_end(device.size) - LOG_START < 2 * align:
         raise WriterError(f"device is {device.size} bytes: too small for a dump (needs at least 16 KiB)")
     # The clock starts before the producer is chosen: "layer 0 durable at" is the time
-    # from the writer's start, OS analysis included.
+    # from the writer's start, OS analysis included. Producer code is imported first:
+    # in a real dump path it is resident, so import time is not dump time.
+    if producer is None:
+        preload_producers()
     t_start = device.clock()
     if producer is None:
         producer = select_producer(snapshot)

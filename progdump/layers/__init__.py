@@ -21,11 +21,38 @@ __all__ = [
     "PLANS",
     "get_plan",
     "select_producer",
+    "preload_producers",
     "iter_layers",
     "build_layers",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def preload_producers() -> list[str]:
+    """Import every OS producer's modules now; return the reasons any failed.
+
+    In a real dump path the producer code is resident (it is part of the
+    kernel or of a capture kernel loaded ahead of time), so the writer calls
+    this *before* its clock starts: "layer 0 durable at" then measures the
+    dump, not Python compiling modules (measured: 20-40 ms on a machine with
+    PYTHONDONTWRITEBYTECODE set). A failed import is not an error here;
+    :func:`select_producer` reports it when it matters.
+    """
+    import importlib  # noqa: PLC0415
+
+    failed = []
+    for mod in (
+        "progdump.layers.linux",
+        "progdump.layers.linux.tasks",
+        "progdump.layers.linux.modules",
+        "progdump.layers.linux.pages",
+    ):
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001 - reported, never fatal
+            failed.append(f"{mod}: {type(e).__name__}: {e}")
+    return failed
 
 
 def select_producer(snapshot: Snapshot) -> Producer:

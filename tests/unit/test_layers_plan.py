@@ -84,3 +84,12 @@ def test_select_producer_falls_back_with_reason():
     p = select_producer(_snap(vmcoreinfo=b"garbage"))
     # whatever the linux producer's state, a garbage VMCOREINFO must not yield a crash
     assert p.name in ("generic", "linux")
+
+
+def test_preload_producers_imports_the_linux_producer():
+    import sys
+
+    from progdump.layers import preload_producers
+
+    assert preload_producers() == []
+    assert "progdump.layers.linux.tasks" in sys.modules
