@@ -335,6 +335,19 @@ def _score_real(outdir: str, rc: int, snap, expected, markers, older_ids: set[st
     return score_recovery(outdir, snap, expected, markers), False
 
 
+def _drop_vmcore(outdir: str) -> None:
+    """Scored recoveries keep their manifest and artifacts; the vmcore (~RAM size) goes (disk space)."""
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(outdir, "vmcore"))
+
+
+def _set_sample(ph: "RealPhase", outdir: str) -> None:
+    """The newest recovery with every layer complete becomes the sample; the previous one sheds its vmcore."""
+    if ph.sample_from and ph.sample_from != outdir:
+        _drop_vmcore(ph.sample_from)
+    ph.sample_from = outdir
+
+
 def _row(sc, model: str, plan: str, source: str, trial: int, index: int, kind: str, seed: int, t_ms: float,
          names: list[str], statuses: list[str], recovered: int, committed: int, lost: int, fa: bool, nbytes: int,
          verified: str, agreement_: str, trace: str, reasons: list[str], t_s: float | None = None) -> Row:
@@ -455,7 +468,9 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                                     score.bytes_recovered, "full", "n/a", trace, reasons))
                 ph.refs.append(RefRun(model, plan, trace, ref_elf, dur, score.dump_id, tr.end_time))
                 if score.layers_recovered == len(names) and not score.false_accept:
-                    ph.sample_from = outdir
+                    _set_sample(ph, outdir)
+                else:
+                    _drop_vmcore(outdir)
                 tr.close()
                 progress.step(1, f"{model} {plan} reference: {score.layers_recovered}/{len(names)} layers")
             snap.close()
@@ -528,7 +543,9 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                                         score.statuses(), score.layers_recovered, len(committed), lost,
                                         score.false_accept, score.bytes_recovered, "full", ag, trace, reasons))
                     if kind == "complete" and score.layers_recovered == len(names) and not score.false_accept:
-                        ph.sample_from = outdir
+                        _set_sample(ph, outdir)
+                    else:
+                        _drop_vmcore(outdir)
                     tr.close()
                     progress.step(1, f"{model} {plan} reset at {t_kill * 1e3:.0f} ms: {score.layers_recovered}/{len(names)}")
     _ = setup
