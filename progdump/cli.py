@@ -139,6 +139,9 @@ def _run_write(a: argparse.Namespace) -> int:
         if ev.kind == "layer-durable" and not quiet:
             bar.clear()
             print(format_durable_line(ev.layer), flush=True)
+        elif ev.kind == "write-error":
+            bar.clear()
+            print(f"progdump: {ev.message}; carrying on past it", file=sys.stderr, flush=True)
         elif ev.kind in ("pages", "layer-start") and not quiet:
             name = ev.layer.name if ev.layer else ""
             bar.update(ev.pages_done, ev.pages_total, f"layer {ev.layer.index} {name}" if ev.layer else "")
@@ -164,6 +167,13 @@ def _run_write(a: argparse.Namespace) -> int:
         print(
             f"dump {res.dump_id}: {n_ok}/{len(res.layers)} layers committed ({res.stopped}) in {res.elapsed_s:.2f} s, "
             f"{_human(res.device_bytes)} written{rate}"
+        )
+    if res.failed_writes and not quiet:
+        holey = [f"{lay.index} {lay.name}" for lay in res.layers if lay.holes]
+        print(
+            f"progdump: {res.failed_writes} writes failed on the medium; layers with a hole: {', '.join(holey) or 'none'}"
+            " (their lost pages were retried by later layers; recover reports the holes)",
+            file=sys.stderr,
         )
     if res.stopped == "error":
         print(f"progdump: write stopped by a device error: {res.error}", file=sys.stderr)

@@ -29,11 +29,29 @@ import stat as _stat
 import time as _time
 from abc import ABC, abstractmethod
 
-__all__ = ["DeviceError", "DumpDevice", "FileDevice", "open_device", "MIN_DEVICE_SIZE"]
+__all__ = ["DeviceError", "MediaError", "DumpDevice", "FileDevice", "open_device", "MIN_DEVICE_SIZE"]
 
 
 class DeviceError(Exception):
     """The dump device cannot be used or failed an I/O; the message says which and why."""
+
+
+class MediaError(DeviceError):
+    """One write failed on the medium (EIO): that extent is bad, the device is still usable.
+
+    Why a class of its own: the writer carries on past a bad region (FORMAT.md
+    R-WR-7) but must stop on anything else (device gone, closed, misuse).
+    ``offset``/``length`` are the failed write's.
+    """
+
+    def __init__(self, message: str, offset: int, length: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.length = length
+
+
+#: errnos of a write that mean "this extent failed", not "the device is gone"
+MEDIA_ERRNOS = frozenset({_errno.EIO, _errno.EILSEQ, getattr(_errno, "EBADMSG", _errno.EIO), getattr(_errno, "ENODATA", _errno.EIO)})
 
 
 class DumpDevice(ABC):
@@ -157,7 +175,10 @@ class FileDevice(DumpDevice):
                 if e.errno == _errno.EINVAL and self._buf is not None:
                     self._reopen_buffered()
                     continue
-                raise DeviceError(f"{self.path}: write of {k} bytes at {offset + done:#x}: {e.strerror or e}") from None
+                msg = f"{self.path}: write of {k} bytes at {offset + done:#x}: {e.strerror or e}"
+                if e.errno in MEDIA_ERRNOS:
+                    raise MediaError(msg, offset, n) from None
+                raise DeviceError(msg) from None
             finally:
                 if isinstance(src, memoryview):
                     src.release()

@@ -64,7 +64,7 @@ from typing import Callable
 
 import xxhash
 
-from progdump.device import DeviceError, DumpDevice
+from progdump.device import DeviceError, DumpDevice, MediaError
 
 __all__ = [
     "DeviceModel",
@@ -371,7 +371,9 @@ class ModelledDevice(DumpDevice):
             self.stats.failed_writes += 1
             self.stats.device_cpu_s += self._host() - h_in
             self._pace(done)
-            raise DeviceError(f"{self.path}: I/O error writing {length} bytes at offset {offset:#x} (modelled bad region)")
+            raise MediaError(
+                f"{self.path}: I/O error writing {length} bytes at offset {offset:#x} (modelled bad region)", offset, length
+            )
         done = start + self.model.write_cost(length, sequential)
         blob = bytes(data)
         if self.trace:

@@ -28,6 +28,7 @@ from progdump.format import (
     HEADER_BLOCK,
     LOG_START,
     MAX_PAGES_PER_RECORD,
+    RESYNC_WINDOW,
     RECORD_ALIGN,
     RECORD_HEADER_SIZE,
     RECORD_MAGIC,
@@ -51,7 +52,6 @@ from progdump.snapshot import PAGE_SIZE
 
 __all__ = ["Source", "ScanResult", "LayerStatus", "ReaderError", "scan", "recover", "open_source", "RESYNC_WINDOW"]
 
-RESYNC_WINDOW = 4 << 20  # R-RD-2: how far past a bad spot to look for the next record
 MAX_ARTIFACT = 64 << 20  # R-TYP-2
 MAX_LAYERS = 64
 MAX_PFN_END = 1 << 40  # x86-64 physical addresses have at most 52 bits: 2^40 page frames
@@ -148,6 +148,8 @@ class LayerStatus:
     durable_s: float | None = None  # from the commit (records flushed at)
     reasons: list[str] = field(default_factory=list)  # why not complete
     stats: dict = field(default_factory=dict)
+    #: failed writes the writer reported in this layer's commit (R-WR-7): where the hole is
+    holes: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -166,6 +168,7 @@ class LayerStatus:
             "durable_s": self.durable_s,
             "degraded": [n[len("degraded: ") :] for n in self.notes if n.startswith("degraded: ")],
             "reasons": self.reasons,
+            "holes": self.holes,
         }
 
 
@@ -424,6 +427,7 @@ class _Scanner:
 
     def walk(self, end: int) -> None:
         off = LOG_START
+        front = LOG_START  # end of the last record of the newest dump seen so far
         while off < end:
             h = self.header_at(off, end)
             if h is None and off % 4096:
@@ -448,6 +452,17 @@ class _Scanner:
                 r = _Rec(h)
                 self.recs[h.dump_id].append(r)
                 self.verify(r)
+                front = off + record_span(h.stored_len)
+            elif off < front + self.window:
+                # Near the newest dump's frontier an older dump's record can show through a write
+                # that failed (a hole the writer carried on past, R-WR-7) or was lost, and the newest
+                # dump's next records may start inside its span: look for the next header inside it
+                # instead of jumping over it, and an older END there does not end the walk (R-RD-2).
+                nxt = self.resync(off + RECORD_ALIGN, end)
+                if nxt is None:
+                    return
+                off = nxt
+                continue
             if h.rtype == RecordType.END:
                 # The end of some dump's log (R-RD-2): of the newest, the walk is done; of an older
                 # dump, what follows is older still (a newer dump reaching past it would have covered
@@ -595,9 +610,33 @@ def _classify(res: ScanResult, hdrs: list[DumpHeader], recs: list[_Rec]) -> None
         if complete:
             lay.status = "complete"
             lay.reasons = []
-        elif lrecs:
+        else:
+            _holes(lay, commits)
+        if not complete and lrecs:
             lay.status = "partial"
         # page counts for the zero map of PAGES records are counted at export (payload not parsed here)
+
+
+def _holes(lay: LayerStatus, commits: list[_Rec]) -> None:
+    """The failed writes a verified commit reports (R-WR-7), checked for shape and bounded."""
+    for c in commits:
+        ci: CommitInfo = c.small  # type: ignore[assignment]
+        failed = ci.stats.get("failed_writes") if isinstance(ci.stats, dict) else None
+        if not isinstance(failed, list):
+            continue
+        for f in failed[:64]:
+            if not isinstance(f, dict):
+                continue
+            off, ln, recs = f.get("offset"), f.get("length"), f.get("records")
+            if not (isinstance(off, int) and isinstance(ln, int) and isinstance(recs, list) and len(recs) == 2
+                    and all(isinstance(x, int) for x in recs)):  # fmt: skip
+                continue
+            lay.holes.append({"offset": off, "length": ln, "records": recs, "error": str(f.get("error", ""))[:200]})
+        if lay.holes:
+            lost = sum(h["records"][1] - h["records"][0] + 1 for h in lay.holes)
+            where = ", ".join(f"{h['length']} bytes at {h['offset']:#x}" for h in lay.holes[:4])
+            lay.reasons.insert(0, f"hole: the writer reported {len(lay.holes)} failed writes ({where}), {lost} records lost")
+            return
 
 
 def _check_commit(ci: CommitInfo, c: _Rec, by_seq: dict[int, _Rec], layer: int) -> str:

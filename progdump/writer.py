@@ -39,12 +39,13 @@ try:  # optional: finds zero pages without the GIL and without a copy; bytes com
 except ImportError:  # pragma: no cover - numpy is present wherever matplotlib is
     _np = None
 
-from progdump.device import DeviceError, DumpDevice
+from progdump.device import DeviceError, DumpDevice, MediaError
 from progdump.format import (
     ARTIFACT_NAME_FIELD,
     FORMAT_VERSION,
     HEADER_BLOCK,
     LOG_START,
+    MAX_HOLE,
     MAX_PAGES_PER_RECORD,
     CommitInfo,
     Compression,
@@ -70,6 +71,7 @@ ARTIFACT_CHUNK = 1 << 20  # artifact bytes per ARTIFACT record
 MAX_ARTIFACT = 64 << 20  # the reader's bound (FORMAT.md R-TYP-2)
 MAX_NOTES_BYTES = 256 << 10
 ZERO_PAGE = bytes(PAGE_SIZE)
+COMMIT_TRIES = 8  # writes of one layer's COMMIT before the layer is given up (R-WR-7)
 VERSION = "progdump 0.1.0"
 
 assert CHUNK_PAGES <= MAX_PAGES_PER_RECORD
@@ -101,6 +103,10 @@ class LayerResult:
     zero_pages: int = 0
     artifacts: list[str] = field(default_factory=list)
     started: bool = False
+    #: records of this layer lost to failed writes (R-WR-7); its pages are retried by later layers
+    lost_records: int = 0
+    #: the failed writes: {"offset", "length", "records": [first, last], "error"}
+    holes: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -115,10 +121,12 @@ class WriteResult:
     elapsed_s: float = 0.0
     device_bytes: int = 0
     snapshot_bytes: int = 0
+    #: writes that failed on the medium and were carried past (R-WR-7)
+    failed_writes: int = 0
 
     @property
     def complete(self) -> bool:
-        return self.stopped == "done" and all(lay.committed for lay in self.layers)
+        return self.stopped == "done" and all(lay.committed and not lay.lost_records for lay in self.layers)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -156,7 +164,25 @@ def _human_time(t: float) -> str:
 
 def format_durable_line(layer: LayerResult) -> str:
     """``layer 0 panic durable at 3.1 ms, 41 KiB``: when a power-cycle keeps this layer."""
-    return f"layer {layer.index} {layer.name} durable at {_human_time(layer.durable_s or 0.0)}, {_human_bytes(layer.bytes)}"
+    line = f"layer {layer.index} {layer.name} durable at {_human_time(layer.durable_s or 0.0)}, {_human_bytes(layer.bytes)}"
+    if layer.lost_records:
+        line += f", with a hole: {layer.lost_records} records lost to write errors"
+    return line
+
+
+@dataclass
+class _Failure:
+    """A device write that failed on the medium, and what it carried."""
+
+    offset: int
+    length: int
+    seq_lo: int  # records [seq_lo, seq_hi) were in it
+    seq_hi: int
+    pages: list[tuple[int, int]]  # (first pfn, count) of its PAGES/ZERO records
+    error: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"offset": self.offset, "length": self.length, "records": [self.seq_lo, self.seq_hi - 1], "error": self.error[:200]}
 
 
 # ---------------------------------------------------------------------------
@@ -171,6 +197,13 @@ class _Log:
     calls ``device.write``; ``flush`` is called by :meth:`barrier` after the
     queue has drained, so the device never sees concurrent calls. At most
     ``QUEUE`` writes of about 1 MiB wait in the queue (bounded memory).
+
+    A write that fails on the medium (:class:`MediaError`) does not stop the
+    log (R-WR-7): the failure, with the records and pages it carried, goes to
+    ``failures`` and later writes continue after it, so the layer being
+    written gets a hole and the writer retries its pages later. Once failed
+    writes span more than ``MAX_HOLE`` since the last good one, a reader
+    could no longer find the records after them (R-RD-2), so the log stops.
     """
 
     QUEUE = 4
@@ -190,6 +223,10 @@ class _Log:
         self.t0 = t0  # device clock at the dump's start: durable times are relative to it
         self.q: queue.Queue = queue.Queue(self.QUEUE)
         self.error: BaseException | None = None
+        self.stage_seq = 0  # sequence number of the first staged record
+        self.stage_pages: list[tuple[int, int]] = []  # page runs of the staged records
+        self.failures: list[_Failure] = []  # appended by the I/O thread only
+        self.good_end = LOG_START  # end of the last write that succeeded (I/O thread)
         self.io = threading.Thread(target=self._io_loop, name="progdump-io", daemon=True)
         self.io.start()
 
@@ -200,13 +237,27 @@ class _Log:
                 if item is None:
                     return
                 if self.error is None:
-                    off, pieces = item
+                    off, pieces, seq_lo, seq_hi, pages = item
                     data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                    self.dev.write(off, data)
+                    try:
+                        self.dev.write(off, data)
+                        self.good_end = off + len(data)
+                    except MediaError as e:
+                        self.failures.append(_Failure(off, len(data), seq_lo, seq_hi, pages, str(e)))
+                        hole = off + len(data) - self.good_end
+                        if hole > MAX_HOLE:
+                            raise DeviceError(
+                                f"{e}; writes have failed over {hole >> 20} MiB of the device in a row, more than"
+                                f" a reader carries on past ({MAX_HOLE >> 20} MiB)"
+                            ) from None
             except BaseException as e:  # handed to the main thread at the next submit/barrier
                 self.error = e
             finally:
                 self.q.task_done()
+
+    def failures_since(self, seq: int) -> list[_Failure]:
+        """Failed writes that carried records with sequence numbers >= ``seq`` (call after a barrier)."""
+        return [f for f in self.failures if f.seq_hi > seq]
 
     def _check(self) -> None:
         if self.error is not None:
@@ -217,32 +268,54 @@ class _Log:
     def append(
         self, rtype: RecordType, layer: int, stored: bytes | bytearray | memoryview, raw_len: int,
         comp: Compression, aux0: int = 0, aux1: int = 0, psum: bytes | None = None,
+        pages: tuple[int, int] | None = None, seq: int | None = None,
     ) -> tuple[bytes, int]:  # fmt: skip
-        """Add one record; returns (its 128-byte header, its span on the device)."""
+        """Add one record; returns (its 128-byte header, its span on the device).
+
+        ``pages`` (first pfn, count) of a PAGES/ZERO record: retried if its write fails.
+        ``seq`` reuses a sequence number: only for a COMMIT whose write failed (R-WR-7).
+        """
         span = record_span(len(stored), self.align)
         if self.cursor + span > self.end:
             raise _Stop("device-full")
         if psum is None:
             psum = payload_checksum(stored)
         hdr = pack_record_header(
-            rtype, layer, self.dump_id, self.t_ns, self.seq, self.cursor, len(stored), raw_len, aux0, aux1, comp, psum
-        )
+            rtype, layer, self.dump_id, self.t_ns, self.seq if seq is None else seq, self.cursor, len(stored), raw_len,
+            aux0, aux1, comp, psum,
+        )  # fmt: skip
         self.pieces += (hdr, stored, bytes(span - len(hdr) - len(stored)))
+        if pages is not None:
+            self.stage_pages.append(pages)
         self.pending += span
         self.cursor += span
-        self.seq += 1
+        if seq is None:
+            self.seq += 1
         if self.pending >= STAGE_BYTES:
             self.drain()
         return hdr, span
+
+    def skip(self, n: int, payload: int) -> bool:
+        """Leave ``n`` bytes unwritten (past a bad spot) if a record of ``payload`` bytes after them
+        keeps the hole within MAX_HOLE and the log area; call with nothing staged (after a barrier)."""
+        n += -n % self.align
+        after = self.cursor + n + record_span(payload, self.align)
+        if self.pending or after > self.end or after - self.good_end > MAX_HOLE:
+            return False
+        self.cursor += n
+        self.buf_off = self.cursor
+        return True
 
     def drain(self) -> None:
         """Queue what is staged for the I/O thread."""
         self._check()
         if self.pending:
-            self.q.put((self.buf_off, self.pieces))
+            self.q.put((self.buf_off, self.pieces, self.stage_seq, self.seq, self.stage_pages))
             self.buf_off += self.pending
             self.written += self.pending
             self.pieces = []
+            self.stage_pages = []
+            self.stage_seq = self.seq
             self.pending = 0
 
     def barrier(self) -> None:
@@ -269,6 +342,20 @@ class _Written:
         self.ranges = snapshot.ranges
         self.starts = [r.phys_start // PAGE_SIZE for r in snapshot.ranges]
         self.marks = [bytearray(r.size // PAGE_SIZE) for r in snapshot.ranges]
+
+    def unmark(self, pfn: int, n: int) -> None:
+        """Pages ``[pfn, pfn + n)`` are not on the device after all (their write failed): want them again."""
+        end = pfn + n
+        i = max(bisect_right(self.starts, pfn) - 1, 0)
+        while i < len(self.ranges):
+            base = self.starts[i]
+            top = base + len(self.marks[i])
+            if base >= end:
+                break
+            lo, hi = max(pfn, base), min(end, top)
+            if lo < hi:
+                self.marks[i][lo - base : hi - base] = bytes(hi - lo)
+            i += 1
 
     def take(self, pfn: int, n: int, max_pages: int) -> Iterator[tuple[int, int, int, int]]:
         """Yield ``(range index, first pfn, npages, byte offset in range)`` for unwritten pages of the run.
@@ -479,9 +566,15 @@ def write_dump(
     try:
         try:
             hdr = DumpHeader(FORMAT_VERSION, dump_id, t_ns, device.size, align, 0, len(specs), info)
-            device.write(0, pack_header(hdr))  # R-HDR-1: both copies first, durable with layer 0
             backup_at = log_end(device.size)
-            device.write(backup_at, pack_header(DumpHeader(**{**hdr.__dict__, "copy": 1})))
+            # R-HDR-1: both copies first, durable with layer 0. They are informative (R-HDR-3):
+            # a copy the medium refuses costs nothing a reader needs (R-WR-7).
+            for where, copy in ((0, 0), (backup_at, 1)):
+                try:
+                    device.write(where, pack_header(DumpHeader(**{**hdr.__dict__, "copy": copy})))
+                except MediaError as e:
+                    res.failed_writes += 1
+                    emit("write-error", None, f"header copy {copy}: {e}")
             for spec, content in iter_layers(snapshot, specs, producer):
                 lay = layers[spec.index]
                 if past_deadline():
@@ -492,8 +585,12 @@ def write_dump(
                     log, spec, content, lay, specs, producer, snapshot, written, pool, nthreads, past_deadline,
                     pages_done, lambda: emit("pages", lay),
                 )  # fmt: skip
-                committed.append(spec.index)
-                emit("layer-durable", lay)
+                for h in lay.holes:
+                    emit("write-error", lay, f"layer {lay.index} {lay.name}: write of {h['length']} bytes at {h['offset']:#x} failed"
+                         f" ({h['records'][1] - h['records'][0] + 1} records lost): {h['error']}")
+                if lay.committed:
+                    committed.append(spec.index)
+                    emit("layer-durable", lay)
             res.stopped = "done"
         except _Stop as s:
             res.stopped = s.reason
@@ -502,7 +599,11 @@ def write_dump(
             res.error = str(e)
         # END record (R-WR-2/3): best effort; a failure here loses nothing committed.
         try:
-            end = json.dumps({"reason": res.stopped, "committed": committed, "error": res.error[:512]}).encode()
+            end_info = {"reason": res.stopped, "committed": committed, "error": res.error[:512]}
+            if log.failures:
+                end_info["failed_writes"] = len(log.failures)
+                end_info["holes"] = [f.to_json() for f in log.failures[:16]]
+            end = json.dumps(end_info).encode()
             log.append(RecordType.END, 0, end, len(end), Compression.NONE)
             log.barrier()
         except (_Stop, DeviceError):
@@ -511,6 +612,7 @@ def write_dump(
                 device.flush()
             except DeviceError:
                 pass
+        res.failed_writes += len(log.failures)
         emit("stopped", None, res.stopped)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -533,12 +635,12 @@ def _write_layer(
 
     def add(
         rtype: RecordType, stored: bytes | bytearray, raw_len: int, comp: Compression,
-        aux0: int = 0, aux1: int = 0, psum: bytes | None = None,
+        aux0: int = 0, aux1: int = 0, psum: bytes | None = None, pages: tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
         nonlocal payload_bytes
         if past_deadline():
             raise _Stop("deadline")
-        hdr, span = log.append(rtype, spec.index, stored, raw_len, comp, aux0, aux1, psum)
+        hdr, span = log.append(rtype, spec.index, stored, raw_len, comp, aux0, aux1, psum, pages)
         digest.update(hdr)
         payload_bytes += len(stored)
         lay.bytes += span
@@ -589,7 +691,7 @@ def _write_layer(
 
     def flush_zero() -> None:
         if zero_run[1]:
-            add(RecordType.ZERO, b"", 0, Compression.NONE, zero_run[0], zero_run[1])
+            add(RecordType.ZERO, b"", 0, Compression.NONE, zero_run[0], zero_run[1], pages=(zero_run[0], zero_run[1]))
             zero_run[1] = 0
 
     def finish_one() -> None:
@@ -603,7 +705,7 @@ def _write_layer(
                 zero_run[0], zero_run[1] = ch.pfn, ch.npages
         else:
             flush_zero()
-            add(RecordType.PAGES, ch.stored, ch.raw_len, ch.comp, ch.pfn, ch.npages, ch.psum)
+            add(RecordType.PAGES, ch.stored, ch.raw_len, ch.comp, ch.pfn, ch.npages, ch.psum, pages=(ch.pfn, ch.npages))
         lay.pages += ch.npages
         lay.zero_pages += ch.zero_pages
         pages_done[0] += ch.npages
@@ -635,11 +737,42 @@ def _write_layer(
     count = log.seq - first_seq
     log.barrier()  # R-COM-1: the layer's records are durable before its commit is written
     t_flushed = log.dev.clock() - log.t0
-    stats = {"pages": lay.pages, "zero_pages": lay.zero_pages, "artifacts": lay.artifacts, "records": count}
+    stats: dict[str, object] = {"pages": lay.pages, "zero_pages": lay.zero_pages, "artifacts": lay.artifacts, "records": count}
+    failed = log.failures_since(first_seq)
+    if failed:
+        # R-WR-7: the layer has a hole. Its commit still says what it held (the reader then
+        # reports it partial, with the hole); its lost pages are wanted again by later layers.
+        for f in failed:
+            lo, hi = max(f.seq_lo, first_seq), f.seq_hi
+            lay.lost_records += hi - lo
+            lay.holes.append(f.to_json())
+            for pfn, n in f.pages:
+                written.unmark(pfn, n)
+                lay.pages -= n
+        stats["failed_writes"] = [h for h in lay.holes[:64]]
+        stats["lost_records"] = lay.lost_records
     commit = pack_commit(CommitInfo(first_seq, count, digest.digest(), payload_bytes, t_flushed, stats))
-    hdr, span = log.append(RecordType.COMMIT, spec.index, commit, len(commit), Compression.NONE)
-    lay.bytes += span
-    log.barrier()
+    commit_seq = log.seq
+    for attempt in range(COMMIT_TRIES):
+        # A COMMIT that the medium refuses is written again further on with the same sequence
+        # number (R-COM-2, R-WR-7), each try skipping twice as far (256 KiB, 512 KiB, ...) while
+        # the hole stays within MAX_HOLE: the failed one never reached the device, and were a
+        # torn copy of it readable, the reader voids both and the layer reads back partial.
+        if attempt:
+            skip = (256 << 10) << (attempt - 1)
+            if not log.skip(skip, len(commit)):
+                break
+        n_failed = len(log.failures)
+        hdr, span = log.append(RecordType.COMMIT, spec.index, commit, len(commit), Compression.NONE,
+                               seq=None if attempt == 0 else commit_seq)  # fmt: skip
+        lay.bytes += span
+        log.barrier()
+        if len(log.failures) == n_failed:
+            break
+    else:
+        return  # no copy of the commit reached the device: the layer stays uncommitted
+    if len(log.failures) != n_failed:
+        return
     lay.committed = True
     lay.durable_s = log.dev.clock() - log.t0
     log.dev.mark(f"layer {spec.index} {spec.name} committed")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from progdump.device import DeviceError, DumpDevice
+from progdump.device import DeviceError, MediaError, DumpDevice
 from progdump.layers.base import LayerContent, PageClass, PageClassMap
 from progdump.layers.generic import GenericProducer
 from progdump.reader import ScanResult, iter_recovered_pages
@@ -106,6 +106,8 @@ class MemDevice(DumpDevice):
         self.t = 0.0
         self.tick = tick
         self.fail_at: int | None = None  # raise DeviceError on writes touching this offset
+        self.bad: list[tuple[int, int]] = []  # [lo, hi) regions where writes raise MediaError (EIO)
+        self.failed: list[tuple[int, int]] = []  # (offset, length) of writes that failed there
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         data = bytes(data)
@@ -114,6 +116,9 @@ class MemDevice(DumpDevice):
             raise DeviceError("write past the end")
         if self.fail_at is not None and offset <= self.fail_at < offset + len(data):
             raise DeviceError(f"injected I/O error at {self.fail_at:#x}")
+        if any(offset < hi and lo < offset + len(data) for lo, hi in self.bad):
+            self.failed.append((offset, len(data)))
+            raise MediaError(f"injected EIO writing {len(data)} bytes at {offset:#x}", offset, len(data))
         self.image[offset : offset + len(data)] = data
         self.ops.append(Op("W", offset, data))
         self.t += self.tick

@@ -1,0 +1,190 @@
+"""Write errors on the medium: the writer carries on past a bad region, recovery reports the hole (R-WR-7).
+
+The bad regions here are in ``MemDevice`` (the test fake of dumpkit) and in
+the real modelled device (``progdump.devmodel``) over a file, the one the
+``dump-device-errors`` scenario uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, make_snapshot, snapshot_pages
+from progdump import reader
+from progdump.devmodel import DeviceModel, FaultRegion, ModelledDevice
+from progdump.device import FileDevice
+from progdump.format import MAX_HOLE, RESYNC_WINDOW
+from progdump.writer import format_durable_line, write_dump
+
+MIB = 1 << 20
+
+
+def _layer_span(dev: MemDevice, res, index: int) -> tuple[int, int]:
+    """Device extent [lo, hi) of one layer's writes, from the device's own op log."""
+    marks = [n for n, _ in dev.marks]
+    lo_op = marks[index - 1] if index else 0
+    ws = [o for o in dev.ops[lo_op : marks[index]] if o.kind == "W" and o.offset >= 4096]
+    return min(o.offset for o in ws), max(o.offset + len(o.data) for o in ws)
+
+
+def _reference(snap, size: int) -> MemDevice:
+    dev = MemDevice(size)
+    res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1)
+    assert res.complete
+    return dev
+
+
+def test_R_WR_7_bad_region_in_a_page_layer_is_carried_past_and_reported():
+    snap = make_snapshot(3000, seed=21, zero_frac=0.1)
+    size = 64 * MIB
+    ref = _reference(snap, size)
+    lo, hi = _layer_span(ref, None, 2)  # the kernel layer's extent in an undisturbed run
+    bad = (lo + (hi - lo) // 3 // 512 * 512, lo + (hi - lo) // 3 // 512 * 512 + 1 * MIB)
+
+    dev = MemDevice(size)
+    dev.bad = [bad]
+    lines: list[str] = []
+    res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1,
+                     progress=lambda ev: lines.append(ev.message) if ev.kind == "write-error" else None)
+    assert res.stopped == "done", res.error
+    assert dev.failed and res.failed_writes == len(dev.failed)
+    kern = res.layers[2]
+    assert kern.committed and kern.lost_records > 0 and kern.holes
+    assert "with a hole" in format_durable_line(kern)
+    assert lines and "failed" in lines[0]
+    assert not res.complete  # a dump with a hole is not complete, even though every layer committed
+    for lay in res.layers[:2] + res.layers[3:]:
+        assert lay.committed and not lay.holes, lay
+
+    sr = reader.scan(BytesSource(bytes(dev.image)))
+    st = {lay.index: lay for lay in sr.layers}
+    assert st[2].status == "partial"
+    assert st[2].holes and st[2].holes[0]["offset"] == dev.failed[0][0]
+    assert st[2].reasons[0].startswith("hole:")
+    assert all(st[i].status == "complete" for i in (0, 1, 3, 4)), [(i, st[i].status, st[i].reasons) for i in st]
+    # nothing is lost: the pages of the failed records were written again by the last layer
+    got = check_recovery(sr, snapshot_pages(snap), res.dump_id)
+    assert set(got) == set(snapshot_pages(snap))
+    assert sr.end is not None and sr.end["failed_writes"] == len(dev.failed)
+
+
+def test_R_WR_7_monolithic_hole_keeps_everything_else():
+    snap = make_snapshot(2000, seed=22, zero_frac=0.1)
+    dev = MemDevice(48 * MIB)
+    dev.bad = [(1 * MIB + 512 * 1024, 2 * MIB)]
+    res = write_dump(snap, dev, plan="monolithic", producer=ClassProducer(snap), threads=1)
+    assert res.stopped == "done" and res.failed_writes >= 1 and res.layers[0].lost_records > 0
+    sr = reader.scan(BytesSource(bytes(dev.image)))
+    assert sr.layers[0].status == "partial" and sr.layers[0].holes
+    got = check_recovery(sr, snapshot_pages(snap), res.dump_id)
+    assert 0 < len(got) < len(snapshot_pages(snap))  # the one layer cannot retry: the hole's pages are gone
+
+
+def test_R_WR_7_bad_region_longer_than_max_hole_stops_the_dump():
+    snap = make_snapshot(5000, seed=23, zero_frac=0.0)
+    dev = MemDevice(64 * MIB)
+    dev.bad = [(2 * MIB, 2 * MIB + MAX_HOLE + 4 * MIB)]
+    res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1)
+    assert res.stopped == "error" and "in a row" in res.error
+    sr = reader.scan(BytesSource(bytes(dev.image)))
+    for lay, st in zip(res.layers, sr.layers):
+        if lay.committed and not lay.lost_records:
+            assert st.status == "complete"
+    assert res.layers[0].committed
+    check_recovery(sr, snapshot_pages(snap), res.dump_id)
+
+
+def test_R_WR_7_header_copy_on_a_bad_sector_costs_nothing():
+    snap = make_snapshot(64, seed=24)
+    dev = MemDevice(4 * MIB)
+    dev.bad = [(0, 4096)]
+    res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1)
+    assert res.stopped == "done" and res.failed_writes == 1
+    sr = reader.scan(BytesSource(bytes(dev.image)))
+    assert sr.headers == ["backup"]
+    assert all(lay.status == "complete" for lay in sr.layers)
+
+
+def test_R_RD_2_older_end_inside_a_hole_does_not_end_the_walk():
+    """An older, shorter dump's END shows through the new dump's bad region: the new dump's later layers are found."""
+    old = make_snapshot(1200, seed=25, tag=b"O", zero_frac=0.0)
+    new = make_snapshot(3000, seed=26, tag=b"N", zero_frac=0.0)
+    size = 64 * MIB
+    base_dev = MemDevice(size)
+    old_res = write_dump(old, base_dev, producer=ClassProducer(old), threads=1)
+    assert old_res.complete
+    end_op = [o for o in base_dev.ops if o.kind == "W"][-1]  # the END record's write
+    sr_old = reader.scan(BytesSource(bytes(base_dev.image)))
+    assert sr_old.end is not None
+    ref = _reference(new, size)
+    lo, hi = _layer_span(ref, None, 2)
+    assert lo < end_op.offset < hi, "test setup: the older END must lie inside the new kernel layer"
+
+    dev = MemDevice(size, base=bytes(base_dev.image))
+    dev.bad = [(end_op.offset - 512 * 1024, end_op.offset + 512 * 1024)]
+    res = write_dump(new, dev, producer=ClassProducer(new), threads=1)
+    assert res.stopped == "done" and res.layers[2].lost_records
+    sr = reader.scan(BytesSource(bytes(dev.image)))
+    assert sr.dump_id == res.dump_id
+    assert [lay.status for lay in sr.layers] == ["complete", "complete", "partial", "complete", "complete"]
+    got = check_recovery(sr, snapshot_pages(new), res.dump_id)
+    assert set(got) == set(snapshot_pages(new))
+
+
+def test_R_RD_2_resync_window_covers_the_writers_hole_limit():
+    # one largest write (a 1 MiB record staged behind another) fits between MAX_HOLE and the window
+    assert MAX_HOLE + 4 * MIB <= RESYNC_WINDOW
+
+
+def _fast_failing_model(at: float, length: int) -> DeviceModel:
+    return DeviceModel("fast-failing", 4e9, 1e-6, 0.0, 1e-4, 8 * MIB, 512, "test", 1e-3, (FaultRegion(at, length),))
+
+
+def test_R_WR_7_modelled_device_bad_region_trace_and_recovery(tmp_path):
+    """The real modelled device over a file: failed writes are traced FAILED, recovery reports the hole."""
+    from harness.crashsim.trace import read_trace
+
+    snap = make_snapshot(3000, seed=27, zero_frac=0.1)
+    img = tmp_path / "dump.img"
+    with open(img, "wb") as f:
+        f.truncate(64 * MIB)
+    trace = tmp_path / "t.trace"
+    dev = ModelledDevice(FileDevice(str(img)), _fast_failing_model(0.04, 1 * MIB), str(trace))
+    res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1)
+    dev.close()
+    assert res.stopped == "done" and res.failed_writes >= 1
+    tr = read_trace(str(trace))
+    assert len(tr.failed_writes) == res.failed_writes
+    tr.close()
+    out = tmp_path / "out"
+    sr = reader.recover(str(img), out)
+    holey = [lay for lay in sr.layers if lay.holes]
+    assert holey and all(lay.status == "partial" for lay in holey)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any(lay["holes"] for lay in manifest["layers"])
+    assert all(lay["status"] == "complete" for lay in manifest["layers"] if not lay["holes"])
+
+
+def test_R_WR_7_cli_write_carries_on_and_info_shows_the_hole(tmp_path):
+    snap = make_snapshot(3000, seed=28, zero_frac=0.1)
+    core = tmp_path / "core.elf"
+    snap.to_elf(str(core))
+    img = tmp_path / "dump.img"
+    with open(img, "wb") as f:
+        f.truncate(64 * MIB)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    p = subprocess.run([sys.executable, "-m", "progdump", "write", str(core), str(img), "--device-model", "nvme-failing"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "carrying on past it" in p.stderr and "layers with a hole" in p.stderr
+    q = subprocess.run([sys.executable, "-m", "progdump", "info", str(img)], capture_output=True, text=True, env=env, timeout=120)
+    assert q.returncode == 0 and "hole:" in q.stdout, q.stdout
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
