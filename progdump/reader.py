@@ -439,12 +439,11 @@ class _Scanner:
             if h is None:
                 nxt = self.resync(off + RECORD_ALIGN, end)
                 if nxt is None:
-                    return
+                    break
                 off = nxt
                 continue
             self.consider(h.dump_time_ns, h.dump_id)
-            is_newest = self.newest is not None and self.newest[1] == h.dump_id and self.times[h.dump_id] == h.dump_time_ns
-            if is_newest:
+            if self.is_newest(h):
                 # Only the newest dump's records are kept (memory follows the chosen dump, not the
                 # device); a newer dump seen later replaces them.
                 if h.dump_id not in self.recs:
@@ -453,22 +452,65 @@ class _Scanner:
                 self.recs[h.dump_id].append(r)
                 self.verify(r)
                 front = off + record_span(h.stored_len)
-            elif off < front + self.window:
-                # Near the newest dump's frontier an older dump's record can show through a write
-                # that failed (a hole the writer carried on past, R-WR-7) or was lost, and the newest
-                # dump's next records may start inside its span: look for the next header inside it
-                # instead of jumping over it, and an older END there does not end the walk (R-RD-2).
+                if h.rtype == RecordType.END:
+                    break  # the newest dump's log is complete (R-RD-2)
+            elif h.rtype == RecordType.END:
+                # An older dump's END: what follows is older still (a newer dump reaching past it
+                # would have covered it), so stop rather than resync through the rest of the device;
+                # unless it is near the newest dump's frontier, where it may show through a hole the
+                # writer carried on past (R-WR-7): look a window further (R-RD-2).
+                if off >= front + self.window:
+                    break
                 nxt = self.resync(off + RECORD_ALIGN, end)
                 if nxt is None:
-                    return
+                    break
                 off = nxt
                 continue
-            if h.rtype == RecordType.END:
-                # The end of some dump's log (R-RD-2): of the newest, the walk is done; of an older
-                # dump, what follows is older still (a newer dump reaching past it would have covered
-                # it), so stop rather than resync through the rest of the device.
-                return
             off += record_span(h.stored_len)
+        self.fill_gaps(end)
+
+    def is_newest(self, h: RecordHeader) -> bool:
+        return self.newest is not None and self.newest[1] == h.dump_id and self.times[h.dump_id] == h.dump_time_ns
+
+    def fill_gaps(self, end: int) -> None:
+        """Look for the newest dump's records the walk stepped over (R-RD-2).
+
+        Where an older dump shows through a lost or failed write, one of its
+        records can span the start of the newest dump's next records, and the
+        walk, following its span, lands past them. Only a gap in the sequence
+        numbers says so: between two records found whose numbers are not
+        consecutive, every 512-byte boundary is tried. The cost follows the
+        gaps, not the device.
+        """
+        if self.newest is None:
+            return
+        did = self.newest[1]
+        recs = self.recs.get(did, [])
+        found: list[_Rec] = []
+        for a, b in zip(recs, recs[1:]):
+            lo = a.h.offset + record_span(a.h.stored_len)
+            if b.h.seq == a.h.seq + 1 or b.h.offset <= lo:
+                continue
+            off = lo + (-lo % RECORD_ALIGN)
+            while off < b.h.offset:
+                n = min(1 << 20, b.h.offset - off)
+                chunk = _read(self.src, off, n)
+                if not chunk:
+                    break
+                pos = chunk.find(RECORD_MAGIC)
+                while pos >= 0:
+                    at = off + pos
+                    if at % RECORD_ALIGN == 0:
+                        h = self.header_at(at, end)
+                        if h is not None and self.is_newest(h):
+                            r = _Rec(h)
+                            self.verify(r)
+                            found.append(r)
+                    pos = chunk.find(RECORD_MAGIC, pos + 1)
+                off += len(chunk)
+        if found:
+            recs.extend(found)
+            recs.sort(key=lambda r: r.h.offset)
 
 
 def scan(source: object, *, resync_window: int = RESYNC_WINDOW) -> ScanResult:
