@@ -248,8 +248,24 @@ def cmd_run(name: str, results_root: str | None = None) -> tuple[int, dict | Non
 
     root = results_root or os.environ.get("RESULTS") or str(ROOT / "results")
     summary = run_scenario(sc, root)
-    bad = summary["false_accepts"] or summary["committed_layers_lost"]
+    bad = bool(summary["false_accepts"] or summary["committed_layers_lost"])
+    why = holes_problem(sc, summary)
+    if why:
+        print(f"scenario {sc.name}: {why}")
+        bad = True
     return (1 if bad else 0), summary
+
+
+def holes_problem(sc: "Scenario", summary: dict) -> str:
+    """'' unless the scenario expects holes (write errors) and no reference recovery reported one."""
+    if not sc.expect_holes:
+        return ""
+    refs = summary.get("holes") or {}
+    if not any(int(r.get("failed_writes", 0)) for r in refs.values()):
+        return "expect_holes: no write failed in any reference dump (is the bad region past the dump's end?)"
+    if not any(r.get("reported") for r in refs.values()):
+        return "expect_holes: writes failed but no recovery reported a hole"
+    return ""
 
 
 def cmd_regress(update: bool = False) -> int:

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.crashsim.overlay import BaseImage, OverlaySource
-from harness.crashsim.replay import ReplayContext, StateResult, evaluate, mark_layer
+from harness.crashsim.replay import ReplayContext, StateResult, evaluate, hole_excused, mark_layer
 from harness.crashsim.states import committed_marks, crash_state, enumerate_states
 from harness.crashsim.trace import Trace, read_trace
 from harness.report import (
@@ -283,6 +283,8 @@ class RealPhase:
     sample_from: str | None = None
     notes: list[str] = field(default_factory=list)
     timings: dict[str, list[float]] = field(default_factory=dict)
+    #: per reference run "model/plan": failed writes in its trace, holes its recovery reported per layer
+    holes: dict[str, dict[str, object]] = field(default_factory=dict)
 
 
 def _timed(ph: RealPhase, what: str, t0: float) -> None:
@@ -313,6 +315,15 @@ def _recover(image: str, outdir: str) -> tuple[int, str]:
         shutil.rmtree(outdir)
     p = subprocess.run(recover_argv(image, outdir), capture_output=True, text=True, timeout=600, env=child_env())
     return p.returncode, (p.stdout + p.stderr).strip()
+
+
+def manifest_holes(outdir: str) -> dict[int, int]:
+    """Layer index -> failed writes the recovery manifest reports for it (R-WR-7)."""
+    try:
+        layers = json.loads(Path(outdir, "manifest.json").read_text()).get("layers", [])
+        return {int(lay["index"]): len(lay.get("holes") or []) for lay in layers if lay.get("holes")}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _manifest_id(outdir: str) -> str | None:
@@ -457,9 +468,14 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                 dur = durable_times(tr, names, plan)
                 for k, v in dur.items():
                     ph.durable_ms.setdefault(model, {}).setdefault(k, []).append(v * 1e3)
-                committed = len({mark_layer(m.label) for m in committed_marks(tr, float("inf"))})
+                done = sorted({k for m in committed_marks(tr, float("inf")) if (k := mark_layer(m.label)) is not None})
+                committed = len(done)
                 holes = failed_layers(tr)
-                lost = sum(1 for i in range(min(committed, len(names))) if score.layers[i].status != "complete" and not (i in holes and score.layers[i].status == "partial"))
+                reported = manifest_holes(outdir)
+                ph.holes[f"{model}/{plan}"] = {"failed_writes": len(tr.failed_writes), "failed_layers": sorted(holes),
+                                               "reported": {str(k): v for k, v in sorted(reported.items())}}
+                lost = sum(1 for i in done if i < len(names) and score.layers[i].status != "complete"
+                           and not hole_excused(i, score.layers[i].status, holes, reported))
                 reasons = score.reasons + ([f"recover exit {rc}: {msg[-200:]}"] if rc not in (0,) else [])
                 if score.markers:
                     reasons.append("markers: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in score.markers.items()))
@@ -522,8 +538,9 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                     t_kill = (kill_ns - open_ns) / 1e9 if (kill_ns and open_ns) else tr.end_time
                     committed = sorted({k for m in committed_marks(tr, t_kill) if (k := mark_layer(m.label)) is not None})
                     holes = failed_layers(tr)
+                    reported = manifest_holes(outdir)
                     lost = sum(1 for k in committed if k < len(names) and score.layers[k].status != "complete"
-                               and not (k in holes and score.layers[k].status == "partial"))
+                               and not hole_excused(k, score.layers[k].status, holes, reported))
                     with BaseImage(base, os.path.getsize(base)) as bi:
                         ag, why = agreement(score.statuses(), tr, bi, names, None if older else score.dump_id, ph.older_ids)
                     reasons = list(score.reasons)
@@ -603,11 +620,9 @@ def run_replay_phase(sc, ph: RealPhase, progress: Progress) -> tuple[list[Row], 
             states = enumerate_states(tr, sc.states, seed=sc.seed)
             for idx, st in states:
                 r: StateResult = evaluate(ctx, st)
-                lost = r.committed_lost
                 reasons = list(r.reasons)
-                if holes and lost:  # a layer with a failed write is expected partial, not lost
-                    keep = [k for k in range(len(names)) if k in holes and r.statuses[k] == "partial"]
-                    lost = max(0, lost - len(keep))
+                # a committed layer with a failed write is expected partial, with its hole reported
+                lost = sum(1 for k in r.lost_layers if not hole_excused(k, r.statuses[k], holes, r.outcome.holes))
                 if r.older_dump_returned:
                     reasons.append("older dump returned")
                 rows.append(_row(sc, ref.model, ref.plan, "replay", -1, idx, st.kind, st.seed, st.t * 1e3, names,
@@ -656,6 +671,7 @@ def run_scenario(sc, results_root: str) -> dict:
         "base_image": ph.base_image,
         "code": code,
         "notes": ph.notes,
+        "holes": ph.holes,
         "results_dir": str(run_dir),
     })
     write_csv(rows, run_dir / "trials.csv")

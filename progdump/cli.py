@@ -170,9 +170,11 @@ def _run_write(a: argparse.Namespace) -> int:
         )
     if res.failed_writes and not quiet:
         holey = [f"{lay.index} {lay.name}" for lay in res.layers if lay.holes]
+        retry = (f"{res.pages_lost} of their pages are in no layer" if res.pages_lost
+                 else "every lost page was written again by a later layer")
         print(
             f"progdump: {res.failed_writes} writes failed on the medium; layers with a hole: {', '.join(holey) or 'none'}"
-            " (their lost pages were retried by later layers; recover reports the holes)",
+            f" ({retry}; recover reports the holes)",
             file=sys.stderr,
         )
     if res.stopped == "error":

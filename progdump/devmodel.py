@@ -18,7 +18,8 @@ A :class:`ModelledDevice` wraps a real :class:`~progdump.device.DumpDevice`
   writer process and whatever was not destaged is lost, exactly what a power
   loss does to a drive's cache.
 * **Faults.** A model may declare regions where writes fail with EIO after
-  ``error_ms``; the write raises :class:`~progdump.device.DeviceError`.
+  ``error_ms``; the write raises :class:`~progdump.device.MediaError` (the
+  writer carries on past it, FORMAT.md R-WR-7).
 * **Trace.** Optionally every operation is logged in the manner of
   dm-log-writes: WRITE (with its data), FLUSH, MARK (layer commits),
   DESTAGE (a cached write reached the inner device), with modelled submit and

@@ -123,6 +123,8 @@ class WriteResult:
     snapshot_bytes: int = 0
     #: writes that failed on the medium and were carried past (R-WR-7)
     failed_writes: int = 0
+    #: pages whose record was lost to a failed write and that no later layer wrote again
+    pages_lost: int = 0
 
     @property
     def complete(self) -> bool:
@@ -342,6 +344,15 @@ class _Written:
         self.ranges = snapshot.ranges
         self.starts = [r.phys_start // PAGE_SIZE for r in snapshot.ranges]
         self.marks = [bytearray(r.size // PAGE_SIZE) for r in snapshot.ranges]
+
+    def unwritten(self, pfn: int, n: int) -> int:
+        """How many of pages ``[pfn, pfn + n)`` (within the snapshot) are in no record yet."""
+        end, count = pfn + n, 0
+        for base, m in zip(self.starts, self.marks):
+            lo, hi = max(pfn, base), min(end, base + len(m))
+            if lo < hi:
+                count += m.count(0, lo - base, hi - base)
+        return count
 
     def unmark(self, pfn: int, n: int) -> None:
         """Pages ``[pfn, pfn + n)`` are not on the device after all (their write failed): want them again."""
@@ -613,6 +624,8 @@ def write_dump(
             except DeviceError:
                 pass
         res.failed_writes += len(log.failures)
+        if res.stopped == "done":
+            res.pages_lost = sum(written.unwritten(pfn, n) for f in log.failures for pfn, n in f.pages)
         emit("stopped", None, res.stopped)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

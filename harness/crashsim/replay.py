@@ -28,7 +28,7 @@ from harness.crashsim.overlay import BaseImage, OverlaySource
 from harness.crashsim.states import CrashState, committed_marks, crash_state
 from harness.crashsim.trace import Rec, Trace
 
-__all__ = ["Outcome", "read_outcome", "ReplayContext", "StateResult", "evaluate", "narrow", "mark_layer"]
+__all__ = ["Outcome", "read_outcome", "ReplayContext", "StateResult", "evaluate", "narrow", "mark_layer", "hole_excused"]
 
 
 @dataclass
@@ -39,6 +39,8 @@ class Outcome:
     dump_id: str | None
     statuses: dict[int, str]  # layer index -> complete | partial | missing
     error: str = ""
+    #: layer index -> failed writes the reader reports for it (its commit's hole report, R-WR-7)
+    holes: dict[int, int] = field(default_factory=dict)
 
 
 def read_outcome(source: object) -> Outcome:
@@ -68,15 +70,25 @@ def _outcome_from_scan(res: object) -> Outcome:
     if isinstance(dump_id, (bytes, bytearray)):
         dump_id = dump_id.hex()
     statuses: dict[int, str] = {}
+    holes: dict[int, int] = {}
     for lay in getattr(dump, "layers", []) or []:
         idx = getattr(lay, "index", None)
         st = getattr(lay, "status", None)
+        hl = getattr(lay, "holes", None)
         if isinstance(lay, dict):
-            idx, st = lay.get("index"), lay.get("status")
+            idx, st, hl = lay.get("index"), lay.get("status"), lay.get("holes")
         st = getattr(st, "value", st)
         if isinstance(idx, int) and isinstance(st, str):
             statuses[idx] = st
-    return Outcome(True, None if dump_id is None else str(dump_id), statuses)
+            if hl:
+                holes[idx] = len(hl)
+    return Outcome(True, None if dump_id is None else str(dump_id), statuses, holes=holes)
+
+
+def hole_excused(k: int, status: str, failed: set[int], reported: dict[int, int]) -> bool:
+    """A committed layer read back partial is not lost only when a write of it failed (the trace
+    says so) and recovery reports that hole (R-WR-7); a silent partial is a loss."""
+    return status == "partial" and k in failed and reported.get(k, 0) > 0
 
 
 _LAYER_RE = re.compile(r"(?:layer|commit)[ :=_-]*(\d+)", re.I)
@@ -101,6 +113,7 @@ class StateResult:
     verified: str  # full | records
     reasons: list[str] = field(default_factory=list)
     older_dump_returned: bool = False
+    lost_layers: list[int] = field(default_factory=list)  # committed layers not read back complete
 
 
 @dataclass
@@ -208,7 +221,7 @@ def evaluate(ctx: ReplayContext, state: CrashState) -> StateResult:
         if st != "complete":
             break
         rec += 1
-    return StateResult(state, out, statuses, rec, len(committed), len(lost), fa, suspect, verified, reasons, older)
+    return StateResult(state, out, statuses, rec, len(committed), len(lost), fa, suspect, verified, reasons, older, lost)
 
 
 def failing(r: StateResult) -> bool:

@@ -71,6 +71,7 @@ def test_R_WR_7_bad_region_in_a_page_layer_is_carried_past_and_reported():
     got = check_recovery(sr, snapshot_pages(snap), res.dump_id)
     assert set(got) == set(snapshot_pages(snap))
     assert sr.end is not None and sr.end["failed_writes"] == len(dev.failed)
+    assert res.pages_lost == 0
 
 
 def test_R_WR_7_monolithic_hole_keeps_everything_else():
@@ -83,6 +84,7 @@ def test_R_WR_7_monolithic_hole_keeps_everything_else():
     assert sr.layers[0].status == "partial" and sr.layers[0].holes
     got = check_recovery(sr, snapshot_pages(snap), res.dump_id)
     assert 0 < len(got) < len(snapshot_pages(snap))  # the one layer cannot retry: the hole's pages are gone
+    assert res.pages_lost == len(snapshot_pages(snap)) - len(got)
 
 
 def test_R_WR_7_bad_region_longer_than_max_hole_stops_the_dump():
@@ -182,6 +184,8 @@ def test_R_WR_7_cli_write_carries_on_and_info_shows_the_hole(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "carrying on past it" in p.stderr and "layers with a hole" in p.stderr
+    # the generic producer (no page classes) puts all memory in the last layer: nothing can retry it
+    assert "of their pages are in no layer" in p.stderr
     q = subprocess.run([sys.executable, "-m", "progdump", "info", str(img)], capture_output=True, text=True, env=env, timeout=120)
     assert q.returncode == 0 and "hole:" in q.stdout, q.stdout
 
@@ -218,3 +222,49 @@ def test_R_RD_2_records_under_an_older_records_span_are_found(monkeypatch):
     monkeypatch.setattr(reader._Scanner, "fill_gaps", lambda self, end: None)
     without = [[lay.status for lay in reader.scan(BytesSource(img)).layers] for _, _, img in cases]
     assert any(st != ["complete", "complete", "partial", "complete", "complete"] for st in without), without
+
+
+def test_R_COM_2_a_failed_commit_is_written_again_with_the_same_sequence_number():
+    snap = make_snapshot(3000, seed=33, zero_frac=0.1)
+    size = 64 * MIB
+    ref = _reference(snap, size)
+    n_op = ref.marks[1][0]  # layer 1's mark: its commit write is the last write before it
+    commit_op = [o for o in ref.ops[:n_op] if o.kind == "W"][-1]
+    assert len(commit_op.data) == 512
+    dev = MemDevice(size)
+    dev.bad = [(commit_op.offset, commit_op.offset + 4096)]
+    res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1)
+    assert res.stopped == "done" and dev.failed == [(commit_op.offset, 512)]
+    assert res.layers[1].committed and not res.layers[1].lost_records  # nothing of the layer was lost
+    sr = reader.scan(BytesSource(bytes(dev.image)))
+    assert [lay.status for lay in sr.layers] == ["complete"] * 5
+    commits = [r for r in sr._recs if r.h.rtype == 5 and r.h.layer == 1]
+    assert len(commits) == 1 and commits[0].h.offset >= commit_op.offset + 256 * 1024
+    assert set(check_recovery(sr, snapshot_pages(snap), res.dump_id)) == set(snapshot_pages(snap))
+
+
+def test_file_device_eio_is_a_media_error(tmp_path, monkeypatch):
+    """FileDevice maps EIO from pwrite to MediaError, other errnos to DeviceError.
+
+    A fake ``os.pwrite`` (no real medium fails on demand here) stands in for the kernel's answer.
+    """
+    import errno
+
+    from progdump import device as devmod
+    from progdump.device import DeviceError, MediaError
+
+    img = tmp_path / "d.img"
+    with open(img, "wb") as f:
+        f.truncate(1 * MIB)
+    dev = FileDevice(str(img), direct=False)
+    for code, cls in ((errno.EIO, MediaError), (errno.EBADF, DeviceError)):
+        def fail(fd, data, off, code=code):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(devmod._os, "pwrite", fail)
+        with pytest.raises(DeviceError) as ei:
+            dev.write(8192, b"x" * 512)
+        assert type(ei.value) is cls
+        if cls is MediaError:
+            assert (ei.value.offset, ei.value.length) == (8192, 512)
+    monkeypatch.undo()
+    dev.close()
