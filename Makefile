@@ -3,7 +3,7 @@ PYTHON ?= python3
 NAME ?= sysrq-panic
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra makedumpfile busybox-static \
-	dropbear-bin cpio zstd tgt e2fsprogs gcc-12 make gdb crash
+	dropbear-bin cpio zstd tgt e2fsprogs gcc-12 make gdb crash python3-pip
 STAMP := .cache/setup.stamp
 
 .PHONY: setup test test-unit test-vm guest-image scenario scenarios regress bench clean
@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml Makefile
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
 	fi
 	@echo "== setup: Python packages"
-	$(PYTHON) -m pip install -q -e '.[harness,test]'
+	@# Debian 12's own python3 is "externally managed" (PEP 668): pip refuses to install into it
+	@# unless told; a pyenv or venv python ignores the variable.
+	PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q -e '.[harness,test]'
 	@mkdir -p .cache && touch $(STAMP)
 
 guest-image: setup

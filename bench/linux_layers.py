@@ -41,26 +41,12 @@ import numpy as np  # noqa: E402
 import zstandard  # noqa: E402
 
 from harness.controller import GuestSession  # noqa: E402
+from harness.makedumpfile import kdump_kept_pfns, message_counts  # noqa: E402
 from progdump.layers import build_layers  # noqa: E402
 from progdump.layers.base import PageClass  # noqa: E402
 from progdump.layers.linux import LinuxProducer  # noqa: E402
 
 PAGE = 4096
-
-
-def kdump_kept_pfns(path: Path) -> np.ndarray:
-    """Bool array: pfns makedumpfile's kdump output marks dumpable (2nd bitmap, before zero pages)."""
-    d = path.read_bytes()
-    if d[:8] != b"KDUMP   ":
-        raise ValueError(f"{path}: not a kdump-compressed file")
-    off = 8 + 4 + 390
-    off += -off % 8
-    off += 16  # struct timeval
-    _status, block_size, sub_hdr_size, bitmap_blocks, max_mapnr = struct.unpack_from("<iiiII", d, off)
-    bm = (1 + sub_hdr_size) * block_size
-    half = bitmap_blocks * block_size // 2
-    bits = np.frombuffer(d, dtype=np.uint8, count=half, offset=bm + half)
-    return np.unpackbits(bits, bitorder="little")[:max_mapnr].astype(bool)
 
 
 def count_zero_pages(snap, pfns) -> int:  # type: ignore[no-untyped-def]
@@ -69,18 +55,6 @@ def count_zero_pages(snap, pfns) -> int:  # type: ignore[no-untyped-def]
         if not np.frombuffer(snap.page(p), dtype=np.uint64).any():
             n += 1
     return n
-
-
-def mdf_counts(text: str) -> dict[str, int]:
-    out = {}
-    for line in text.splitlines():
-        if ":" in line and "0x" in line:
-            k, _, v = line.partition(":")
-            try:
-                out[k.strip()] = int(v.strip().split()[0], 16)
-            except ValueError:
-                pass
-    return out
 
 
 def run_size(mib: int, fill: float, work: Path) -> None:
@@ -145,7 +119,7 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
     if r.returncode:
         print(f"makedumpfile -d 31 failed: {r.stderr[-500:]}")
         return
-    mc = mdf_counts(r.stdout + r.stderr)
+    mc = message_counts(r.stdout + r.stderr)
     print(f"makedumpfile -d 31 -l: {t_mdf:.2f} s wall; excluded zero {mc.get('Pages filled with zero')}, "
           f"cache {mc.get('Non-private cache pages', 0) + mc.get('Private cache pages', 0)}, "
           f"user {mc.get('User process data pages')}, free {mc.get('Free pages')}; remaining {mc.get('Remaining pages')}")
@@ -200,7 +174,7 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
     r = subprocess.run(["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(out2 / "vmcore"), str(k2)],
                        capture_output=True, text=True, timeout=1800)
     if r.returncode == 0:
-        mc2 = mdf_counts(r.stdout + r.stderr)
+        mc2 = message_counts(r.stdout + r.stderr)
         print(f"makedumpfile -d 31 on the recovered layer-2 vmcore: keeps {mc2.get('Remaining pages')} "
               f"(+ {mc2.get('Pages filled with zero')} zero) of {mc2.get('Original pages')}; "
               f"on the full snapshot it kept {mc.get('Remaining pages')} (+ {mc.get('Pages filled with zero')} zero)")

@@ -77,19 +77,13 @@ def durable_times(trace: Trace, layer_names: list[str], plan: str) -> dict[str, 
     return out
 
 
-def failed_layers(trace: Trace) -> set[int]:
-    """Layers during which a write failed (their hole is expected, reported as partial)."""
-    out: set[int] = set()
-    prev = -1
-    for m in trace.marks:
-        k = mark_layer(m.label)
-        if k is not None and any(prev < w.seq < m.seq for w in trace.failed_writes):
-            out.add(k)
-        prev = m.seq
-    if trace.failed_writes and any(w.seq > prev for w in trace.failed_writes):
-        out.add(len(trace.marks))  # failed in the layer being written when the trace ended
-    return out
+def failed_offsets(trace: Trace) -> set[int]:
+    """Device offsets of the writes that failed on the medium (the trace's FAILED writes).
 
+    A hole a recovery reports is believed only where the trace shows a failed
+    write at that offset: the reader cannot excuse a partial layer by itself.
+    """
+    return {w.offset for w in trace.failed_writes}
 
 def restore_image(base: str, dump: str, chunk: int = 4 * MIB) -> int:
     """Make ``dump`` byte-equal to ``base`` writing only the chunks that differ; returns bytes written.
@@ -317,11 +311,11 @@ def _recover(image: str, outdir: str) -> tuple[int, str]:
     return p.returncode, (p.stdout + p.stderr).strip()
 
 
-def manifest_holes(outdir: str) -> dict[int, int]:
-    """Layer index -> failed writes the recovery manifest reports for it (R-WR-7)."""
+def manifest_holes(outdir: str) -> dict[int, list[int]]:
+    """Layer index -> offsets of the failed writes the recovery manifest reports for it (R-WR-7)."""
     try:
         layers = json.loads(Path(outdir, "manifest.json").read_text()).get("layers", [])
-        return {int(lay["index"]): len(lay.get("holes") or []) for lay in layers if lay.get("holes")}
+        return {int(lay["index"]): [int(h["offset"]) for h in lay["holes"]] for lay in layers if lay.get("holes")}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return {}
 
@@ -470,10 +464,10 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                     ph.durable_ms.setdefault(model, {}).setdefault(k, []).append(v * 1e3)
                 done = sorted({k for m in committed_marks(tr, float("inf")) if (k := mark_layer(m.label)) is not None})
                 committed = len(done)
-                holes = failed_layers(tr)
+                holes = failed_offsets(tr)
                 reported = manifest_holes(outdir)
-                ph.holes[f"{model}/{plan}"] = {"failed_writes": len(tr.failed_writes), "failed_layers": sorted(holes),
-                                               "reported": {str(k): v for k, v in sorted(reported.items())}}
+                ph.holes[f"{model}/{plan}"] = {"failed_writes": len(tr.failed_writes),
+                                               "reported": {str(k): len(v) for k, v in sorted(reported.items())}}
                 lost = sum(1 for i in done if i < len(names) and score.layers[i].status != "complete"
                            and not hole_excused(i, score.layers[i].status, holes, reported))
                 reasons = score.reasons + ([f"recover exit {rc}: {msg[-200:]}"] if rc not in (0,) else [])
@@ -537,7 +531,7 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                     tr = read_trace(trace)
                     t_kill = (kill_ns - open_ns) / 1e9 if (kill_ns and open_ns) else tr.end_time
                     committed = sorted({k for m in committed_marks(tr, t_kill) if (k := mark_layer(m.label)) is not None})
-                    holes = failed_layers(tr)
+                    holes = failed_offsets(tr)
                     reported = manifest_holes(outdir)
                     lost = sum(1 for k in committed if k < len(names) and score.layers[k].status != "complete"
                                and not hole_excused(k, score.layers[k].status, holes, reported))
@@ -615,7 +609,7 @@ def run_replay_phase(sc, ph: RealPhase, progress: Progress) -> tuple[list[Row], 
             tr = read_trace(ref.trace)
             ctx = ReplayContext(tr, bi, names, dump_id=ref.dump_id, older_ids=set(ph.older_ids), verify=_verifier(ref, ref.plan))
             ctx.prepare()
-            holes = failed_layers(tr)
+            holes = failed_offsets(tr)
             t0 = time.monotonic()
             states = enumerate_states(tr, sc.states, seed=sc.seed)
             for idx, st in states:

@@ -104,7 +104,7 @@ class _Bar:
 
 
 def _run_write(a: argparse.Namespace) -> int:
-    from progdump.device import DeviceError, open_device
+    from progdump.device import MIN_DEVICE_SIZE, DeviceError, open_device
     from progdump.layers import PLANS
     from progdump.snapshot import Snapshot, SnapshotError
     from progdump.writer import WriterError, format_durable_line, write_dump
@@ -127,11 +127,10 @@ def _run_write(a: argparse.Namespace) -> int:
     except DeviceError as e:
         snap.close()
         raise CliError(str(e)) from None
-    need = 8 * 4096  # the smallest device the format accepts; a larger dump stops at device-full
-    if dev.size < need:
+    if dev.size < MIN_DEVICE_SIZE:  # the format's minimum (R-MAP-1); a larger one stops at device-full
         dev.close()
         snap.close()
-        raise CliError(f"{a.device}: {dev.size} bytes, too small for a dump")
+        raise CliError(f"{a.device}: {dev.size} bytes, too small for a dump (at least {MIN_DEVICE_SIZE})")
     bar = _Bar(sys.stderr)
     quiet = a.quiet
 

@@ -570,6 +570,7 @@ def write_dump(
     pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="progdump-zstd")
     written = _Written(snapshot)
     committed: list[int] = []
+    pending: list[_PendingCommit] = []
 
     def past_deadline() -> bool:
         return deadline is not None and device.clock() - t_start >= deadline
@@ -592,7 +593,7 @@ def write_dump(
                     raise _Stop("deadline")
                 lay.started = True
                 emit("layer-start", lay)
-                _write_layer(
+                pend = _write_layer(
                     log, spec, content, lay, specs, producer, snapshot, written, pool, nthreads, past_deadline,
                     pages_done, lambda: emit("pages", lay),
                 )  # fmt: skip
@@ -602,6 +603,14 @@ def write_dump(
                 if lay.committed:
                     committed.append(spec.index)
                     emit("layer-durable", lay)
+                # commits refused earlier: the log has moved on, maybe past the bad region (R-WR-7)
+                for p in list(pending):
+                    if _try_commit(log, p.spec, p.lay, p.commit, p.seq):
+                        pending.remove(p)
+                        committed.append(p.spec.index)
+                        emit("layer-durable", p.lay)
+                if pend is not None:
+                    pending.append(pend)
             res.stopped = "done"
         except _Stop as s:
             res.stopped = s.reason
@@ -610,7 +619,7 @@ def write_dump(
             res.error = str(e)
         # END record (R-WR-2/3): best effort; a failure here loses nothing committed.
         try:
-            end_info = {"reason": res.stopped, "committed": committed, "error": res.error[:512]}
+            end_info = {"reason": res.stopped, "committed": sorted(committed), "error": res.error[:512]}
             if log.failures:
                 end_info["failed_writes"] = len(log.failures)
                 end_info["holes"] = [f.to_json() for f in log.failures[:16]]
@@ -640,8 +649,8 @@ def _write_layer(
     producer: Producer, snapshot: Snapshot,
     written: _Written, pool: ThreadPoolExecutor, nthreads: int, past_deadline: Callable[[], bool],
     pages_done: list[int], tick: Callable[[], None],
-) -> None:  # fmt: skip
-    """Write one layer's records, flush, commit, flush (R-COM-1)."""
+) -> "_PendingCommit | None":  # fmt: skip
+    """Write one layer's records, flush, commit, flush (R-COM-1); the commit if the medium refused it."""
     first_seq = log.seq
     digest = xxhash.xxh3_128()
     payload_bytes = 0
@@ -766,26 +775,41 @@ def _write_layer(
         stats["lost_records"] = lay.lost_records
     commit = pack_commit(CommitInfo(first_seq, count, digest.digest(), payload_bytes, t_flushed, stats))
     commit_seq = log.seq
+    log.seq += 1  # the commit's number is first + count (R-COM-2), whichever try lands
+    if not _try_commit(log, spec, lay, commit, commit_seq):
+        return _PendingCommit(spec, lay, commit, commit_seq)
+    return None
+
+
+@dataclass
+class _PendingCommit:
+    """A layer whose COMMIT the medium refused on every try: tried again after later layers."""
+
+    spec: LayerSpec
+    lay: LayerResult
+    commit: bytes
+    seq: int
+
+
+def _try_commit(log: _Log, spec: LayerSpec, lay: LayerResult, commit: bytes, seq: int) -> bool:
+    """Write a layer's COMMIT under sequence number ``seq``, retrying past a bad spot (R-COM-2, R-WR-7).
+
+    A COMMIT that the medium refuses is written again further on with the same sequence
+    number, each try skipping twice as far (256 KiB, 512 KiB, ...) while the hole stays
+    within MAX_HOLE: the failed one never reached the device, and were a torn copy of it
+    readable, the reader voids both and the layer reads back partial. True once one copy
+    is durable; the layer is then committed and marked.
+    """
     for attempt in range(COMMIT_TRIES):
-        # A COMMIT that the medium refuses is written again further on with the same sequence
-        # number (R-COM-2, R-WR-7), each try skipping twice as far (256 KiB, 512 KiB, ...) while
-        # the hole stays within MAX_HOLE: the failed one never reached the device, and were a
-        # torn copy of it readable, the reader voids both and the layer reads back partial.
-        if attempt:
-            skip = (256 << 10) << (attempt - 1)
-            if not log.skip(skip, len(commit)):
-                break
+        if attempt and not log.skip((256 << 10) << (attempt - 1), len(commit)):
+            return False
         n_failed = len(log.failures)
-        hdr, span = log.append(RecordType.COMMIT, spec.index, commit, len(commit), Compression.NONE,
-                               seq=None if attempt == 0 else commit_seq)  # fmt: skip
+        hdr, span = log.append(RecordType.COMMIT, spec.index, commit, len(commit), Compression.NONE, seq=seq)
         lay.bytes += span
         log.barrier()
         if len(log.failures) == n_failed:
-            break
-    else:
-        return  # no copy of the commit reached the device: the layer stays uncommitted
-    if len(log.failures) != n_failed:
-        return
-    lay.committed = True
-    lay.durable_s = log.dev.clock() - log.t0
-    log.dev.mark(f"layer {spec.index} {spec.name} committed")
+            lay.committed = True
+            lay.durable_s = log.dev.clock() - log.t0
+            log.dev.mark(f"layer {spec.index} {spec.name} committed")
+            return True
+    return False

@@ -39,8 +39,8 @@ class Outcome:
     dump_id: str | None
     statuses: dict[int, str]  # layer index -> complete | partial | missing
     error: str = ""
-    #: layer index -> failed writes the reader reports for it (its commit's hole report, R-WR-7)
-    holes: dict[int, int] = field(default_factory=dict)
+    #: layer index -> offsets of the failed writes the reader reports for it (its commit's hole report, R-WR-7)
+    holes: dict[int, list[int]] = field(default_factory=dict)
 
 
 def read_outcome(source: object) -> Outcome:
@@ -70,7 +70,7 @@ def _outcome_from_scan(res: object) -> Outcome:
     if isinstance(dump_id, (bytes, bytearray)):
         dump_id = dump_id.hex()
     statuses: dict[int, str] = {}
-    holes: dict[int, int] = {}
+    holes: dict[int, list[int]] = {}
     for lay in getattr(dump, "layers", []) or []:
         idx = getattr(lay, "index", None)
         st = getattr(lay, "status", None)
@@ -81,14 +81,16 @@ def _outcome_from_scan(res: object) -> Outcome:
         if isinstance(idx, int) and isinstance(st, str):
             statuses[idx] = st
             if hl:
-                holes[idx] = len(hl)
+                holes[idx] = [h["offset"] for h in hl if isinstance(h, dict) and isinstance(h.get("offset"), int)]
     return Outcome(True, None if dump_id is None else str(dump_id), statuses, holes=holes)
 
 
-def hole_excused(k: int, status: str, failed: set[int], reported: dict[int, int]) -> bool:
-    """A committed layer read back partial is not lost only when a write of it failed (the trace
-    says so) and recovery reports that hole (R-WR-7); a silent partial is a loss."""
-    return status == "partial" and k in failed and reported.get(k, 0) > 0
+def hole_excused(k: int, status: str, failed: set[int], reported: dict[int, list[int]]) -> bool:
+    """A committed layer read back partial is not lost only when recovery reports its hole (R-WR-7)
+    and every failed write it reports is one the trace shows failing (``failed``: their offsets).
+    A silent partial, or a hole the device never had, is a loss."""
+    offs = reported.get(k) or []
+    return status == "partial" and bool(offs) and all(o in failed for o in offs)
 
 
 _LAYER_RE = re.compile(r"(?:layer|commit)[ :=_-]*(\d+)", re.I)

@@ -16,11 +16,12 @@ MIB = 1 << 20
 
 
 def test_partial_layer_is_excused_only_with_a_failed_write_and_a_reported_hole():
-    assert hole_excused(2, "partial", {2}, {2: 1})
-    assert not hole_excused(2, "partial", {2}, {})  # silent partial: lost
-    assert not hole_excused(2, "partial", {3}, {2: 1})  # no write of layer 2 failed: lost
-    assert not hole_excused(2, "missing", {2}, {2: 1})  # a hole does not excuse a missing layer
-    assert not hole_excused(1, "partial", {2}, {2: 1})  # a hole in layer 2 does not excuse layer 1
+    failed = {0x2000, 0x180000}  # offsets of the trace's FAILED writes
+    assert hole_excused(2, "partial", failed, {2: [0x180000]})
+    assert not hole_excused(2, "partial", failed, {})  # silent partial: lost
+    assert not hole_excused(2, "partial", failed, {2: [0x180000, 0x300000]})  # a hole the trace never had
+    assert not hole_excused(2, "missing", failed, {2: [0x180000]})  # a hole does not excuse a missing layer
+    assert not hole_excused(1, "partial", failed, {2: [0x180000]})  # a hole in layer 2 does not excuse layer 1
 
 
 def test_outcome_carries_the_reported_holes():
@@ -32,6 +33,7 @@ def test_outcome_carries_the_reported_holes():
     assert holey
     out = read_outcome(BytesSource(bytes(dev.image)))
     assert out.found and sorted(out.holes) == holey
+    assert {o for offs in out.holes.values() for o in offs} <= {off for off, _ in dev.failed}
     assert all(out.statuses[k] == "partial" for k in holey)
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from harness.crashsim.trace import read_trace
-from harness.trials import durable_times, failed_layers, restore_image, writer_argv
+from harness.trials import durable_times, failed_offsets, restore_image, writer_argv
 from progdump.device import DeviceError
 from progdump.devmodel import DeviceModel, FaultRegion, ModelledDevice
 
@@ -42,12 +42,13 @@ def test_durable_times_are_the_flush_completions_after_each_commit(tmp_path):
     assert list(durable_times(tr, ["all"], "monolithic")) == ["monolithic"]
 
 
-def test_failed_layers_names_the_layer_with_the_bad_write(tmp_path):
+def test_failed_offsets_are_the_traced_failed_writes(tmp_path):
     # region at 0.02 of 1 MiB = sector 40 (20 KiB): inside layer 1's writes (20..36 KiB)
     tr = _trace(tmp_path, faults=[FaultRegion(0.02, 4096)])
-    assert tr.failed_writes and failed_layers(tr) == {1}
+    assert tr.failed_writes and failed_offsets(tr) == {w.offset for w in tr.failed_writes}
+    assert all(20 * 1024 <= o < 36 * 1024 for o in failed_offsets(tr))
     (tmp_path / "clean").mkdir()
-    assert failed_layers(_trace(tmp_path / "clean")) == set()
+    assert failed_offsets(_trace(tmp_path / "clean")) == set()
 
 
 def test_restore_image_writes_only_what_differs(tmp_path):

@@ -268,3 +268,24 @@ def test_file_device_eio_is_a_media_error(tmp_path, monkeypatch):
             assert (ei.value.offset, ei.value.length) == (8192, 512)
     monkeypatch.undo()
     dev.close()
+
+
+def test_R_WR_7_a_commit_refused_past_every_retry_lands_after_a_later_layer():
+    snap = make_snapshot(12000, seed=34, zero_frac=0.0)
+    size = 96 * MIB
+    ref = _reference(snap, size)
+    n_op = ref.marks[2][0]
+    commit_op = [o for o in ref.ops[:n_op] if o.kind == "W"][-1]  # layer 2's COMMIT
+    dev = MemDevice(size)
+    dev.bad = [(commit_op.offset - 1 * MIB, commit_op.offset + 3 * MIB + 900 * 1024)]  # past the 5th try (+3.75 MiB)
+    order: list[int] = []
+    res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1,
+                     progress=lambda ev: order.append(ev.layer.index) if ev.kind == "layer-durable" else None)
+    assert res.stopped == "done", res.error
+    assert all(lay.committed for lay in res.layers)
+    assert order.index(2) > order.index(3), order  # layer 2's commit landed after layer 3's
+    sr = reader.scan(BytesSource(bytes(dev.image)))
+    st = [lay.status for lay in sr.layers]
+    assert st[2] == "partial" and sr.layers[2].holes, st  # its hole reported by the late commit
+    assert all(st[i] == "complete" for i in (0, 1, 4)), st
+    assert set(check_recovery(sr, snapshot_pages(snap), res.dump_id)) == set(snapshot_pages(snap))

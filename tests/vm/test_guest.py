@@ -467,3 +467,22 @@ def test_qemu_dies_with_a_killed_controller(linux_guest: None, tmp_path: Path) -
     assert (tmp_path / "console.log").stat().st_size > 0
     for d in fields[1:]:
         assert not os.path.exists(d), f"{d!r} left behind by a killed controller"
+
+
+def test_capture_without_shared_ram(guest_session: Callable[..., Any]) -> None:
+    """RAM not on a shared backend (what the fallbacks exist for): capture() takes pmemsave, the
+    RAM layout comes from QEMU's own RAM region, and the markers and panic string are in it."""
+    s = guest_session(mem_mib=512, shared_ram=False)
+    s.boot()
+    markers = dict(s.markers)
+    s.panic("sysrq")
+    with s.capture() as snap:
+        assert snap.metadata["capture_method"] == "qmp-pmemsave"
+        assert snap.total_bytes > 500 << 20
+        assert snap.metadata["release"] == markers["release"]
+        check_markers(snap, markers)
+        assert find_in_ram(snap, b"Kernel panic - not syncing: sysrq triggered crash") is not None
+        check_registers(snap)
+        with s.capture("elf") as ref:  # QEMU's own dump-guest-memory of the same frozen guest
+            for r in snap.ranges:
+                assert ref.read_phys(r.phys_start, r.size) == bytes(r.buffer), f"range {r.phys_start:#x} differs"

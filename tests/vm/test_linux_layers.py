@@ -136,6 +136,53 @@ def test_dmesg_equals_makedumpfile(panicked: Any) -> None:
         core.unlink(missing_ok=True)
 
 
+def test_layer2_pfns_equal_makedumpfile_d31(panicked: Any) -> None:
+    """Layer 2 keeps exactly what ``makedumpfile -d 31`` keeps, on the same ELF core, and the cache,
+    user and free counts agree. Our extra pages are all-zero and few (e820-reserved pfns at the top
+    of a memory block: struct pages that look like kernel pages, outside makedumpfile's bitmap)."""
+    import numpy as np
+
+    from harness.makedumpfile import kdump_kept_pfns, message_counts
+
+    snap, _, _, work = panicked
+    if shutil.which("makedumpfile") is None:
+        pytest.skip("makedumpfile not installed")
+    core, out = work / "d31-core.elf", work / "d31.kdump"
+    snap.to_elf(core)
+    try:
+        r = subprocess.run(["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(core), str(out)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        mc = message_counts(r.stdout + r.stderr)
+        kept = kdump_kept_pfns(out)
+    finally:
+        core.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+    pcm = LinuxProducer(snap).page_classes()
+    assert pcm is not None
+    cls = np.frombuffer(bytes(pcm.classes), dtype=np.uint8)
+    n = min(len(cls), len(kept))
+    present = np.zeros(n, dtype=bool)
+    for first, cnt in snap.pfn_runs():
+        lo = first - pcm.base_pfn
+        present[max(lo, 0):min(lo + cnt, n)] = True
+    ours = present & ((cls[:n] == PageClass.KERNEL) | (cls[:n] == PageClass.UNKNOWN))
+    theirs = present & kept[:n]
+    assert not (theirs & ~ours).any(), "makedumpfile keeps pages our layer 2 leaves out"
+    extra = np.nonzero(ours & ~theirs)[0] + pcm.base_pfn
+    assert len(extra) <= 64, f"{len(extra)} pages in our layer 2 only"
+    assert all(not any(snap.page(int(p))) for p in extra), "a page only in our layer 2 is not all-zero"
+    # makedumpfile's exclusion counts against our classes (present pages only)
+    def ours_n(c: PageClass) -> int:
+        return int((present & (cls[:n] == c)).sum())
+    assert mc["Non-private cache pages"] + mc.get("Private cache pages", 0) == ours_n(PageClass.CACHE)
+    assert mc["User process data pages"] == ours_n(PageClass.USER)
+    assert mc["Free pages"] == ours_n(PageClass.FREE)
+    # makedumpfile's own count of what it keeps includes the extra pages its bitmap leaves out:
+    # by its count, our layer 2 is exactly its -d 31 set
+    assert mc["Remaining pages"] + mc["Pages filled with zero"] == int(ours.sum())
+
+
 @pytest.fixture(scope="module")
 def flooded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A panic after ~400 KB of log lines: the 128 KiB ring has wrapped several times."""
@@ -550,6 +597,27 @@ def test_recovered_layer2_vmcore_dmesg_with_makedumpfile(recovered_layer2: Any) 
     r = subprocess.run(["makedumpfile", "--dump-dmesg", str(out / "vmcore"), str(dm)], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert dm.read_bytes() == (out / "dmesg.txt").read_bytes()
+
+
+def test_recovered_layer2_vmcore_keeps_every_page_under_makedumpfile_d31(recovered_layer2: Any) -> None:
+    """The recovered vmcore of layers 0-2 is what ``-d 31`` wants: makedumpfile filters none of it."""
+    from harness.makedumpfile import message_counts
+
+    snap, _, out = recovered_layer2
+    if shutil.which("makedumpfile") is None:
+        pytest.skip("makedumpfile not installed")
+    k = out / "rec.kdump"
+    r = subprocess.run(["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(out / "vmcore"), str(k)],
+                       capture_output=True, text=True, timeout=600)
+    k.unlink(missing_ok=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    mc = message_counts(r.stdout + r.stderr)
+    manifest = json.loads((out / "manifest.json").read_text())
+    recovered = sum(lay["pages"] for lay in manifest["layers"][:3])
+    excluded = sum(mc.get(k, 0) for k in ("Non-private cache pages", "Private cache pages",
+                                           "User process data pages", "Free pages"))
+    assert excluded == 0, mc
+    assert mc["Remaining pages"] + mc["Pages filled with zero"] == recovered, (mc, recovered)
 
 
 def test_recovered_layer2_vmcore_in_drgn_gives_the_layer0_backtrace(recovered_layer2: Any) -> None:
