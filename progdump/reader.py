@@ -428,6 +428,7 @@ class _Scanner:
     def walk(self, end: int) -> None:
         off = LOG_START
         front = LOG_START  # end of the last record of the newest dump seen so far
+        hidden: tuple[int, int] | None = None  # span of the last older record jumped over
         while off < end:
             h = self.header_at(off, end)
             if h is None and off % 4096:
@@ -436,22 +437,26 @@ class _Scanner:
                 h = self.header_at(up, end)
                 if h is not None:
                     off = up
+            if h is not None:
+                self.consider(h.dump_time_ns, h.dump_id)
+            older = h is not None and not self.is_newest(h)
+            if hidden is not None and not older:
+                # The walk leaves a run of older records (R-RD-2): the last one may show through a
+                # lost or failed write and span the start of the newest dump's next records.
+                self.look_inside(*hidden, end)
+                hidden = None
             if h is None:
                 nxt = self.resync(off + RECORD_ALIGN, end)
                 if nxt is None:
                     break
                 off = nxt
                 continue
-            self.consider(h.dump_time_ns, h.dump_id)
+            span = record_span(h.stored_len)
             if self.is_newest(h):
                 # Only the newest dump's records are kept (memory follows the chosen dump, not the
                 # device); a newer dump seen later replaces them.
-                if h.dump_id not in self.recs:
-                    self.recs = {h.dump_id: []}
-                r = _Rec(h)
-                self.recs[h.dump_id].append(r)
-                self.verify(r)
-                front = off + record_span(h.stored_len)
+                self.keep(h)
+                front = off + span
                 if h.rtype == RecordType.END:
                     break  # the newest dump's log is complete (R-RD-2)
             elif h.rtype == RecordType.END:
@@ -466,51 +471,42 @@ class _Scanner:
                     break
                 off = nxt
                 continue
-            off += record_span(h.stored_len)
-        self.fill_gaps(end)
+            else:
+                hidden = (off + RECORD_ALIGN, off + span)
+            off += span
+        if hidden is not None:
+            self.look_inside(*hidden, end)
 
     def is_newest(self, h: RecordHeader) -> bool:
         return self.newest is not None and self.newest[1] == h.dump_id and self.times[h.dump_id] == h.dump_time_ns
 
-    def fill_gaps(self, end: int) -> None:
-        """Look for the newest dump's records the walk stepped over (R-RD-2).
+    def keep(self, h: RecordHeader) -> None:
+        if h.dump_id not in self.recs:
+            self.recs = {h.dump_id: []}
+        r = _Rec(h)
+        self.recs[h.dump_id].append(r)
+        self.verify(r)
 
-        Where an older dump shows through a lost or failed write, one of its
-        records can span the start of the newest dump's next records, and the
-        walk, following its span, lands past them. Only a gap in the sequence
-        numbers says so: between two records found whose numbers are not
-        consecutive, every 512-byte boundary is tried. The cost follows the
-        gaps, not the device.
-        """
-        if self.newest is None:
-            return
-        did = self.newest[1]
-        recs = self.recs.get(did, [])
-        found: list[_Rec] = []
-        for a, b in zip(recs, recs[1:]):
-            lo = a.h.offset + record_span(a.h.stored_len)
-            if b.h.seq == a.h.seq + 1 or b.h.offset <= lo:
-                continue
-            off = lo + (-lo % RECORD_ALIGN)
-            while off < b.h.offset:
-                n = min(1 << 20, b.h.offset - off)
-                chunk = _read(self.src, off, n)
-                if not chunk:
-                    break
-                pos = chunk.find(RECORD_MAGIC)
-                while pos >= 0:
-                    at = off + pos
-                    if at % RECORD_ALIGN == 0:
-                        h = self.header_at(at, end)
-                        if h is not None and self.is_newest(h):
-                            r = _Rec(h)
-                            self.verify(r)
-                            found.append(r)
-                    pos = chunk.find(RECORD_MAGIC, pos + 1)
-                off += len(chunk)
-        if found:
-            recs.extend(found)
-            recs.sort(key=lambda r: r.h.offset)
+    def look_inside(self, lo: int, hi: int, end: int) -> None:
+        """Keep the newest dump's records whose headers lie in ``[lo, hi)`` (512-aligned), inside an
+        older record's span the walk jumped over. Cost: one record span per such spot."""
+        off = lo + (-lo % RECORD_ALIGN)
+        seen = {r.h.offset for r in self.recs.get(self.newest[1], [])} if self.newest else set()
+        while off < hi:
+            chunk = _read(self.src, off, min(1 << 20, hi - off))
+            if not chunk:
+                return
+            pos = chunk.find(RECORD_MAGIC)
+            while pos >= 0:
+                at = off + pos
+                if at % RECORD_ALIGN == 0 and at not in seen:
+                    h = self.header_at(at, end)
+                    if h is not None:
+                        self.consider(h.dump_time_ns, h.dump_id)
+                        if self.is_newest(h):
+                            self.keep(h)
+                pos = chunk.find(RECORD_MAGIC, pos + 1)
+            off += len(chunk)
 
 
 def scan(source: object, *, resync_window: int = RESYNC_WINDOW) -> ScanResult:
