@@ -36,6 +36,7 @@ __all__ = [
     "HEADER_BLOCK",
     "LOG_START",
     "RESYNC_WINDOW",
+    "LANDING",
     "MAX_HOLE",
     "RECORD_ALIGN",
     "RECORD_HEADER_SIZE",
@@ -77,10 +78,12 @@ MAX_PAGES_PER_RECORD = 1024  # pages in one PAGES record (R-PAG-1)
 MAX_RAW_LEN = (4 << 20) + 4096  # largest decompressed payload a reader accepts (R-LIM-1)
 MAX_STORED_LEN = MAX_RAW_LEN  # writers store a payload uncompressed when zstd does not shrink it
 MAX_INFO_LEN = HEADER_BLOCK - 128 - 8
-#: R-RD-2: how far past a bad spot a reader looks for the next record (> MAX_HOLE)
-RESYNC_WINDOW = 8 << 20
-#: R-WR-7: the longest stretch of failed writes a writer carries on past; beyond it, it stops
-MAX_HOLE = 7 << 20
+#: R-RD-2: how far past a bad spot a reader searches byte by byte for the next record
+RESYNC_WINDOW = 4 << 20
+#: R-WR-7: after a failed write the writer restarts its log on a multiple of this
+LANDING = 1 << 20
+#: R-WR-7: the farthest a landing may lie past the last good write (a reader probes that far)
+MAX_HOLE = 8 << 20
 ARTIFACT_NAME_FIELD = 64  # bytes of NUL-padded name that lead every ARTIFACT payload
 
 

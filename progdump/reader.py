@@ -26,7 +26,9 @@ import zstandard
 from progdump.format import (
     ARTIFACT_NAME_FIELD,
     HEADER_BLOCK,
+    LANDING,
     LOG_START,
+    MAX_HOLE,
     MAX_PAGES_PER_RECORD,
     RESYNC_WINDOW,
     RECORD_ALIGN,
@@ -56,6 +58,7 @@ MAX_ARTIFACT = 64 << 20  # R-TYP-2
 MAX_LAYERS = 64
 MAX_PFN_END = 1 << 40  # x86-64 physical addresses have at most 52 bits: 2^40 page frames
 MAX_WARNINGS = 50
+MAX_PROBE_ROUNDS = 256  # landings followed per scan (one per hole the writer carried past)
 LAYER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 
 
@@ -425,11 +428,12 @@ class _Scanner:
             return
         r.verified = True
 
-    def walk(self, end: int) -> None:
-        off = LOG_START
-        front = LOG_START  # end of the last record of the newest dump seen so far
-        hidden: tuple[int, int] | None = None  # span of the last older record jumped over
+    def walk(self, end: int, start: int = LOG_START, stop_at: frozenset[int] = frozenset()) -> None:
+        """Follow records from ``start`` (R-RD-2); a walk from a landing stops at a record already seen."""
+        off = start
         while off < end:
+            if off in stop_at:
+                return
             h = self.header_at(off, end)
             if h is None and off % 4096:
                 # a writer with 4 KiB alignment (4Kn / 512e devices) pads records to 4 KiB: look there first
@@ -437,76 +441,72 @@ class _Scanner:
                 h = self.header_at(up, end)
                 if h is not None:
                     off = up
-            if h is not None:
-                self.consider(h.dump_time_ns, h.dump_id)
-            older = h is not None and not self.is_newest(h)
-            if hidden is not None and not older:
-                # The walk leaves a run of older records (R-RD-2): the last one may show through a
-                # lost or failed write and span the start of the newest dump's next records.
-                self.look_inside(*hidden, end)
-                hidden = None
             if h is None:
                 nxt = self.resync(off + RECORD_ALIGN, end)
                 if nxt is None:
-                    break
+                    return
                 off = nxt
                 continue
-            span = record_span(h.stored_len)
+            self.consider(h.dump_time_ns, h.dump_id)
             if self.is_newest(h):
-                # Only the newest dump's records are kept (memory follows the chosen dump, not the
-                # device); a newer dump seen later replaces them.
                 self.keep(h)
-                front = off + span
-                if h.rtype == RecordType.END:
-                    break  # the newest dump's log is complete (R-RD-2)
-            elif h.rtype == RecordType.END:
-                # An older dump's END: what follows is older still (a newer dump reaching past it
-                # would have covered it), so stop rather than resync through the rest of the device;
-                # unless it is near the newest dump's frontier, where it may show through a hole the
-                # writer carried on past (R-WR-7): look a window further (R-RD-2).
-                if off >= front + self.window:
-                    break
-                nxt = self.resync(off + RECORD_ALIGN, end)
-                if nxt is None:
-                    break
-                off = nxt
-                continue
-            else:
-                hidden = (off + RECORD_ALIGN, off + span)
-            off += span
-        if hidden is not None:
-            self.look_inside(*hidden, end)
+            if h.rtype == RecordType.END:
+                # The end of some dump's log (R-RD-2): of the newest, the walk is done; of an older
+                # dump, what follows is older still (a newer dump reaching past it would have covered
+                # it), so stop rather than resync through the rest of the device. A landing behind
+                # it (R-WR-7) is found by the probes.
+                return
+            off += record_span(h.stored_len)
 
     def is_newest(self, h: RecordHeader) -> bool:
         return self.newest is not None and self.newest[1] == h.dump_id and self.times[h.dump_id] == h.dump_time_ns
 
     def keep(self, h: RecordHeader) -> None:
+        """Only the newest dump's records are kept (memory follows the chosen dump, not the device);
+        a newer dump seen later replaces them."""
         if h.dump_id not in self.recs:
             self.recs = {h.dump_id: []}
         r = _Rec(h)
         self.recs[h.dump_id].append(r)
         self.verify(r)
 
-    def look_inside(self, lo: int, hi: int, end: int) -> None:
-        """Keep the newest dump's records whose headers lie in ``[lo, hi)`` (512-aligned), inside an
-        older record's span the walk jumped over. Cost: one record span per such spot."""
-        off = lo + (-lo % RECORD_ALIGN)
-        seen = {r.h.offset for r in self.recs.get(self.newest[1], [])} if self.newest else set()
-        while off < hi:
-            chunk = _read(self.src, off, min(1 << 20, hi - off))
-            if not chunk:
+    def probe_landings(self, end: int) -> None:
+        """Find the newest dump's records after holes (R-RD-2, R-WR-7).
+
+        After a failed write the writer restarts its log on a ``LANDING``
+        boundary at most ``MAX_HOLE`` past its last good write. The walk may
+        not get there: an older dump showing through the hole can span the
+        landing, or end in it. So past the end of every run of the newest
+        dump's records, each boundary up to ``MAX_HOLE`` further is probed
+        (one header read each), and a walk starts from any unseen record of
+        the newest dump found there.
+        """
+        probed: set[int] = set()
+        for _ in range(MAX_PROBE_ROUNDS):
+            if self.newest is None:
                 return
-            pos = chunk.find(RECORD_MAGIC)
-            while pos >= 0:
-                at = off + pos
-                if at % RECORD_ALIGN == 0 and at not in seen:
+            recs = self.recs.get(self.newest[1], [])
+            seen = {r.h.offset for r in recs}
+            ends = {r.h.offset + record_span(r.h.stored_len) for r in recs} - seen
+            found = False
+            for e in sorted(ends):
+                first = e - e % LANDING + LANDING
+                for at in range(first, min(end, e + MAX_HOLE + 1), LANDING):
+                    if at in probed or at in seen:
+                        continue
+                    probed.add(at)
                     h = self.header_at(at, end)
-                    if h is not None:
-                        self.consider(h.dump_time_ns, h.dump_id)
-                        if self.is_newest(h):
-                            self.keep(h)
-                pos = chunk.find(RECORD_MAGIC, pos + 1)
-            off += len(chunk)
+                    if h is None:
+                        continue
+                    self.consider(h.dump_time_ns, h.dump_id)
+                    if self.is_newest(h):
+                        self.walk(end, at, frozenset(seen))
+                        found = True
+                        break
+                if found:
+                    break
+            if not found:
+                return
 
 
 def scan(source: object, *, resync_window: int = RESYNC_WINDOW) -> ScanResult:
@@ -540,6 +540,7 @@ def _scan(src: Source, resync_window: int) -> ScanResult:
     end = log_end(size)
     sc.read_headers(end)
     sc.walk(end)
+    sc.probe_landings(end)
     res.warnings = sc.warnings
     if sc.newest is None:
         if sc.unsupported:

@@ -45,6 +45,7 @@ from progdump.format import (
     FORMAT_VERSION,
     HEADER_BLOCK,
     LOG_START,
+    LANDING,
     MAX_HOLE,
     MAX_PAGES_PER_RECORD,
     CommitInfo,
@@ -71,7 +72,7 @@ ARTIFACT_CHUNK = 1 << 20  # artifact bytes per ARTIFACT record
 MAX_ARTIFACT = 64 << 20  # the reader's bound (FORMAT.md R-TYP-2)
 MAX_NOTES_BYTES = 256 << 10
 ZERO_PAGE = bytes(PAGE_SIZE)
-COMMIT_TRIES = 8  # writes of one layer's COMMIT before the layer is given up (R-WR-7)
+COMMIT_TRIES = 3  # tries of a layer's COMMIT at successive landings before it waits for the next layer (R-WR-7)
 VERSION = "progdump 0.1.0"
 
 assert CHUNK_PAGES <= MAX_PAGES_PER_RECORD
@@ -183,6 +184,12 @@ class _Failure:
     pages: list[tuple[int, int]]  # (first pfn, count) of its PAGES/ZERO records
     error: str
 
+    def extend(self, end: int, seq_hi: int, pages: list[tuple[int, int]]) -> None:
+        """What was queued or staged behind the failed write is lost with it (never attempted)."""
+        self.length = max(self.length, end - self.offset)
+        self.seq_hi = max(self.seq_hi, seq_hi)
+        self.pages.extend(pages)
+
     def to_json(self) -> dict[str, object]:
         return {"offset": self.offset, "length": self.length, "records": [self.seq_lo, self.seq_hi - 1], "error": self.error[:200]}
 
@@ -201,11 +208,16 @@ class _Log:
     ``QUEUE`` writes of about 1 MiB wait in the queue (bounded memory).
 
     A write that fails on the medium (:class:`MediaError`) does not stop the
-    log (R-WR-7): the failure, with the records and pages it carried, goes to
-    ``failures`` and later writes continue after it, so the layer being
-    written gets a hole and the writer retries its pages later. Once failed
-    writes span more than ``MAX_HOLE`` since the last good one, a reader
-    could no longer find the records after them (R-RD-2), so the log stops.
+    log (R-WR-7). Every write carries the log's *epoch*. When one fails, the
+    I/O thread writes nothing more of that epoch (what was queued behind it
+    is folded into the same failure, never attempted), and the main thread,
+    at its next append or barrier, drops what it had staged too and restarts
+    the log in a new epoch at the next ``LANDING`` boundary past all of it.
+    So the first record after a hole always starts on a 1 MiB boundary,
+    where a reader probes for it (R-RD-2). The failure keeps the records and
+    pages it lost, so the layer gets a hole and its pages are retried. A
+    landing more than ``MAX_HOLE`` past the last good write would be beyond
+    a reader's probes: the log stops instead.
     """
 
     QUEUE = 4
@@ -227,7 +239,10 @@ class _Log:
         self.error: BaseException | None = None
         self.stage_seq = 0  # sequence number of the first staged record
         self.stage_pages: list[tuple[int, int]] = []  # page runs of the staged records
-        self.failures: list[_Failure] = []  # appended by the I/O thread only
+        self.epoch = 0  # main thread: the epoch being staged
+        self.dead_epoch = -1  # I/O thread: an epoch in which a write failed
+        self.lock = threading.Lock()  # guards failures (both threads add to them)
+        self.failures: list[_Failure] = []
         self.good_end = LOG_START  # end of the last write that succeeded (I/O thread)
         self.io = threading.Thread(target=self._io_loop, name="progdump-io", daemon=True)
         self.io.start()
@@ -239,19 +254,20 @@ class _Log:
                 if item is None:
                     return
                 if self.error is None:
-                    off, pieces, seq_lo, seq_hi, pages = item
+                    off, pieces, seq_lo, seq_hi, pages, epoch = item
+                    length = sum(len(p) for p in pieces)
+                    if epoch == self.dead_epoch:  # behind a failed write: never attempted (R-WR-7)
+                        with self.lock:
+                            self.failures[-1].extend(off + length, seq_hi, pages)
+                        continue
                     data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
                     try:
                         self.dev.write(off, data)
-                        self.good_end = off + len(data)
+                        self.good_end = off + length
                     except MediaError as e:
-                        self.failures.append(_Failure(off, len(data), seq_lo, seq_hi, pages, str(e)))
-                        hole = off + len(data) - self.good_end
-                        if hole > MAX_HOLE:
-                            raise DeviceError(
-                                f"{e}; writes have failed over {hole >> 20} MiB of the device in a row, more than"
-                                f" a reader carries on past ({MAX_HOLE >> 20} MiB)"
-                            ) from None
+                        with self.lock:
+                            self.failures.append(_Failure(off, length, seq_lo, seq_hi, list(pages), str(e)))
+                        self.dead_epoch = epoch
             except BaseException as e:  # handed to the main thread at the next submit/barrier
                 self.error = e
             finally:
@@ -259,13 +275,36 @@ class _Log:
 
     def failures_since(self, seq: int) -> list[_Failure]:
         """Failed writes that carried records with sequence numbers >= ``seq`` (call after a barrier)."""
-        return [f for f in self.failures if f.seq_hi > seq]
+        with self.lock:
+            return [f for f in self.failures if f.seq_hi > seq]
 
     def _check(self) -> None:
         if self.error is not None:
             e, self.error = self.error, None
             self.error = e  # keep it: every later call fails the same way
             raise e
+
+    def _restart_if_failed(self) -> None:
+        """After a failed write: drop what is staged, restart at the next landing (R-WR-7)."""
+        if self.dead_epoch != self.epoch:
+            return
+        with self.lock:
+            f = self.failures[-1]
+            if self.pending:
+                f.extend(self.buf_off + self.pending, self.seq, self.stage_pages)
+        landing = -(-self.cursor // LANDING) * LANDING
+        if landing == self.cursor:
+            landing += LANDING
+        if landing - self.good_end > MAX_HOLE:
+            raise DeviceError(
+                f"{f.error}; writes have failed over {(landing - self.good_end) >> 20} MiB of the device in a row,"
+                f" more than a reader looks past ({MAX_HOLE >> 20} MiB)"
+            )
+        if landing >= self.end:
+            raise _Stop("device-full")
+        self.epoch += 1
+        self.cursor = self.buf_off = landing
+        self.pieces, self.pending, self.stage_pages, self.stage_seq = [], 0, [], self.seq
 
     def append(
         self, rtype: RecordType, layer: int, stored: bytes | bytearray | memoryview, raw_len: int,
@@ -277,6 +316,7 @@ class _Log:
         ``pages`` (first pfn, count) of a PAGES/ZERO record: retried if its write fails.
         ``seq`` reuses a sequence number: only for a COMMIT whose write failed (R-WR-7).
         """
+        self._restart_if_failed()
         span = record_span(len(stored), self.align)
         if self.cursor + span > self.end:
             raise _Stop("device-full")
@@ -297,22 +337,11 @@ class _Log:
             self.drain()
         return hdr, span
 
-    def skip(self, n: int, payload: int) -> bool:
-        """Leave ``n`` bytes unwritten (past a bad spot) if a record of ``payload`` bytes after them
-        keeps the hole within MAX_HOLE and the log area; call with nothing staged (after a barrier)."""
-        n += -n % self.align
-        after = self.cursor + n + record_span(payload, self.align)
-        if self.pending or after > self.end or after - self.good_end > MAX_HOLE:
-            return False
-        self.cursor += n
-        self.buf_off = self.cursor
-        return True
-
     def drain(self) -> None:
         """Queue what is staged for the I/O thread."""
         self._check()
         if self.pending:
-            self.q.put((self.buf_off, self.pieces, self.stage_seq, self.seq, self.stage_pages))
+            self.q.put((self.buf_off, self.pieces, self.stage_seq, self.seq, self.stage_pages, self.epoch))
             self.buf_off += self.pending
             self.written += self.pending
             self.pieces = []
@@ -321,11 +350,12 @@ class _Log:
             self.pending = 0
 
     def barrier(self) -> None:
-        """Everything appended so far is on the device and flushed when this returns."""
+        """Everything appended so far is on the device (or in a failure) and flushed when this returns."""
         self.drain()
         self.q.join()
         self._check()
         self.dev.flush()
+        self._restart_if_failed()
 
     def close(self) -> None:
         """Stop the I/O thread (after the queue drains)."""
@@ -794,15 +824,13 @@ class _PendingCommit:
 def _try_commit(log: _Log, spec: LayerSpec, lay: LayerResult, commit: bytes, seq: int) -> bool:
     """Write a layer's COMMIT under sequence number ``seq``, retrying past a bad spot (R-COM-2, R-WR-7).
 
-    A COMMIT that the medium refuses is written again further on with the same sequence
-    number, each try skipping twice as far (256 KiB, 512 KiB, ...) while the hole stays
-    within MAX_HOLE: the failed one never reached the device, and were a torn copy of it
-    readable, the reader voids both and the layer reads back partial. True once one copy
-    is durable; the layer is then committed and marked.
+    A COMMIT that the medium refuses is written again at the log's next landing (1 MiB
+    further each time) with the same sequence number: the failed one never reached the
+    device, and were a torn copy of it readable, the reader voids both and the layer
+    reads back partial. True once one copy is durable; the layer is then committed and
+    marked.
     """
-    for attempt in range(COMMIT_TRIES):
-        if attempt and not log.skip((256 << 10) << (attempt - 1), len(commit)):
-            return False
+    for _ in range(COMMIT_TRIES):
         n_failed = len(log.failures)
         hdr, span = log.append(RecordType.COMMIT, spec.index, commit, len(commit), Compression.NONE, seq=seq)
         lay.bytes += span

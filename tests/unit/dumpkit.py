@@ -118,6 +118,7 @@ class MemDevice(DumpDevice):
             raise DeviceError(f"injected I/O error at {self.fail_at:#x}")
         if any(offset < hi and lo < offset + len(data) for lo, hi in self.bad):
             self.failed.append((offset, len(data)))
+            self.ops.append(Op("X", offset, b""))  # a failed write, in order (no data reached the device)
             raise MediaError(f"injected EIO writing {len(data)} bytes at {offset:#x}", offset, len(data))
         self.image[offset : offset + len(data)] = data
         self.ops.append(Op("W", offset, data))

@@ -18,7 +18,7 @@ from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, make_
 from progdump import reader
 from progdump.devmodel import DeviceModel, FaultRegion, ModelledDevice
 from progdump.device import FileDevice
-from progdump.format import MAX_HOLE, RESYNC_WINDOW
+from progdump.format import LANDING, MAX_HOLE
 from progdump.writer import format_durable_line, write_dump
 
 MIB = 1 << 20
@@ -138,9 +138,22 @@ def test_R_RD_2_older_end_inside_a_hole_does_not_end_the_walk():
     assert set(got) == set(snapshot_pages(new))
 
 
-def test_R_RD_2_resync_window_covers_the_writers_hole_limit():
-    # the next record after a hole starts at most MAX_HOLE past the last good write: within the window
-    assert MAX_HOLE + 512 <= RESYNC_WINDOW
+def test_R_WR_7_after_a_failed_write_the_log_restarts_on_a_landing():
+    """Nothing is written behind a failed write in its epoch; the next write starts on a LANDING
+    boundary past it, at most MAX_HOLE past the last good write: where a reader probes."""
+    snap = make_snapshot(6000, seed=35, zero_frac=0.1)
+    dev = MemDevice(96 * MIB)
+    dev.bad = [(2 * MIB, 3 * MIB), (9 * MIB, 9 * MIB + 4096)]
+    res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1)
+    assert res.stopped == "done" and len(dev.failed) >= 2
+    ws = [o for o in dev.ops if o.kind in ("W", "X") and 4096 <= o.offset < dev.size - 4096]
+    good_end = 4096
+    for prev, nxt in zip(ws, ws[1:]):
+        if prev.kind == "W":
+            good_end = prev.offset + len(prev.data)
+        if prev.kind == "X" and nxt.kind in ("W", "X"):
+            assert nxt.offset % LANDING == 0 and nxt.offset > prev.offset, (hex(prev.offset), hex(nxt.offset))
+            assert nxt.offset - good_end <= MAX_HOLE
 
 
 def _fast_failing_model(at: float, length: int) -> DeviceModel:
@@ -212,14 +225,15 @@ def _holey_over_older(shift: int):
 
 def test_R_RD_2_records_under_an_older_records_span_are_found(monkeypatch):
     """Across the hole the walk follows the older dump's records; one of them can span the start of
-    the new dump's next records. The walk looks inside that span: every layer but the holey one is
-    complete. Without that look at least one of these layouts loses a committed layer (the test can fail)."""
+    the new dump's next records. The reader probes the landings past each run: every layer but the
+    holey one is complete. Without the probes at least one of these layouts loses a committed layer
+    (the test can fail)."""
     cases = [_holey_over_older(shift) for shift in range(0, 1 << 20, 64 * 1024)]
     for new, res, img in cases:
         sr = reader.scan(BytesSource(img))
         assert [lay.status for lay in sr.layers] == ["complete", "complete", "partial", "complete", "complete"]
         assert set(check_recovery(sr, snapshot_pages(new), res.dump_id)) == set(snapshot_pages(new))
-    monkeypatch.setattr(reader._Scanner, "look_inside", lambda self, lo, hi, end: None)
+    monkeypatch.setattr(reader._Scanner, "probe_landings", lambda self, end: None)
     without = [[lay.status for lay in reader.scan(BytesSource(img)).layers] for _, _, img in cases]
     assert any(st != ["complete", "complete", "partial", "complete", "complete"] for st in without), without
 
@@ -277,7 +291,7 @@ def test_R_WR_7_a_commit_refused_past_every_retry_lands_after_a_later_layer():
     n_op = ref.marks[2][0]
     commit_op = [o for o in ref.ops[:n_op] if o.kind == "W"][-1]  # layer 2's COMMIT
     dev = MemDevice(size)
-    dev.bad = [(commit_op.offset - 256 * 1024, commit_op.offset + 3 * MIB + 800 * 1024)]  # past the 5th try (+3.75 MiB)
+    dev.bad = [(commit_op.offset - 256 * 1024, commit_op.offset + 3 * MIB + 512 * 1024)]  # past the 3rd try's landing
     order: list[int] = []
     res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1,
                      progress=lambda ev: order.append(ev.layer.index) if ev.kind == "layer-durable" else None)
