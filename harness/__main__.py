@@ -31,7 +31,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mem", type=int, default=512, help="guest RAM in MiB (default 512)")
     ap.add_argument("--smp", type=int, default=1)
     ap.add_argument("--accel", default="auto", choices=("auto", "tcg", "kvm"))
-    ap.add_argument("--trigger", default="sysrq", help="panic trigger (linux: sysrq, nmi, hung-task, init-exit)")
+    ap.add_argument("--trigger", default="sysrq", help="panic trigger (linux: sysrq, nmi, oops, hung-task, init-exit)")
     ap.add_argument("--method", default="auto", choices=("auto", "shared", "pmemsave", "elf"),
                     help="capture method (auto: zero-copy shared RAM)")
     ap.add_argument("--out", type=Path, help="capture: write the snapshot as an ELF core here")

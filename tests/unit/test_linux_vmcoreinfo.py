@@ -53,6 +53,8 @@ def snapshot_with(vi: bytes | None):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("vi, reason", [
     (None, "no VMCOREINFO"),
     (VI.replace(b"PAGESIZE=4096", b"PAGESIZE=65536"), "PAGESIZE"),
+    (VI.replace(b"PAGESIZE=4096", b"NUMBER(PAGESIZE)=65536"), "PAGESIZE"),
+    (VI.replace(b"PAGESIZE=4096", b"NUMBER(PAGESIZE)=4096"), "top page table"),  # 4096 accepted: refused later
     (VI.replace(b"NUMBER(phys_base)=-69206016", b"NUMBER(phys_base)=junk"), "phys_base"),
     (VI, "top page table"),  # init_top_pgt lands outside this 16 MiB image
     (VI.replace(b"NUMBER(phys_base)=-69206016", b"NUMBER(phys_base)=-530579456"), "kallsyms"),

@@ -42,7 +42,8 @@ class LinuxKernel:
         vi = self.vi
         try:
             self.release = vi.osrelease()
-            if vi.number("PAGESIZE") if "NUMBER(PAGESIZE)" in vi else int(vi.text("PAGESIZE")) != 4096:
+            page_size = vi.number("PAGESIZE") if "NUMBER(PAGESIZE)" in vi else int(vi.text("PAGESIZE"))
+            if page_size != 4096:
                 raise LinuxUnsupported(f"PAGESIZE={vi.text('PAGESIZE')} (only 4096 is supported)")
             phys_base = vi.number("phys_base")
             levels = 5 if ("NUMBER(pgtable_l5_enabled)" in vi and vi.number("pgtable_l5_enabled")) else 4
