@@ -69,16 +69,15 @@ def measure(accel: str, mem: int, runs: int, trigger: str, baseline: bool, work:
                 slow = s.capture("pmemsave")
                 r["pmemsave"].append((time.monotonic() - t0) * 1000)
                 slow.close()
-            if i < runs - 1:
-                b = s.reset()
-                r["reset"].append(b.seconds * 1000)
+            b = s.reset()  # after every panic: n resets for a median of n
+            r["reset"].append(b.seconds * 1000)
     return r
 
 
-def fresh_boots(accel: str, runs: int, work: Path) -> list[float]:
+def fresh_boots(accel: str, runs: int, work: Path, mem: int) -> list[float]:
     out = []
     for i in range(runs):
-        with GuestSession("linux", mem_mib=512, accel=accel, workdir=work / f"boot-{accel}-{i}") as s:
+        with GuestSession("linux", mem_mib=mem, accel=accel, workdir=work / f"boot-{accel}-{mem}-{i}") as s:
             out.append(s.boot().seconds * 1000)
     return out
 
@@ -109,9 +108,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pd-bench-guest-") as tmp:
         work = Path(tmp)
         for acc in accels:
-            boots = fresh_boots(acc, args.runs, work)
-            print(f"\n[{acc}] boot to ready (new QEMU, 512 MiB, cont -> ready line), ms: "
-                  f"median {statistics.median(boots):.0f} (range {spread(boots)}, n={len(boots)})")
+            for mem in sizes:
+                boots = fresh_boots(acc, args.runs, work, mem)
+                print(f"\n[{acc}] boot to ready (new QEMU, {mem} MiB, cont -> ready line), ms: "
+                      f"median {statistics.median(boots):.0f} (range {spread(boots)}, n={len(boots)})")
             print(f"\n[{acc}] trigger {args.trigger}, medians of {args.runs} (ms); baselines once per size")
             print(f"{'RAM MiB':>8} {'reset->ready':>12} {'trig->event':>11} {'event->stop':>11} "
                   f"{'capture':>8} {'event->Snapshot':>15} {'QEMU ts->Snap':>13} {'ELF dump':>9} {'pmemsave':>9}")
