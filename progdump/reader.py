@@ -487,7 +487,8 @@ class _Scanner:
                 return
             recs = self.recs.get(self.newest[1], [])
             seen = {r.h.offset for r in recs}
-            ends = {r.h.offset + record_span(r.h.stored_len) for r in recs} - seen
+            # LOG_START too: the very first write may be the one that failed
+            ends = ({r.h.offset + record_span(r.h.stored_len) for r in recs} | {LOG_START}) - seen
             found = False
             for e in sorted(ends):
                 first = e - e % LANDING + LANDING
