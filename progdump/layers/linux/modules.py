@@ -50,8 +50,9 @@ def list_entries(mem, head: int, limit: int) -> tuple[list[int], str]:  # type: 
             if cur in seen or len(out) >= limit:
                 return out, f"list at {head:#x} loops or exceeds {limit} entries"
             seen.add(cur)
+            nxt = mem.u64(cur)  # an entry is kept only once its own link is readable
             out.append(cur)
-            cur = mem.u64(cur)
+            cur = nxt
     except FaultError as e:
         return out, f"list at {head:#x} broken: {e}"
     return out, ""

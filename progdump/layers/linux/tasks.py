@@ -175,6 +175,9 @@ def read_tasks(k: LinuxKernel, ncpus: int) -> tuple[list[TaskInfo], list[str]]:
                 if why:
                     notes.append(f"threads of {leader:#x}: {why}")
                 group = [t - L.thread_node for t in threads] or [leader]
+                if leader not in group:  # a damaged ring: keep the leader the process list named
+                    notes.append(f"threads of {leader:#x}: the ring does not hold its leader")
+                    group.insert(0, leader)
         except FaultError as e:
             notes.append(f"task {leader:#x}: signal_struct unreadable: {e}")
         for t in group:
@@ -243,20 +246,24 @@ def memory_summary(k: LinuxKernel) -> tuple[dict[str, int], list[str]]:
     try:
         if syms.address("_totalram_pages") is not None:
             out["totalram_pages"] = k.mem.s64(syms.address("_totalram_pages"))  # type: ignore[arg-type]
-        zone_items = k.btf.enum_values("zone_stat_item")
-        node_items = k.btf.enum_values("node_stat_item")
-        zs, ns = syms.address("vm_zone_stat"), syms.address("vm_node_stat")
-        for names, base, enum in ((("NR_FREE_PAGES", "NR_ZONE_ACTIVE_ANON", "NR_ZONE_INACTIVE_ANON",
-                                    "NR_ZONE_ACTIVE_FILE", "NR_ZONE_INACTIVE_FILE", "NR_MLOCK",
-                                    "NR_BOUNCE", "NR_ZSPAGES"), zs, zone_items),
-                                  (("NR_FILE_PAGES", "NR_ANON_MAPPED", "NR_SHMEM", "NR_FILE_DIRTY",
-                                    "NR_WRITEBACK", "NR_SLAB_RECLAIMABLE_B", "NR_SLAB_UNRECLAIMABLE_B",
-                                    "NR_KERNEL_STACK_KB", "NR_PAGETABLE"), ns, node_items)):
-            if base is None:
-                continue
+    except FaultError as e:
+        notes.append(f"memory counters: totalram_pages: {e}")
+    groups = ((("NR_FREE_PAGES", "NR_ZONE_ACTIVE_ANON", "NR_ZONE_INACTIVE_ANON", "NR_ZONE_ACTIVE_FILE",
+                "NR_ZONE_INACTIVE_FILE", "NR_MLOCK", "NR_BOUNCE", "NR_ZSPAGES"), "vm_zone_stat", "zone_stat_item"),
+              (("NR_FILE_PAGES", "NR_ANON_MAPPED", "NR_SHMEM", "NR_FILE_DIRTY", "NR_WRITEBACK",
+                "NR_SLAB_RECLAIMABLE_B", "NR_SLAB_UNRECLAIMABLE_B", "NR_KERNEL_STACK_KB", "NR_PAGETABLE"),
+               "vm_node_stat", "node_stat_item"))
+    for names, sym, enum_name in groups:  # each group on its own: one missing enum loses only its counters
+        base = syms.address(sym)
+        if base is None:
+            continue
+        try:
+            enum = k.btf.enum_values(enum_name)
             for n in names:
                 if n in enum:
-                    out[n.lower()] = k.mem.s64(base + 8 * enum[n])
-    except (BtfError, FaultError) as e:
-        notes.append(f"memory counters: {e}")
+                    # per-CPU deltas not yet folded in can leave a global counter briefly negative;
+                    # /proc/meminfo shows 0 then, and so do we
+                    out[n.lower()] = max(0, k.mem.s64(base + 8 * enum[n]))
+        except (BtfError, FaultError) as e:
+            notes.append(f"memory counters ({enum_name}): {e}")
     return out, notes

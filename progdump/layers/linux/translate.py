@@ -80,6 +80,11 @@ class KernelMemory:
             base, size = hit
             off = va - (key << 12)
             return base + off, (PAGE - off) if size == PAGE else size - ((va) & (size - 1))
+        # canonical addresses only: bits above the top level's sign bit copy it (a wild pointer
+        # such as LIST_POISON1 must fault, not alias a real mapping through the low 48 bits)
+        top = 56 if self.levels == 5 else 47
+        if not (va >> top == 0 or va >> top == (1 << (64 - top)) - 1):
+            raise FaultError(f"virtual address {va:#x} is not canonical")
         table = self.pgd
         shifts = (48, 39, 30, 21, 12) if self.levels == 5 else (39, 30, 21, 12)
         for depth, shift in enumerate(shifts):
