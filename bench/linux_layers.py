@@ -179,7 +179,8 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
               f"(+ {mc2.get('Pages filled with zero')} zero) of {mc2.get('Original pages')}; "
               f"on the full snapshot it kept {mc.get('Remaining pages')} (+ {mc.get('Pages filled with zero')} zero)")
     else:
-        print(f"makedumpfile -d 31 on the recovered layer-2 vmcore failed: {(r.stdout + r.stderr)[-300:]}")
+        said = [ln for ln in (r.stdout + r.stderr).splitlines() if "%]" not in ln and not ln.startswith("LOAD[")]
+        print(f"makedumpfile -d 31 on the recovered layer-2 vmcore failed (exit {r.returncode}): {' | '.join(said)[-600:]}")
     k2.unlink(missing_ok=True)
     drgn_check(out2 / "vmcore", out2)
     dbg_check(snap, out2 / "vmcore", out2)

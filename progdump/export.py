@@ -22,7 +22,7 @@ import os
 from progdump.elfcore import ElfCoreWriter, ElfSegment, parse_prstatus, snapshot_notes
 from progdump.layers.base import ARTIFACT_NAME_RE
 from progdump.layers.generic import decode_notes
-from progdump.format import RecordHeader, RecordType
+from progdump.format import RecordHeader
 from progdump.reader import ScanResult, iter_recovered_pages
 from progdump.snapshot import PAGE_SIZE, CpuState, Note
 
@@ -47,7 +47,6 @@ class _BadRecord(Exception):
 
 
 MAX_REJECTS = 64
-ZERO_SEGMENT_PAGES = 16
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -113,20 +112,18 @@ def vmcore_notes(res: ScanResult, warnings: list[str]) -> list[Note]:
 
 def _write_vmcore(res: ScanResult, path: str, warnings: list[str], zero_by_layer: dict[int, int]) -> dict[str, int]:
     pieces = list(iter_recovered_pages(res))
-    # PT_LOADs: runs of recovered pages. A run of ZERO_SEGMENT_PAGES or more known-zero pages
-    # (a ZERO record) is a PT_LOAD of its own with no file bytes (p_filesz 0 < p_memsz):
-    # the vmcore's size then follows the data recovered, not the zero memory described.
-    segments: list[list[int]] = []  # [first pfn, end pfn, has file bytes]
+    # PT_LOADs: runs of recovered pages, every page with file bytes (p_filesz = p_memsz);
+    # known-zero pages are holes of the sparse file, so they take no disk blocks. (PT_LOADs
+    # with p_filesz 0 for long zero runs were tried: makedumpfile 1.7.2 crashes reading them.)
+    segments: list[list[int]] = []  # [first pfn, end pfn]
     for first, n, skip, h in pieces:
         a, b = first + skip, first + n
-        if h.rtype == RecordType.ZERO and b - a >= ZERO_SEGMENT_PAGES:
-            segments.append([a, b, 0])
-        elif segments and segments[-1][1] == a and segments[-1][2]:
+        if segments and segments[-1][1] == a:
             segments[-1][1] = b
         else:
-            segments.append([a, b, 1])
+            segments.append([a, b])
     notes = vmcore_notes(res, warnings)
-    elf_segs = [ElfSegment(a * PAGE_SIZE, (b - a) * PAGE_SIZE, (b - a) * PAGE_SIZE * f) for a, b, f in segments]
+    elf_segs = [ElfSegment(a * PAGE_SIZE, (b - a) * PAGE_SIZE, (b - a) * PAGE_SIZE) for a, b in segments]
     pages = zero = 0
     w = ElfCoreWriter(path, notes, elf_segs)
     try:
@@ -135,9 +132,8 @@ def _write_vmcore(res: ScanResult, path: str, warnings: list[str], zero_by_layer
             if got is None:
                 raise _BadRecord(h)
             npages, zmap, data = got
-            if zmap is None:  # ZERO record: a hole, or a PT_LOAD without file bytes
-                if n - skip < ZERO_SEGMENT_PAGES:
-                    w.write_zeros((n - skip) * PAGE_SIZE)
+            if zmap is None:  # ZERO record: a hole of the sparse file
+                w.write_zeros((n - skip) * PAGE_SIZE)
                 zero += n - skip
                 pages += n - skip
                 continue
@@ -170,7 +166,9 @@ def _write_vmcore(res: ScanResult, path: str, warnings: list[str], zero_by_layer
     except BaseException:
         w.abort()
         raise
-    return {"segments": len(segments), "pages": pages, "zero_pages": zero, "file_bytes": os.path.getsize(path)}
+    st = os.stat(path)
+    return {"segments": len(segments), "pages": pages, "zero_pages": zero, "file_bytes": st.st_size,
+            "disk_bytes": st.st_blocks * 512}
 
 
 def export(res: ScanResult, outdir: str) -> dict[str, object]:
