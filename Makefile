@@ -6,7 +6,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra makedumpfile busybox
 	dropbear-bin cpio zstd tgt e2fsprogs gcc-12 make gdb crash python3-pip
 STAMP := .cache/setup.stamp
 
-.PHONY: setup test test-unit test-vm guest-image scenario scenarios regress bench clean
+.PHONY: setup test test-unit test-vm guest-image dbg-vmlinux scenario scenarios regress bench clean
 
 setup: $(STAMP)
 
@@ -25,13 +25,17 @@ $(STAMP): pyproject.toml Makefile
 guest-image: setup
 	$(PYTHON) guest-images/linux/build.py
 
-test: setup guest-image
+# test-only: the guest kernel's -dbg vmlinux, for drgn's own unwinder as a cross-check (optional)
+dbg-vmlinux: guest-image
+	$(PYTHON) guest-images/linux/fetch_dbg.py
+
+test: setup guest-image dbg-vmlinux
 	$(PYTHON) -m pytest -ra tests/unit tests/vm
 
 test-unit: setup
 	$(PYTHON) -m pytest -ra tests/unit
 
-test-vm: setup guest-image
+test-vm: setup guest-image dbg-vmlinux
 	$(PYTHON) -m pytest -ra tests/vm
 
 scenario: setup guest-image

@@ -474,9 +474,9 @@ def drgn_agreement(snap: Snapshot, layers: Any) -> tuple[int, int, list[str]]:
     release = snap.vmcoreinfo["OSRELEASE"]
     vmlinux = dbg_vmlinux(release)
     if vmlinux is None:
-        pytest.skip(f"no -dbg vmlinux for {release} (optional, 283 MB): apt-get download "
-                    f"linux-image-{release}-dbg, then dpkg-deb --fsys-tarfile it | tar -x -C .cache/dbg "
-                    f"--wildcards './usr/lib/debug/boot/vmlinux-*'; or set PROGDUMP_VMLINUX_DBG")
+        pytest.skip(f"no -dbg vmlinux for {release} (optional, a 283 MB download): `make dbg-vmlinux` "
+                    f"(make test runs it; it says why when apt cannot fetch linux-image-{release}-dbg), "
+                    f"or set PROGDUMP_VMLINUX_DBG")
     import tempfile
 
     from drgn.helpers.linux.printk import get_dmesg
