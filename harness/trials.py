@@ -85,6 +85,13 @@ def failed_offsets(trace: Trace) -> set[int]:
     """
     return {w.offset for w in trace.failed_writes}
 
+def quiesce_host_io() -> None:
+    """Write back the host's dirty pages (the snapshot ELF just written, the restored dump disk)
+    before a timed writer starts: otherwise the kernel's writeback of them competes with the
+    writer's O_DIRECT writes, and whichever plan runs first after a capture looks slower."""
+    os.sync()
+
+
 def restore_image(base: str, dump: str, chunk: int = 4 * MIB) -> int:
     """Make ``dump`` byte-equal to ``base`` writing only the chunks that differ; returns bytes written.
 
@@ -447,6 +454,7 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                 names = [s.name for s in get_plan(plan)]
                 expected = expected_layers(snap, plan)
                 restore_image(base, image)
+                quiesce_host_io()
                 trace = str(work / "traces" / f"ref-{model}-{plan}.trace")
                 os.makedirs(os.path.dirname(trace), exist_ok=True)
                 t = time.monotonic()
@@ -503,6 +511,7 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                     snap, markers = panic_capture(elf)
                     expected = expected_layers(snap, plan)
                     restore_image(base, image)
+                    quiesce_host_io()
                     trace = str(work / "traces" / f"trial{trial_no:03d}-{model}-{plan}.trace")
                     proc = subprocess.Popen(writer_argv(elf, image, plan, model, trace), stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL, start_new_session=True, env=child_env())
