@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import zstandard  # noqa: E402
 
 from harness.controller import GuestSession  # noqa: E402
-from harness.makedumpfile import kdump_kept_pfns, message_counts  # noqa: E402
+from harness.makedumpfile import compare_with_layer2, kdump_kept_pfns, message_counts  # noqa: E402
 from progdump.layers import build_layers  # noqa: E402
 from progdump.layers.base import PageClass  # noqa: E402
 from progdump.layers.linux import LinuxProducer  # noqa: E402
@@ -123,16 +123,9 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
     print(f"makedumpfile -d 31 -l: {t_mdf:.2f} s wall; excluded zero {mc.get('Pages filled with zero')}, "
           f"cache {mc.get('Non-private cache pages', 0) + mc.get('Private cache pages', 0)}, "
           f"user {mc.get('User process data pages')}, free {mc.get('Free pages')}; remaining {mc.get('Remaining pages')}")
-    kept = kdump_kept_pfns(out)
-    cls = np.frombuffer(bytes(classes.classes), dtype=np.uint8)
-    n = min(len(cls), len(kept))
-    present = np.zeros(n, dtype=bool)
-    for first, cnt in snap.pfn_runs():
-        lo = first - classes.base_pfn
-        present[max(lo, 0):min(lo + cnt, n)] = True
-    ours2 = present & ((cls[:n] == PageClass.KERNEL) | (cls[:n] == PageClass.UNKNOWN))
+    cmp = compare_with_layer2(snap, classes, kdump_kept_pfns(out))
+    cls, ours2, mdf_set = cmp.classes, cmp.ours, cmp.theirs
     zero2 = count_zero_pages(snap, np.nonzero(ours2)[0] + classes.base_pfn)
-    mdf_set = present & kept[:n]
     print(f"layer 2 (ours): {int(ours2.sum())} pages, of which {zero2} all-zero (the writer stores those as "
           f"markers); makedumpfile -d 31 keeps {int(mdf_set.sum())} = {mc.get('Remaining pages')} written "
           f"+ {mc.get('Pages filled with zero')} zero pages it writes as one shared page")

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["kdump_kept_pfns", "message_counts", "KdumpError"]
+__all__ = ["kdump_kept_pfns", "message_counts", "KdumpError", "SetComparison", "compare_with_layer2"]
 
 _COUNT = re.compile(r"^\s*([A-Za-z][A-Za-z ()-]*?)\s*:\s*0x([0-9a-fA-F]+)\b")
 KDUMP_SIGNATURE = b"KDUMP   "
@@ -59,3 +60,33 @@ def kdump_kept_pfns(path: str | Path) -> np.ndarray:
         raise KdumpError(f"{path}: bitmaps past the end of the file")
     bits = np.frombuffer(d, dtype=np.uint8, count=half, offset=start + half)
     return np.unpackbits(bits, bitorder="little")[:max_mapnr].astype(bool)
+
+
+@dataclass
+class SetComparison:
+    """Our page classes and makedumpfile's kept bitmap over the same pfns (from ``base_pfn``)."""
+
+    base_pfn: int
+    classes: np.ndarray  # our PageClass per pfn
+    present: np.ndarray  # pfn in the snapshot
+    ours: np.ndarray  # in our layer 2 (KERNEL or UNKNOWN, present)
+    theirs: np.ndarray  # kept by makedumpfile (present)
+
+    def count(self, cls: int) -> int:
+        """Present pages of our class ``cls``."""
+        return int((self.present & (self.classes == cls)).sum())
+
+
+def compare_with_layer2(snapshot, page_classes, kept: np.ndarray) -> SetComparison:  # type: ignore[no-untyped-def]
+    """Line up makedumpfile's kept pfns with our layer-2 set (classes KERNEL and UNKNOWN)."""
+    from progdump.layers.base import PageClass  # noqa: PLC0415
+
+    cls = np.frombuffer(bytes(page_classes.classes), dtype=np.uint8)
+    n = min(len(cls), len(kept))
+    present = np.zeros(n, dtype=bool)
+    for first, cnt in snapshot.pfn_runs():
+        lo = first - page_classes.base_pfn
+        present[max(lo, 0):min(lo + cnt, n)] = True
+    cls = cls[:n]
+    ours = present & ((cls == PageClass.KERNEL) | (cls == PageClass.UNKNOWN))
+    return SetComparison(page_classes.base_pfn, cls, present, ours, present & kept[:n])

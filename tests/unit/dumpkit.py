@@ -216,3 +216,24 @@ def check_recovery(res: ScanResult, pages: dict[int, bytes], dump_id: str | None
                 missing = layer_pages.get(lay.index, set()) - set(got)
                 assert not missing, f"layer {lay.index} complete but {len(missing)} pages missing"
     return got
+
+
+def crash_states(dev: MemDevice, rng, n: int):
+    """Random crash states of a recorded dump: ``(cut, keep, tear, last_flush)``.
+
+    A cut after some operation, a random subset of the writes not yet flushed,
+    maybe one of them torn; ``last_flush`` is the index of the last flush
+    before the cut (-1 if none). Feed the first three to ``MemDevice.state``.
+    """
+    nops = len(dev.ops)
+    for _ in range(n):
+        cut = rng.randrange(0, nops + 1)
+        last_flush = max((i for i in range(cut) if dev.ops[i].kind == "F"), default=-1)
+        unflushed = [i for i in range(last_flush + 1, cut) if dev.ops[i].kind == "W"]
+        keep = {i for i in unflushed if rng.random() < 0.5}
+        tear = None
+        if unflushed and rng.random() < 0.5:
+            i = rng.choice(unflushed)
+            keep.add(i)
+            tear = (i, rng.randrange(0, len(dev.ops[i].data) // 512))
+        yield cut, keep, tear, last_flush

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, make_snapshot, snapshot_pages
+from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, crash_states, make_snapshot, snapshot_pages
 from progdump import format as F
 from progdump import reader
 from progdump.writer import write_dump
@@ -121,22 +121,6 @@ def test_R_HDR_2_every_primary_header_field_flipped_dump_still_read(small):
         assert all(lay.status == "complete" for lay in sr.layers)
 
 
-def _crash_states(dev: MemDevice, rng: random.Random, n: int):
-    """Random crash states of a recorded dump: a cut, a random subset of unflushed writes, maybe one torn."""
-    nops = len(dev.ops)
-    for _ in range(n):
-        cut = rng.randrange(0, nops + 1)
-        last_flush = max((i for i in range(cut) if dev.ops[i].kind == "F"), default=-1)
-        unflushed = [i for i in range(last_flush + 1, cut) if dev.ops[i].kind == "W"]
-        keep = {i for i in unflushed if rng.random() < 0.5}
-        tear = None
-        if unflushed and rng.random() < 0.5:
-            i = rng.choice(unflushed)
-            keep.add(i)
-            tear = (i, rng.randrange(0, len(dev.ops[i].data) // 512))
-        yield cut, keep, tear
-
-
 def test_R_ID_2_newer_partial_dump_over_older_complete_one():
     """An older complete dump under a newer interrupted one: the older's pages never appear as the newer's."""
     old_snap, old_dev, old_res = _dump(seed=1)
@@ -148,7 +132,7 @@ def test_R_ID_2_newer_partial_dump_over_older_complete_one():
     lp = _layer_pages(new_dev, new_res)
     rng = random.Random(3)
     seen_new = seen_old = 0
-    for cut, keep, tear in _crash_states(new_dev, rng, 250):
+    for cut, keep, tear, _ in crash_states(new_dev, rng, 250):
         data = new_dev.state(cut, keep, tear)
         sr = reader.scan(BytesSource(data))
         if sr.dump_id == old_res.dump_id:
@@ -261,7 +245,7 @@ def test_property_no_false_accept(seed, pages, zero_frac, plan, crash_seed, old)
     lp = _layer_pages(dev, res)
     pages_map = snapshot_pages(snap)
     rng = random.Random(crash_seed)
-    for cut, keep, tear in _crash_states(dev, rng, 4):
+    for cut, keep, tear, _ in crash_states(dev, rng, 4):
         data = dev.state(cut, keep, tear)
         sr = reader.scan(BytesSource(data))
         if old and sr.found and sr.dump_id == old_id:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, make_snapshot, snapshot_pages
+from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, crash_states, make_snapshot, snapshot_pages
 from progdump import reader
 from progdump.devmodel import DeviceModel, FaultRegion, ModelledDevice
 from progdump.device import FileDevice
@@ -311,22 +311,6 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
-def _crash_states(dev: MemDevice, rng, n: int):
-    """A cut, a random subset of the unflushed writes, maybe one torn (as in test_reader)."""
-    nops = len(dev.ops)
-    for _ in range(n):
-        cut = rng.randrange(0, nops + 1)
-        last_flush = max((i for i in range(cut) if dev.ops[i].kind == "F"), default=-1)
-        unflushed = [i for i in range(last_flush + 1, cut) if dev.ops[i].kind == "W"]
-        keep = {i for i in unflushed if rng.random() < 0.5}
-        tear = None
-        if unflushed and rng.random() < 0.5:
-            i = rng.choice(unflushed)
-            keep.add(i)
-            tear = (i, rng.randrange(0, len(dev.ops[i].data) // 512))
-        yield cut, keep, tear, last_flush
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**16),
@@ -365,7 +349,7 @@ def test_property_bad_region_no_false_accept_no_committed_loss(seed, pages, zero
     check_recovery(full, pages_map, res.dump_id if full.dump_id == res.dump_id else full.dump_id)
     holey = {lay.index for lay in res.layers if lay.lost_records}
     rng = random.Random(crash_seed)
-    for cut, keep, tear, last_flush in _crash_states(dev, rng, 3):
+    for cut, keep, tear, last_flush in crash_states(dev, rng, 3):
         sr = reader.scan(BytesSource(dev.state(cut, keep, tear)))
         if sr.found and sr.dump_id != res.dump_id:
             assert old, "a dump id that was never written"

@@ -127,8 +127,8 @@ def test_marker_pages_by_class(panicked: Any) -> None:
     assert anon_pfn in by_layer["all"] and anon_pfn not in by_layer["kernel"] | by_layer["cache"]
 
 
-def test_dmesg_equals_makedumpfile(panicked: Any) -> None:
-    snap, _, layers, work = panicked
+def makedumpfile_dmesg(snap: Snapshot, work: Path) -> bytes:
+    """``makedumpfile --dump-dmesg`` of the snapshot written as a standard ELF core (skips without it)."""
     if shutil.which("makedumpfile") is None:
         pytest.skip("makedumpfile not installed")
     core, out = work / "core.elf", work / "mdf.dmesg"
@@ -136,9 +136,15 @@ def test_dmesg_equals_makedumpfile(panicked: Any) -> None:
     try:
         r = subprocess.run(["makedumpfile", "--dump-dmesg", str(core), str(out)], capture_output=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        assert out.read_bytes() == artifacts(layers, 0)["dmesg.txt"]
+        return out.read_bytes()
     finally:
         core.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+
+
+def test_dmesg_equals_makedumpfile(panicked: Any) -> None:
+    snap, _, layers, work = panicked
+    assert makedumpfile_dmesg(snap, work) == artifacts(layers, 0)["dmesg.txt"]
 
 
 def test_layer2_pfns_equal_makedumpfile_d31(panicked: Any) -> None:
@@ -147,7 +153,7 @@ def test_layer2_pfns_equal_makedumpfile_d31(panicked: Any) -> None:
     of a memory block: struct pages that look like kernel pages, outside makedumpfile's bitmap)."""
     import numpy as np
 
-    from harness.makedumpfile import kdump_kept_pfns, message_counts
+    from harness.makedumpfile import compare_with_layer2, kdump_kept_pfns, message_counts
 
     snap, _, _, work = panicked
     if shutil.which("makedumpfile") is None:
@@ -165,24 +171,16 @@ def test_layer2_pfns_equal_makedumpfile_d31(panicked: Any) -> None:
         out.unlink(missing_ok=True)
     pcm = LinuxProducer(snap).page_classes()
     assert pcm is not None
-    cls = np.frombuffer(bytes(pcm.classes), dtype=np.uint8)
-    n = min(len(cls), len(kept))
-    present = np.zeros(n, dtype=bool)
-    for first, cnt in snap.pfn_runs():
-        lo = first - pcm.base_pfn
-        present[max(lo, 0):min(lo + cnt, n)] = True
-    ours = present & ((cls[:n] == PageClass.KERNEL) | (cls[:n] == PageClass.UNKNOWN))
-    theirs = present & kept[:n]
+    c = compare_with_layer2(snap, pcm, kept)
+    ours, theirs = c.ours, c.theirs
     assert not (theirs & ~ours).any(), "makedumpfile keeps pages our layer 2 leaves out"
     extra = np.nonzero(ours & ~theirs)[0] + pcm.base_pfn
     assert len(extra) <= 64, f"{len(extra)} pages in our layer 2 only"
     assert all(not any(snap.page(int(p))) for p in extra), "a page only in our layer 2 is not all-zero"
     # makedumpfile's exclusion counts against our classes (present pages only)
-    def ours_n(c: PageClass) -> int:
-        return int((present & (cls[:n] == c)).sum())
-    assert mc["Non-private cache pages"] + mc.get("Private cache pages", 0) == ours_n(PageClass.CACHE)
-    assert mc["User process data pages"] == ours_n(PageClass.USER)
-    assert mc["Free pages"] == ours_n(PageClass.FREE)
+    assert mc["Non-private cache pages"] + mc.get("Private cache pages", 0) == c.count(PageClass.CACHE)
+    assert mc["User process data pages"] == c.count(PageClass.USER)
+    assert mc["Free pages"] == c.count(PageClass.FREE)
     # makedumpfile's own count of what it keeps includes the extra pages its bitmap leaves out:
     # by its count, our layer 2 is exactly its -d 31 set
     assert mc["Remaining pages"] + mc["Pages filled with zero"] == int(ours.sum())
@@ -214,21 +212,12 @@ def test_wrapped_log_equals_makedumpfile_and_fits_layer0(flooded: Any) -> None:
     dmesg = a["dmesg.txt"].decode()
     assert "pdflood 3999 " in dmesg and "pdflood 0 " not in dmesg  # the oldest lines were overwritten
     assert "Kernel panic - not syncing: sysrq triggered crash" in dmesg
-    if shutil.which("makedumpfile") is None:
-        pytest.skip("makedumpfile not installed")
-    core, out = work / "core.elf", work / "mdf.dmesg"
-    snap.to_elf(core)
-    try:
-        r = subprocess.run(["makedumpfile", "--dump-dmesg", str(core), str(out)], capture_output=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        theirs = out.read_bytes()
-        trimmed = [n for n in layers[0][1].notes if n.startswith("dmesg.txt holds the newest")]
-        if trimmed:
-            assert theirs.endswith(a["dmesg.txt"]) and len(theirs) > len(a["dmesg.txt"])
-        else:
-            assert theirs == a["dmesg.txt"]
-    finally:
-        core.unlink(missing_ok=True)
+    theirs = makedumpfile_dmesg(snap, work)
+    trimmed = [n for n in layers[0][1].notes if n.startswith("dmesg.txt holds the newest")]
+    if trimmed:
+        assert theirs.endswith(a["dmesg.txt"]) and len(theirs) > len(a["dmesg.txt"])
+    else:
+        assert theirs == a["dmesg.txt"]
 
 
 def damaged(snap: Snapshot, edit: Any) -> Snapshot:
