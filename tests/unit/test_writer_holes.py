@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, crash_states, make_snapshot, snapshot_pages
 from progdump import reader
@@ -306,10 +308,6 @@ def test_R_WR_7_a_commit_refused_past_every_retry_lands_after_a_later_layer():
 
 
 # -- property: bad regions and crash states together (hypothesis) -------------------------------
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
