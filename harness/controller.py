@@ -95,13 +95,15 @@ class GuestSession:
     ``hung_task_panic`` ...). ``shared_ram``: guest RAM on a shared file
     (zero-copy capture); False makes capture fall back to ``pmemsave``.
     ``ssh``: forward a free 127.0.0.1 port to the guest's dropbear.
+    ``extra_args``: more QEMU arguments, after the profile's (a scenario setup's devices).
     """
 
     def __init__(self, guest: str = "linux", mem_mib: int = 512, dump_disk: Path | None = None,
                  workdir: Path | None = None, *, smp: int = 1, disks: Sequence[Path | DiskSpec] = (),
                  accel: str = "auto", knobs: dict[str, str] | None = None, shared_ram: bool = True,
                  ssh: bool = False, log: Callable[[str], None] | None = None,
-                 profile: GuestProfile | None = None, timeouts: Timeouts | None = None) -> None:
+                 profile: GuestProfile | None = None, timeouts: Timeouts | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
         self.profile = profile or get_profile(guest)
         self.guest = self.profile.name
         self.mem_mib = mem_mib
@@ -114,6 +116,7 @@ class GuestSession:
         self.knobs = dict(knobs or {})
         self.shared_ram = shared_ram
         self.ssh = ssh
+        self.extra_args = tuple(extra_args)  # more QEMU arguments (a scenario setup's devices)
         self.ssh_port: int | None = None
         self._log = log or logging.getLogger("harness.guest").info  # accel choice, step timings
         self._timeouts_override = timeouts
@@ -206,7 +209,7 @@ class GuestSession:
             mem_mib=self.mem_mib, smp=self.smp, accel=self.accel,
             kernel=spec.kernel, initrd=spec.initrd, append=spec.append,
             ram_file=rundir.ram, dump_disk=dump, disks=tuple(disks),
-            ssh_port=self.ssh_port, extra_args=spec.extra_args,
+            ssh_port=self.ssh_port, extra_args=tuple(spec.extra_args) + self.extra_args,
         )
 
     def command_line(self) -> list[str]:

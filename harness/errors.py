@@ -16,6 +16,8 @@ __all__ = [
     "CaptureError",
     "CommandError",
     "ImageMissing",
+    "MissingTool",
+    "SetupError",
 ]
 
 
@@ -58,3 +60,11 @@ class CaptureError(HarnessError):
 
 class CommandError(HarnessError):
     """A command sent to the guest could not be run (not: it ran and failed)."""
+
+
+class MissingTool(HarnessError):
+    """A program or package a scenario needs is not installed; the message names it and the fix."""
+
+
+class SetupError(HarnessError):
+    """A scenario setup could not be built, started or found (its message names which)."""

@@ -2,9 +2,9 @@
 
 A scenario is one TOML file in ``scenarios/`` (format in docs/SCENARIOS.md):
 guest, memory, workload commands, panic trigger, device models, plans, trial
-counts and a seed, and optionally a ``setup`` step (``"module:function"``, a
-context-manager factory) for scenarios that need something built first, such
-as an iSCSI target. One run:
+counts and a seed, and optionally a ``setup`` (the name of a registered
+:class:`harness.setups.base.ScenarioSetup`, with its ``[setup_params]``) for
+scenarios that need something outside the guest, such as an iSCSI target. One run:
 
 1. real trials (:mod:`harness.trials`): an older dump is put on the dump disk,
    then per device model one panic is dumped completely with every plan
@@ -24,7 +24,6 @@ summary with ``scenarios/baseline/<name>.json`` (see :func:`compare`).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -47,7 +46,7 @@ REGRESS_TOLERANCE = {"ratio": 2.0, "floor_ms": 400.0}
 
 _KNOWN_KEYS = {
     "description", "guest", "memory_mib", "trigger", "device_models", "plans", "seed", "ci",
-    "workload", "trials", "setup", "expect_holes", "knobs",
+    "workload", "trials", "setup", "setup_params", "expect_holes", "knobs",
 }
 
 
@@ -70,6 +69,7 @@ class Scenario:
     real: int
     states: int
     setup: str | None = None
+    setup_params: dict[str, object] = field(default_factory=dict)
     expect_holes: bool = False
     knobs: dict[str, str] = field(default_factory=dict)
     path: str = ""
@@ -130,8 +130,13 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
     if not isinstance(cmds, list) or not all(isinstance(c, str) for c in cmds):
         raise ScenarioError(f"{p}: workload.commands must be a list of strings")
     setup = d.get("setup")
-    if setup is not None and (not isinstance(setup, str) or ":" not in setup):
-        raise ScenarioError(f"{p}: setup must be 'module:function'")
+    if setup is not None:
+        if not isinstance(setup, str):
+            raise ScenarioError(f"{p}: setup must be the name of a registered setup (a string)")
+        resolve_setup(setup, where=str(p))
+    setup_params = d.get("setup_params", {})
+    if not isinstance(setup_params, dict):
+        raise ScenarioError(f"{p}: [setup_params] must be a table")
     mem = need("memory_mib", int)
     if not 64 <= mem <= 1 << 20:  # type: ignore[operator]
         raise ScenarioError(f"{p}: memory_mib {mem} out of range")
@@ -152,6 +157,7 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
         real=real,
         states=states,
         setup=setup,
+        setup_params=dict(setup_params),
         expect_holes=bool(d.get("expect_holes", False)),
         knobs={str(k): str(v) for k, v in dict(d.get("knobs", {})).items()},
         path=str(p),
@@ -170,15 +176,17 @@ def find_scenario(name: str, directory: Path = SCENARIO_DIR) -> Scenario:
     return load_scenario(p)
 
 
-def resolve_setup(spec: str | None):
-    """The setup step's context-manager factory, or None."""
-    if not spec:
+def resolve_setup(name: str | None, where: str = "scenario"):
+    """The registered :class:`~harness.setups.base.ScenarioSetup` class named ``name``, or None."""
+    if not name:
         return None
-    mod, _, fn = spec.partition(":")
+    from harness.errors import SetupError
+    from harness.setups import get_setup
+
     try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise ScenarioError(f"setup {spec!r}: {e}") from None
+        return get_setup(name)
+    except SetupError as e:
+        raise ScenarioError(f"{where}: {e}") from None
 
 
 # -- regression comparison -------------------------------------------------------

@@ -394,24 +394,38 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
     with open(image, "wb") as f:
         f.truncate(size)
     ph.base_image = base
-    setup = None
     from harness.scenario import resolve_setup
 
-    setup_fn = resolve_setup(sc.setup)
+    setup_cls = resolve_setup(sc.setup)
     with contextlib.ExitStack() as stack:
-        overrides: dict = {}
-        if setup_fn is not None:
-            overrides = stack.enter_context(setup_fn(sc, work)) or {}
-            setup = overrides
-        kw = dict(guest=sc.guest, mem_mib=sc.memory_mib, dump_disk=Path(overrides.get("dump_disk", image)),
-                  workdir=work / "guest", knobs=dict(sc.knobs), log=lambda s: None)
-        kw.update(overrides.get("session_kwargs", {}))
-        g = stack.enter_context(GuestSession(**kw))
+        setup = None
+        ov = None
+        if setup_cls is not None:
+            setup = setup_cls(sc, work / "setup", sc.setup_params, log)
+            stack.callback(setup.close)  # every exit path, Ctrl-C included
+            setup.check()
+            ov = setup.start()
+            ph.notes += ov.notes
+        knobs = dict(sc.knobs)
+        if ov is not None:
+            knobs.update(ov.knobs)
+        g = stack.enter_context(GuestSession(
+            guest=sc.guest, mem_mib=sc.memory_mib,
+            dump_disk=Path(ov.dump_disk) if ov is not None and ov.dump_disk else Path(image),
+            workdir=work / "guest", knobs=knobs, log=lambda s: None,
+            extra_args=tuple(ov.extra_args) if ov is not None else ()))
         t0 = time.monotonic()
         g.boot()
         _timed(ph, "boot_s", t0)
 
+        def after_boot() -> None:
+            if setup is not None:
+                t = time.monotonic()
+                setup.after_boot(g)
+                _timed(ph, "setup_after_boot_s", t)
+
         def workload() -> None:
+            after_boot()
             t = time.monotonic()
             for cmd in sc.workload:
                 st, out = _run_cmd(g, cmd, timeout=600.0)
@@ -429,7 +443,10 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
             from progdump.snapshot import Snapshot
 
             t = time.monotonic()
-            g.panic(sc.trigger)
+            if setup is None or setup.panic(g, sc.trigger, rng) is None:
+                g.panic(sc.trigger)
+            if setup is not None:
+                ph.notes += setup.notes()
             live = g.capture()
             _timed(ph, "panic_capture_s", t)
             t = time.monotonic()
@@ -583,7 +600,6 @@ def run_real_phase(sc, run_dir: Path, work: Path, progress: Progress) -> RealPha
                         _drop_vmcore(outdir)
                     tr.close()
                     progress.step(1, f"{model} {plan} reset at {t_kill * 1e3:.0f} ms: {score.layers_recovered}/{len(names)}")
-    _ = setup
     return ph
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ImageMissing, PanicError
+from harness.guests import register_profile
 from harness.guests.base import BootSpec, GuestProfile
 from harness.qemu.console import Pattern
 from harness.qemu.machine import Machine
@@ -101,6 +102,7 @@ def default_image_dir() -> Path:
     return Path(env) if env else REPO / ".cache" / "guest" / "linux"
 
 
+@register_profile("linux")
 class LinuxGuest(GuestProfile):
     name = "linux"
     os = "linux"

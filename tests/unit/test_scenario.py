@@ -71,16 +71,27 @@ def test_unknown_scenario_name(capsys):
     assert "no scenario 'no-such-thing'" in capsys.readouterr().err
 
 
-def test_setup_step_resolves_to_a_callable_and_bad_ones_are_errors(tmp_path):
+def test_setup_names_a_registered_class_and_unknown_names_are_errors(tmp_path):
     from harness.scenario import resolve_setup
+    from harness.setups import ScenarioSetup, register_setup
 
     assert resolve_setup(None) is None
-    assert resolve_setup("contextlib:nullcontext") is not None
-    with pytest.raises(ScenarioError, match="setup 'nope.nope:f'"):
-        resolve_setup("nope.nope:f")
+    with pytest.raises(ScenarioError, match="unknown setup 'nope'"):
+        resolve_setup("nope")
+
+    @register_setup("unit-test-setup")
+    class _Probe(ScenarioSetup):  # a test-only setup: registry plumbing, no host side
+        pass
+
+    assert resolve_setup("unit-test-setup") is _Probe
     p = tmp_path / "s.toml"
-    p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="no-colon"\n[workload]\ncommands=["true"]\n')
-    with pytest.raises(ScenarioError, match="module:function"):
+    p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="no-such-setup"\n[workload]\ncommands=["true"]\n')
+    with pytest.raises(ScenarioError, match="unknown setup 'no-such-setup'"):
         load_scenario(p)
-    p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="contextlib:nullcontext"\n[workload]\ncommands=["true"]\n')
-    assert load_scenario(p).setup == "contextlib:nullcontext"
+    p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="unit-test-setup"\n'
+                 '[setup_params]\nluns=3\n[workload]\ncommands=["true"]\n')
+    sc = load_scenario(p)
+    assert sc.setup == "unit-test-setup" and sc.setup_params == {"luns": 3}
+    p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup_params=3\n[workload]\ncommands=["true"]\n')
+    with pytest.raises(ScenarioError, match="setup_params"):
+        load_scenario(p)
