@@ -14,6 +14,7 @@ from typing import Iterator
 from progdump.layers.base import Artifact, LayerContent, PageClass, PageClassMap, Producer
 from progdump.layers.generic import GenericProducer, core_artifacts
 from progdump.layers.plan import PART_PAGE_CLASSES, PLANS, LayerSpec, get_plan
+from progdump.layers.registry import ProducerEntry, producers, register_producer
 from progdump.snapshot import Snapshot
 
 __all__ = [
@@ -24,9 +25,36 @@ __all__ = [
     "preload_producers",
     "iter_layers",
     "build_layers",
+    "ProducerEntry",
+    "register_producer",
 ]
 
 log = logging.getLogger(__name__)
+
+
+_OS_PACKAGES_LOADED: list[str] = []
+
+
+def _import_os_packages() -> list[str]:
+    """Import every OS package under ``progdump/layers/`` (each registers its producer); return failures."""
+    import importlib  # noqa: PLC0415
+    import pkgutil  # noqa: PLC0415
+
+    failed = []
+    if not _OS_PACKAGES_LOADED:
+        _OS_PACKAGES_LOADED.append("done")
+        for m in pkgutil.iter_modules(__path__):
+            if not m.ispkg:
+                continue  # base, plan, generic, registry: not OS packages
+            try:
+                importlib.import_module(f"{__name__}.{m.name}")
+            except Exception as e:  # noqa: BLE001 - reported, never fatal
+                _IMPORT_FAILURES.append(f"{__name__}.{m.name}: {type(e).__name__}: {e}")
+    failed += _IMPORT_FAILURES
+    return failed
+
+
+_IMPORT_FAILURES: list[str] = []
 
 
 def preload_producers() -> list[str]:
@@ -41,39 +69,34 @@ def preload_producers() -> list[str]:
     """
     import importlib  # noqa: PLC0415
 
-    failed = []
-    for mod in (
-        "progdump.layers.linux",
-        "progdump.layers.linux.tasks",
-        "progdump.layers.linux.modules",
-        "progdump.layers.linux.pages",
-    ):
-        try:
-            importlib.import_module(mod)
-        except Exception as e:  # noqa: BLE001 - reported, never fatal
-            failed.append(f"{mod}: {type(e).__name__}: {e}")
+    failed = list(_import_os_packages())
+    for entry in producers():
+        for mod in entry.preload:
+            try:
+                importlib.import_module(mod)
+            except Exception as e:  # noqa: BLE001 - reported, never fatal
+                failed.append(f"{mod}: {type(e).__name__}: {e}")
     return failed
 
 
 def select_producer(snapshot: Snapshot) -> Producer:
-    """The most knowledgeable producer that accepts this snapshot.
+    """The most knowledgeable registered producer that accepts this snapshot.
 
-    A Linux snapshot (VMCOREINFO present) gets the Linux producer; anything it
-    refuses falls back to the generic producer with the reason recorded in
-    ``degraded`` (stored in layer notes, shown by ``progdump info``).
+    Each OS package registers a producer with a test of what the snapshot
+    carries (Linux: a VMCOREINFO note); anything a producer refuses falls
+    back to the next and finally to the generic producer, with the reasons
+    recorded in ``degraded`` (stored in layer notes, shown by ``progdump info``).
     """
-    reasons: list[str] = []
-    if snapshot.vmcoreinfo is not None:
+    reasons: list[str] = [f"producer package unavailable: {f}" for f in _import_os_packages()]
+    for entry in producers():
+        why = entry.accepts(snapshot)
+        if why is not None:
+            reasons.append(f"{entry.name}: {why}")
+            continue
         try:
-            from progdump.layers.linux import LinuxProducer  # noqa: PLC0415
-
-            return LinuxProducer(snapshot)
-        except ImportError as e:
-            reasons.append(f"linux producer unavailable: {e}")
+            return entry.factory(snapshot)
         except Exception as e:  # the producer reads untrusted memory: any failure degrades
-            reasons.append(f"linux producer refused the snapshot: {e}")
-    else:
-        reasons.append("no VMCOREINFO note: OS-specific producers not tried")
+            reasons.append(f"{entry.name} producer refused the snapshot: {e}")
     p = GenericProducer(snapshot)
     p.degraded.extend(reasons)
     return p

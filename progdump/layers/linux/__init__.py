@@ -21,6 +21,7 @@ import time
 
 from progdump.layers.base import Artifact, LayerContent, PageClassMap, Producer
 from progdump.layers.generic import CONSOLE_TAIL_MAX, core_artifacts, find_panic_message
+from progdump.layers.registry import ProducerEntry, register_producer
 from progdump.layers.linux.kernel import LinuxKernel, LinuxUnsupported
 from progdump.layers.linux.printk import LogRecord, PrintkError, format_records, read_log
 from progdump.layers.linux.render import render_panic, render_tasks
@@ -356,3 +357,13 @@ def _runs(pfns: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((p, 1))
     return out
+
+
+def _accepts(snapshot: Snapshot) -> str | None:
+    return None if snapshot.vmcoreinfo is not None else "no VMCOREINFO note"
+
+
+register_producer(ProducerEntry(
+    name="linux", accepts=_accepts, factory=LinuxProducer, priority=10,
+    preload=("progdump.layers.linux.tasks", "progdump.layers.linux.modules", "progdump.layers.linux.pages"),
+))
