@@ -11,10 +11,12 @@ timed. It is a context manager and never leaves QEMU behind (see
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
-import mmap
 import os
+import shutil
+import tempfile
 import threading
 import time
 import weakref
@@ -25,16 +27,16 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 from harness.errors import BootError, CommandError, GuestTimeout, HarnessError, PanicError
 from harness.guests import get_profile
 from harness.guests.base import GuestProfile, parse_marker_json
-from harness.qemu.accel import choose_accel
+from harness.qemu.accel import PROBE_SECONDS, choose_accel
 from harness.qemu.argv import DiskSpec, MachineConfig
 from harness.qemu.capture import capture_state
 from harness.qemu.cmdchan import CommandResult
 from harness.qemu.console import first_match
 from harness.qemu.machine import Machine, RunDir
 from harness.timeouts import Timeouts, timeouts_for
-from progdump.snapshot import MemoryRange, Snapshot
+from progdump.snapshot import Snapshot
 
-__all__ = ["GuestSession", "BootResult", "PanicResult", "CommandResult"]
+__all__ = ["GuestSession", "BootResult", "PanicResult", "CommandResult", "probe_kvm"]
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -154,7 +156,7 @@ class GuestSession:
     def m(self) -> Machine:
         if self.machine is None:
             raise HarnessError("no running machine: call boot() first")
-        self.machine._check_alive("earlier")  # QemuExited with status and log tail
+        self.machine.check_alive("earlier")  # QemuExited with status and log tail
         if not self.machine.alive():
             raise HarnessError("the machine was closed")
         return self.machine
@@ -227,7 +229,7 @@ class GuestSession:
         t0 = time.monotonic()
         if self.machine is None:
             if self.accel is None:
-                self.accel, self.accel_reason = choose_accel(self.accel_request, self.profile)
+                self.accel, self.accel_reason = choose_accel(self.accel_request, self.profile, probe_kvm)
                 self.t = self._timeouts_override or timeouts_for(self.accel)
                 self.log(f"accelerator: {self.accel} ({self.accel_reason})")
                 self._step("accel_choice", t0)
@@ -261,7 +263,7 @@ class GuestSession:
             raise GuestTimeout(f"{self.guest}: no ready line within {limit:.0f} s; console tail:\n"
                                f"{m.console.buffer.tail(2000).decode('utf-8', 'replace')}") from None
         except EOFError:
-            m._check_alive("during boot")
+            m.check_alive("during boot")
             raise BootError("console closed during boot") from None
         if hit.failure:
             raise BootError(f"{self.guest}: boot failed ({hit.pattern.name}): {hit.line.decode('utf-8', 'replace')}")
@@ -300,7 +302,7 @@ class GuestSession:
             if m.proc is not None:  # a dying QEMU closes its sockets a moment before it is reaped
                 with contextlib.suppress(Exception):
                     m.proc.wait(2)
-            m._check_alive("while a command ran")  # QemuExited with the log tail, if that is why
+            m.check_alive("while a command ran")  # QemuExited with the log tail, if that is why
             raise CommandError(f"command channel failed: {e}: {cmd[:200]!r}") from None
         self._step("run", t0)
         if check and res.status != 0:
@@ -417,37 +419,10 @@ class GuestSession:
         """Copy RAM under still-open shared snapshots into private memory (guest is stopped)."""
         for ref in self._live:
             snap = ref()
-            if snap is None or not snap.ranges or not snap._owned:
+            if snap is None or not snap.maps_memory:
                 continue
             t0 = time.monotonic()
-            fd = os.memfd_create("progdump-snapshot", os.MFD_CLOEXEC)
-            try:
-                total = sum(r.size for r in snap.ranges)
-                os.ftruncate(fd, total)
-                off = 0
-                layout = []
-                for r in snap.ranges:
-                    # pwrite from the mapped view: no page faults on the destination side
-                    done = 0
-                    while done < r.size:
-                        n = os.pwrite(fd, r.buffer[done : done + (64 << 20)], off + done)
-                        done += n
-                    layout.append((r.phys_start, off, r.size))
-                    off += r.size
-                mm = mmap.mmap(fd, total, access=mmap.ACCESS_READ)
-            finally:
-                os.close(fd)
-            view = memoryview(mm)
-            new = [MemoryRange(p, size, view[o : o + size], backing=mm, backing_offset=o) for p, o, size in layout]
-            old_ranges, old_owned = snap.ranges, snap._owned
-            snap.ranges = new
-            snap._owned = [view, mm]
-            for r in old_ranges:
-                with contextlib.suppress(BufferError):
-                    r.buffer.release()
-            for o in reversed(old_owned):
-                with contextlib.suppress(BufferError, ValueError):
-                    o.release() if isinstance(o, memoryview) else o.close()  # type: ignore[attr-defined]
+            snap.detach()
             self._step("detach_snapshot", t0)
         self._live.clear()
 
@@ -479,14 +454,15 @@ class GuestSession:
 
         if self.ssh_port is None:
             raise HarnessError("session started without ssh=True")
-        man = getattr(self.profile, "manifest", {})
-        image_dir = getattr(self.profile, "image_dir", None)
-        key = paramiko.Ed25519Key.from_private_key_file(str(Path(image_dir) / man["ssh"]["key"]))
+        creds = self.profile.ssh_credentials()
+        if creds is None:
+            raise HarnessError(f"guest {self.guest} declares no SSH credentials")
+        key = paramiko.Ed25519Key.from_private_key_file(str(creds.key_file))
         client = paramiko.SSHClient()
-        kt, kb = man["ssh"]["host_key"].split()[:2]
-        client.get_host_keys().add(f"[127.0.0.1]:{self.ssh_port}", kt, paramiko.Ed25519Key(data=__import__("base64").b64decode(kb)))
+        kt, kb = creds.host_key.split()[:2]
+        client.get_host_keys().add(f"[127.0.0.1]:{self.ssh_port}", kt, paramiko.Ed25519Key(data=base64.b64decode(kb)))
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        client.connect("127.0.0.1", port=self.ssh_port, username=man["ssh"].get("user", "root"), pkey=key,
+        client.connect("127.0.0.1", port=self.ssh_port, username=creds.user, pkey=key,
                        timeout=timeout, allow_agent=False, look_for_keys=False)
         return client
 
@@ -495,6 +471,24 @@ class GuestSession:
         if self.machine is None or self.machine.console is None:
             return ""
         return self.machine.console.buffer.text()
+
+
+def probe_kvm(profile: "GuestProfile", seconds: float = PROBE_SECONDS) -> tuple[bool, str]:
+    """Boot ``profile`` under KVM once; (works, why)."""
+    t = timeouts_for("kvm")
+    t0 = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="progdump-kvm-probe-"))
+    try:
+        with GuestSession(profile=profile, accel="kvm", mem_mib=256, shared_ram=False,
+                          workdir=work, timeouts=t) as s:
+            s.boot(timeout=seconds)
+        shutil.rmtree(work, ignore_errors=True)
+        return True, f"probe boot reached ready in {time.monotonic() - t0:.1f} s"
+    except HarnessError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return False, (f"probe boot under KVM failed after {time.monotonic() - t0:.1f} s: {first[:200]} "
+                       f"(logs in {work})")
+
 
 
 def _free_port() -> int:

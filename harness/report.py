@@ -48,7 +48,7 @@ SUMMARY_KEYS = (
     "false_accepts",
     "committed_layers_lost",
     "layer_durable_ms",
-    "monolithic_durable_ms",
+    "plans",
     "agreement",
 )
 
@@ -106,40 +106,57 @@ def summarize(
     *,
     scenario: str,
     guest: str,
-    durable_ms: dict[str, dict[str, list[float]]],
+    plans: dict[str, list[str]],
+    durable_ms: dict[str, dict[str, dict[str, list[float]]]],
     extra: dict[str, object] | None = None,
 ) -> dict[str, object]:
-    """summary.json: totals over all device models, plus a ``per_model`` breakdown.
+    """summary.json: totals over all device models, plus ``per_model`` and ``plans`` breakdowns.
 
-    ``durable_ms[model][layer name or 'monolithic']`` lists the times (ms since
-    the writer opened the device) at which that layer became durable, one per
-    trace that got that far.
+    ``plans`` maps each plan the scenario ran to its layer names, in order;
+    ``durable_ms[model][plan][layer name]`` lists the times (ms since the
+    writer opened the device) at which that layer became durable, one per
+    trace that got that far. Every figure is keyed by (plan, layer index,
+    layer name): ``plans[plan]["layers"]`` is a list of ``{"index", "name",
+    "durable_ms"}``. ``layer_durable_ms`` repeats the first plan's layers by
+    name (the scenario's headline plan; baselines compare it).
     """
     models = sorted({r.device_model for r in rows} | set(durable_ms))
+    first = next(iter(plans), None)
 
-    def block(rs: list[Row], dur: dict[str, list[float]]) -> dict[str, object]:
+    def counts(rs: list[Row]) -> dict[str, object]:
         real = [r for r in rs if r.source == "real"]
-        layer_names = [k for k in dur if k != "monolithic"]
         return {
             "real_trials": len(real),
             "replayed_states": sum(1 for r in rs if r.source == "replay"),
             "false_accepts": sum(r.false_accept for r in rs),
             "committed_layers_lost": sum(r.committed_lost for r in rs),
-            "layer_durable_ms": {k: percentiles(dur[k]) for k in layer_names},
-            "monolithic_durable_ms": percentiles(dur.get("monolithic", [])),
             "agreement": {
                 "agree": sum(1 for r in real if r.agreement == "agree"),
                 "disagree": sum(1 for r in real if r.agreement == "disagree"),
             },
         }
 
+    def block(rs: list[Row], dur: dict[str, dict[str, list[float]]]) -> dict[str, object]:
+        out = counts(rs)
+        by_plan: dict[str, object] = {}
+        for plan, names in plans.items():
+            d = dur.get(plan, {})
+            pb = counts([r for r in rs if r.plan == plan])
+            pb["layers"] = [{"index": i, "name": n, "durable_ms": percentiles(d.get(n, []))} for i, n in enumerate(names)]
+            by_plan[plan] = pb
+        out["plans"] = by_plan
+        out["layer_durable_ms"] = {n: percentiles(dur.get(first, {}).get(n, [])) for n in plans.get(first, [])} if first else {}
+        return out
+
     per_model = {m: block([r for r in rows if r.device_model == m], durable_ms.get(m, {})) for m in models}
-    merged: dict[str, list[float]] = {}
+    merged: dict[str, dict[str, list[float]]] = {}
     for m in models:
-        for k, v in durable_ms.get(m, {}).items():
-            merged.setdefault(k, []).extend(v)
-    top = {"scenario": scenario, "guest": guest, "device_model": ",".join(models)}
+        for plan, d in durable_ms.get(m, {}).items():
+            for k, v in d.items():
+                merged.setdefault(plan, {}).setdefault(k, []).extend(v)
+    top: dict[str, object] = {"scenario": scenario, "guest": guest, "device_model": ",".join(models)}
     top.update(block(rows, merged))
+    top["plan_names"] = list(plans)
     top["device_models"] = models
     top["per_model"] = per_model
     if extra:
@@ -173,31 +190,37 @@ def write_summary(summary: dict[str, object], path: str | os.PathLike[str]) -> N
     Path(path).write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
 
 
-def _staircase(durable: dict[str, list[float]], names: list[str]) -> tuple[list[float], list[int]]:
-    """Median durable time per layer as a step function (x in seconds)."""
-    xs, ys = [0.0], [0]
+def _staircase(durable: dict[str, list[float]], names: list[str]) -> tuple[list[float], list[float]]:
+    """Median durable time per layer as a step function: x in seconds, y the share of the plan's layers."""
+    xs, ys = [0.0], [0.0]
     for i, name in enumerate(names):
         v = sorted(durable.get(name, []))
         if not v:
             break
         xs.append(v[len(v) // 2] / 1e3)
-        ys.append(i + 1)
+        ys.append((i + 1) / len(names))
     return xs, ys
+
+
+#: line colours and real-trial markers, given to plans in the order the scenario lists them
+_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+_MARKERS = ("o", "X", "s", "D", "^", "v")
 
 
 def plot_curve(
     rows: list[Row],
-    durable_ms: dict[str, dict[str, list[float]]],
-    layer_names: list[str],
+    durable_ms: dict[str, dict[str, dict[str, list[float]]]],
+    plans: dict[str, list[str]],
     path: str | os.PathLike[str],
     title: str,
 ) -> None:
-    """curve.png: layers recovered vs reset time, progressive and monolithic, a panel per model.
+    """curve.png: share of each plan's layers recovered vs reset time, a line per plan, a panel per model.
 
-    Monolithic is drawn on the progressive scale: its one layer holds
-    everything, so recovering it counts as all ``len(layer_names)`` layers and
-    losing it as none. Replayed crash states are small dots, real trials large
-    markers; the step lines are the median durable time of each layer.
+    Plans have different numbers of layers, so the y axis is the share of a
+    plan's own layers recovered and verified (a one-layer plan jumps from
+    nothing to everything); each step is labelled with the layer that
+    became durable there. Replayed crash states are small dots, real trials
+    large markers; the step lines are the median durable time of each layer.
     """
     import matplotlib
 
@@ -207,50 +230,34 @@ def plot_curve(
     models = sorted({r.device_model for r in rows} | set(durable_ms))
     n = max(1, len(models))
     fig, axes = plt.subplots(1, n, figsize=(max(10.0, 6.2 * n + 0.8), 5.4), squeeze=False, sharey=True)
-    full = len(layer_names)
-    colors = {"progressive": "#1f77b4", "monolithic": "#d62728"}
+    k = len(plans)
     for ax, model in zip(axes[0], models):
         rs = [r for r in rows if r.device_model == model]
         xmax = max([r.t_ms / 1e3 for r in rs if r.kind != "complete"] + [0.001])
-        for plan, off in (("progressive", 0.06), ("monolithic", -0.06)):
+        for j, (plan, names) in enumerate(plans.items()):
+            color, marker = _COLORS[j % len(_COLORS)], _MARKERS[j % len(_MARKERS)]
+            off = 0.012 * (j - (k - 1) / 2)  # plans side by side, not on top of each other
             pr = [r for r in rs if r.plan == plan]
-            scale = (lambda r: full if r.layers_recovered else 0) if plan == "monolithic" else (lambda r: r.layers_recovered)
             rep = [r for r in pr if r.source == "replay"]
             if rep:
-                ax.scatter(
-                    [max(XMIN_S, r.t_ms / 1e3) for r in rep],
-                    [scale(r) + off for r in rep],
-                    s=6,
-                    alpha=0.25,
-                    color=colors[plan],
-                    linewidths=0,
-                    label=f"{plan}: replayed crash states",
-                )
+                ax.scatter([max(XMIN_S, r.t_ms / 1e3) for r in rep],
+                           [r.layers_recovered / max(1, r.layers_total) + off for r in rep],
+                           s=6, alpha=0.25, color=color, linewidths=0, label=f"{plan}: replayed crash states")
             real = [r for r in pr if r.source == "real" and r.kind != "complete"]
             if real:
-                ax.scatter(
-                    [max(XMIN_S, r.t_ms / 1e3) for r in real],
-                    [scale(r) + off for r in real],
-                    s=60,
-                    marker="o" if plan == "progressive" else "X",
-                    facecolors=colors[plan],
-                    edgecolors="black",
-                    linewidths=0.8,
-                    zorder=5,
-                    label=f"{plan}: real resets (SIGKILL + system_reset)",
-                )
-            dur = durable_ms.get(model, {})
-            if plan == "progressive":
-                xs, ys = _staircase(dur, layer_names)
-            else:
-                v = sorted(dur.get("monolithic", []))
-                xs, ys = ([0.0, v[len(v) // 2] / 1e3], [0, full]) if v else ([0.0], [0])
+                ax.scatter([max(XMIN_S, r.t_ms / 1e3) for r in real],
+                           [r.layers_recovered / max(1, r.layers_total) + off for r in real],
+                           s=60, marker=marker, facecolors=color, edgecolors="black", linewidths=0.8, zorder=5,
+                           label=f"{plan}: real resets (SIGKILL + system_reset)")
+            xs, ys = _staircase(durable_ms.get(model, {}).get(plan, {}), names)
             xs = [max(XMIN_S, x) for x in xs]
             if len(xs) > 1:
                 xs2 = xs + [max(xmax, xs[-1]) * 1.05]
                 ys2 = ys + [ys[-1]]
-                what = "median durable time of each layer" if plan == "progressive" else "one layer, durable at the end"
-                ax.step(xs2, ys2, where="post", color=colors[plan], linewidth=2, label=f"{plan}: {what}")
+                what = "median durable time of each layer" if len(names) > 1 else "one layer, durable at the end"
+                ax.step(xs2, ys2, where="post", color=color, linewidth=2, label=f"{plan}: {what}")
+                for x, y, nm in zip(xs[1:], ys[1:], names):
+                    ax.annotate(nm, (x, y), textcoords="offset points", xytext=(3, 3 - 11 * j), fontsize=7, color=color)
             xmax = max(xmax, xs[-1] * 1.05)
         ax.set_xlim(0, xmax * 1.04)
         n_real = sum(1 for r in rs if r.source == "real" and r.kind != "complete")
@@ -258,9 +265,10 @@ def plot_curve(
         ax.set_title(f"{model}: {n_real} real resets, {n_rep} replayed states", fontsize=10)
         ax.set_xlabel("reset time after the writer opened the dump device (s)")
         ax.grid(True, alpha=0.3)
-        ax.set_yticks(range(full + 1))
-        ax.set_yticklabels(["nothing"] + [nm if i == 0 else f"+ {nm}" for i, nm in enumerate(layer_names)])
-    axes[0][0].set_ylabel("layers recovered and verified")
+        ax.set_ylim(-0.05, 1.1)
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.set_yticklabels(["nothing", "25 %", "50 %", "75 %", "all layers"])
+    axes[0][0].set_ylabel("share of the plan's layers recovered and verified")
     for ax in axes[0]:
         ax.axhline(0, color="grey", linewidth=0.5)
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -286,21 +294,29 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def format_table(summary: dict[str, object], layer_names: list[str]) -> str:
-    """The short table printed at the end of a run (one line per device model)."""
+def format_table(summary: dict[str, object], plans: dict[str, list[str]]) -> str:
+    """The short table printed at the end of a run: one line per (device model, plan).
+
+    Layer cells are ``name p50/max`` in ms since the writer opened the device.
+    """
     per = summary.get("per_model", {})
-    head = ["model", "real", "replayed", "false acc", "lost", "agree"] + [f"L{i} {n} p50/max ms" for i, n in enumerate(layer_names)] + [
-        "monolithic p50 ms"
-    ]
+    width = max((len(v) for v in plans.values()), default=0)
+    head = ["model", "plan", "real", "replayed", "false acc", "lost", "agree"] + [
+        f"L{i} p50/max ms" for i in range(width)]
     lines = [head]
     for m, b in per.items():  # type: ignore[union-attr]
-        ag = b["agreement"]
-        cells = [m, str(b["real_trials"]), str(b["replayed_states"]), str(b["false_accepts"]), str(b["committed_layers_lost"]), f"{ag['agree']}/{ag['agree'] + ag['disagree']}"]
-        for n in layer_names:
-            d = b["layer_durable_ms"].get(n, {})
-            cells.append(f"{_fmt(d.get('p50'))}/{_fmt(d.get('max'))}")
-        cells.append(_fmt(b["monolithic_durable_ms"].get("p50")))
-        lines.append(cells)
+        for plan in plans:
+            pb = b.get("plans", {}).get(plan)
+            if pb is None:
+                continue
+            ag = pb["agreement"]
+            cells = [m, plan, str(pb["real_trials"]), str(pb["replayed_states"]), str(pb["false_accepts"]),
+                     str(pb["committed_layers_lost"]), f"{ag['agree']}/{ag['agree'] + ag['disagree']}"]
+            for lay in pb["layers"]:
+                d = lay["durable_ms"]
+                cells.append(f"{lay['name']} {_fmt(d.get('p50'))}/{_fmt(d.get('max'))}")
+            cells += [""] * (len(head) - len(cells))
+            lines.append(cells)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     out = []
     for j, r in enumerate(lines):
@@ -314,7 +330,7 @@ def write_report_md(
     path: str | os.PathLike[str],
     summary: dict[str, object],
     rows: list[Row],
-    layer_names: list[str],
+    plans: dict[str, list[str]],
     description: str,
     extra_lines: list[str] = (),  # type: ignore[assignment]
 ) -> None:
@@ -322,7 +338,7 @@ def write_report_md(
     bad = [r for r in rows if r.false_accept or r.committed_lost]
     dis = [r for r in real if r.agreement == "disagree"]
     md = [f"# Scenario `{summary['scenario']}`", "", description.strip(), ""]
-    md += ["## Summary", "", "```", format_table(summary, layer_names), "```", ""]
+    md += ["## Summary", "", "```", format_table(summary, plans), "```", ""]
     md += [
         f"- real trials: {summary['real_trials']}, replayed crash states: {summary['replayed_states']}",
         f"- false accepts: {summary['false_accepts']}, committed layers lost: {summary['committed_layers_lost']}",

@@ -32,9 +32,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.errors import GuestFailure, HarnessError
+from harness.paths import repo_root
+from harness.pin import reexec_pinned
+
 __all__ = ["Scenario", "ScenarioError", "load_scenario", "list_scenarios", "compare", "main", "REGRESS_TOLERANCE"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = repo_root()
 SCENARIO_DIR = ROOT / "scenarios"
 BASELINE_DIR = SCENARIO_DIR / "baseline"
 
@@ -50,7 +54,7 @@ _KNOWN_KEYS = {
 }
 
 
-class ScenarioError(Exception):
+class ScenarioError(HarnessError):
     """A scenario file is missing or wrong (the message names the file and key)."""
 
 
@@ -322,7 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     except ScenarioError as e:
         print(f"scenario: {e}", file=sys.stderr)
         return 1
+    except GuestFailure as e:  # the guest or QEMU failed: maybe what the scenario provokes, not our bug
+        print(f"scenario {getattr(a, 'name', '')}: guest failure ({type(e).__name__}): {e}", file=sys.stderr)
+        return 1
+    except HarnessError as e:  # a step of ours could not be done (setup, tools, image, the writer)
+        print(f"scenario {getattr(a, 'name', '')}: harness error ({type(e).__name__}): {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["run"], ["regress"]):
+        # run on one frozen copy of the code (harness.pin); returns here only when already pinned or PIN=none
+        reexec_pinned("harness.scenario", sys.argv[1:], ROOT / ".cache" / "pinned")
     sys.exit(main())

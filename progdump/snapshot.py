@@ -271,10 +271,7 @@ class Snapshot:
         mr: list[MemoryRange] = []
 
         def release() -> None:
-            for r in mr:
-                r.buffer.release()
-            view.release()
-            mm.close()
+            _release(mr, [view, mm])
 
         for phys, foff, size in ranges:
             if foff < 0 or size < 0 or foff + size > fsize:
@@ -302,27 +299,73 @@ class Snapshot:
 
         save_elf_snapshot(self, path)
 
+    @property
+    def maps_memory(self) -> bool:
+        """True when the ranges are views of a mapping this snapshot owns (closing it unmaps them)."""
+        return bool(self.ranges) and bool(self._owned)
+
+    def detach(self, chunk: int = 64 << 20) -> None:
+        """Copy the memory into private anonymous memory and let go of the original mapping.
+
+        Why: a snapshot of a live guest maps the guest's RAM file; once the
+        guest runs again (a reset) that memory changes under the snapshot. The
+        harness detaches every snapshot still in use before it resets the VM.
+        The copy is a sealed memfd mapped read-only, so it is still zero-copy
+        to read and the kernel may swap it.
+        """
+        if not self.maps_memory:
+            return
+        fd = os.memfd_create("progdump-snapshot", os.MFD_CLOEXEC)
+        try:
+            total = sum(r.size for r in self.ranges)
+            os.ftruncate(fd, total)
+            off = 0
+            layout = []
+            for r in self.ranges:
+                done = 0
+                while done < r.size:  # pwrite from the mapped view: no page faults on the destination side
+                    done += os.pwrite(fd, r.buffer[done : done + chunk], off + done)
+                layout.append((r.phys_start, off, r.size))
+                off += r.size
+            mm = mmap.mmap(fd, total, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        view = memoryview(mm)
+        new = [MemoryRange(p, size, view[o : o + size], backing=mm, backing_offset=o) for p, o, size in layout]
+        _release(self.ranges, self._owned)
+        self.ranges = new
+        self._owned = [view, mm]
+
     def close(self) -> None:
-        for r in self.ranges:
-            try:
-                r.buffer.release()
-            except Exception:
-                pass
-        # Views first: an mmap refuses to close while a view of it is exported
-        # (and would keep its file descriptor open).
-        owned = list(reversed(self._owned))
-        for obj in [o for o in owned if isinstance(o, memoryview)] + [o for o in owned if not isinstance(o, memoryview)]:
-            try:
-                if isinstance(obj, memoryview):
-                    obj.release()
-                else:
-                    obj.close()  # type: ignore[attr-defined]
-            except Exception:
-                pass
-        self._owned.clear()
+        """Release every view and mapping (idempotent; views first, or an mmap refuses to close)."""
+        _release(self.ranges, self._owned)
+        self._owned = []
 
     def __enter__(self) -> "Snapshot":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _release(ranges: list[MemoryRange], owned: list[object]) -> None:
+    """Release range views, then the owned views, then the mappings.
+
+    Order matters: an mmap refuses to close while a view of it is exported
+    (and would keep its file descriptor open). Never raises: a view still
+    exported elsewhere stays alive until the GC takes it.
+    """
+    for r in ranges:
+        try:
+            r.buffer.release()
+        except (BufferError, ValueError):
+            pass
+    rev = list(reversed(owned))
+    for obj in [o for o in rev if isinstance(o, memoryview)] + [o for o in rev if not isinstance(o, memoryview)]:
+        try:
+            if isinstance(obj, memoryview):
+                obj.release()
+            else:
+                obj.close()  # type: ignore[attr-defined]
+        except (BufferError, ValueError, OSError):
+            pass

@@ -17,7 +17,7 @@ from typing import Any
 from harness.qemu.console import Pattern
 from harness.qemu.machine import Machine
 
-__all__ = ["BootSpec", "GuestProfile", "parse_marker_json", "MAX_MARKER_JSON"]
+__all__ = ["BootSpec", "GuestProfile", "SshCredentials", "parse_marker_json", "MAX_MARKER_JSON"]
 
 MAX_MARKER_JSON = 8192
 
@@ -34,6 +34,15 @@ class BootSpec:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class SshCredentials:
+    """How the controller logs into the guest: private key file, the guest's pinned host key line, user."""
+
+    key_file: Path
+    host_key: str  # "ssh-ed25519 BASE64"
+    user: str = "root"
+
+
 def parse_marker_json(text: str) -> dict[str, Any]:
     """Decode a marker report (bounded; must be a flat JSON object)."""
     if len(text) > MAX_MARKER_JSON:
@@ -48,9 +57,21 @@ def parse_marker_json(text: str) -> dict[str, Any]:
 
 
 class GuestProfile(ABC):
+    """What differs between guests. Capabilities are declared here, not probed with ``getattr``."""
+
     name: str = "?"
     os: str = "unknown"
     triggers: tuple[str, ...] = ()
+    #: how the controller learns of a panic: "event" (QEMU's GUEST_PANICKED, pvpanic) or "console"
+    panic_detection: str = "event"
+
+    def image_identity(self) -> str:
+        """A string that changes when the guest image changes (keys the KVM probe's cached verdict)."""
+        return self.name
+
+    def ssh_credentials(self) -> SshCredentials | None:
+        """Key, pinned host key and user for SSH into the guest; None when the guest has no SSH."""
+        return None
 
     @abstractmethod
     def check_image(self) -> None:

@@ -22,13 +22,13 @@ from typing import Any
 
 from harness.errors import ImageMissing, PanicError
 from harness.guests import register_profile
-from harness.guests.base import BootSpec, GuestProfile
+from harness.paths import repo_root
+from harness.guests.base import BootSpec, GuestProfile, SshCredentials
 from harness.qemu.console import Pattern
 from harness.qemu.machine import Machine
 
 __all__ = ["LinuxGuest", "default_image_dir"]
 
-REPO = Path(__file__).resolve().parent.parent.parent
 KNOBS = ("panic_print", "hung_task_panic", "hung_task_timeout", "softlockup_panic", "panic_on_oops")
 
 # Set up a frozen filesystem (run and checked before the trigger fires).
@@ -99,7 +99,7 @@ OOPS_SETUP = "[ -e /proc/pdoops ] || insmod /lib/modules/extra/pdoops.ko\n"
 
 def default_image_dir() -> Path:
     env = os.environ.get("PROGDUMP_GUEST_LINUX_DIR")
-    return Path(env) if env else REPO / ".cache" / "guest" / "linux"
+    return Path(env) if env else repo_root() / ".cache" / "guest" / "linux"
 
 
 @register_profile("linux")
@@ -127,6 +127,18 @@ class LinuxGuest(GuestProfile):
             self.check_image()
         assert self._manifest is not None
         return self._manifest
+
+    def image_identity(self) -> str:
+        try:
+            return str((self.manifest.get("vmlinuz") or {}).get("sha256", "?"))
+        except ImageMissing:
+            return "?"
+
+    def ssh_credentials(self) -> SshCredentials | None:
+        ssh = self.manifest.get("ssh")
+        if not isinstance(ssh, dict) or "key" not in ssh or "host_key" not in ssh:
+            return None
+        return SshCredentials(self.image_dir / str(ssh["key"]), str(ssh["host_key"]), str(ssh.get("user", "root")))
 
     def check_image(self) -> None:
         man = self.image_dir / "manifest.json"

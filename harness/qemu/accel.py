@@ -16,20 +16,19 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
+
+from harness.paths import repo_root
 
 if TYPE_CHECKING:
     from harness.guests.base import GuestProfile
 
-__all__ = ["choose_accel", "probe_kvm", "PROBE_SECONDS"]
+__all__ = ["choose_accel", "PROBE_SECONDS"]
 
 PROBE_SECONDS = 20.0
-CACHE = Path(__file__).resolve().parent.parent.parent / ".cache" / "guest" / "accel-probe.json"
+CACHE = repo_root() / ".cache" / "guest" / "accel-probe.json"
 
 
 def _key(profile: "GuestProfile") -> str:
@@ -38,35 +37,19 @@ def _key(profile: "GuestProfile") -> str:
                             timeout=10).stdout.splitlines()[0]
     except (OSError, IndexError, subprocess.SubprocessError):
         qv = "?"
-    man = getattr(profile, "manifest", {}) if hasattr(profile, "image_dir") else {}
-    kern = (man.get("vmlinuz") or {}).get("sha256", "?") if isinstance(man, dict) else "?"
-    raw = f"{qv}|{platform.release()}|{profile.name}|{kern}"
+    raw = f"{qv}|{platform.release()}|{profile.name}|{profile.image_identity()}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def probe_kvm(profile: "GuestProfile", seconds: float = PROBE_SECONDS) -> tuple[bool, str]:
-    """Boot ``profile`` under KVM once; (works, why)."""
-    from harness.controller import GuestSession
-    from harness.errors import HarnessError
-    from harness.timeouts import timeouts_for
+def choose_accel(request: str, profile: "GuestProfile",
+                 probe: Callable[["GuestProfile"], tuple[bool, str]] | None = None) -> tuple[str, str]:
+    """(accel, reason) for ``request`` in auto|tcg|kvm.
 
-    t = timeouts_for("kvm")
-    t0 = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="progdump-kvm-probe-"))
-    try:
-        with GuestSession(profile=profile, accel="kvm", mem_mib=256, shared_ram=False,
-                          workdir=work, timeouts=t) as s:
-            s.boot(timeout=seconds)
-        shutil.rmtree(work, ignore_errors=True)
-        return True, f"probe boot reached ready in {time.monotonic() - t0:.1f} s"
-    except HarnessError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return False, (f"probe boot under KVM failed after {time.monotonic() - t0:.1f} s: {first[:200]} "
-                       f"(logs in {work})")
-
-
-def choose_accel(request: str, profile: "GuestProfile") -> tuple[str, str]:
-    """(accel, reason) for ``request`` in auto|tcg|kvm."""
+    ``probe(profile)`` boots the guest once under KVM and says whether that
+    worked (the controller passes :func:`harness.controller.probe_kvm`; this
+    module starts nothing itself). Without a probe, ``auto`` means TCG unless a
+    cached verdict says otherwise.
+    """
     env = os.environ.get("PROGDUMP_ACCEL", "").strip()
     if request == "auto" and env in ("tcg", "kvm"):
         return env, f"PROGDUMP_ACCEL={env}"
@@ -83,7 +66,9 @@ def choose_accel(request: str, profile: "GuestProfile") -> tuple[str, str]:
             return ("kvm" if cached["kvm"] else "tcg"), f"cached probe ({cached['at']}): {cached['why']}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    ok, why = probe_kvm(profile)
+    if probe is None:
+        return "tcg", "no KVM probe available"
+    ok, why = probe(profile)
     try:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         CACHE.write_text(json.dumps({"key": key, "kvm": ok, "why": why,

@@ -158,7 +158,7 @@ class Machine:
     async def _connect_qmp(self) -> None:
         deadline = time.monotonic() + self.t.qmp_connect
         while True:
-            self._check_alive("while starting")
+            self.check_alive("while starting")
             if self.config.qmp_socket.exists():
                 qmp = QMPClient("progdump")
                 try:
@@ -180,7 +180,7 @@ class Machine:
         except OSError:
             return ""
 
-    def _check_alive(self, when: str) -> None:
+    def check_alive(self, when: str) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise QemuExited(f"QEMU exited with status {self.proc.returncode} {when}",
                              self.proc.returncode, self._log_tail())
@@ -234,7 +234,7 @@ class Machine:
     # ---- QMP ---------------------------------------------------------------------------
     async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         """One QMP command; errors become :class:`QemuError` naming the command."""
-        self._check_alive(f"before {cmd}")
+        self.check_alive(f"before {cmd}")
         if self.qmp is None:
             raise QemuError(f"{cmd}: QMP is not connected")
         try:
@@ -242,7 +242,7 @@ class Machine:
         except asyncio.TimeoutError:
             raise QemuError(f"QMP {cmd} got no answer in {timeout or self.t.qmp_command:.0f} s") from None
         except QMPError as e:
-            self._check_alive(f"during {cmd}")
+            self.check_alive(f"during {cmd}")
             raise QemuError(f"QMP {cmd} failed: {e}") from e
 
     async def hmp(self, command_line: str) -> str:
@@ -275,7 +275,7 @@ class Machine:
             try:
                 ev = await asyncio.wait_for(listener.get(), min(left, 0.5))
             except asyncio.TimeoutError:
-                self._check_alive("while waiting for an event")
+                self.check_alive("while waiting for an event")
                 continue
             if pred(ev):
                 return dict(ev)

@@ -8,6 +8,10 @@ order, so a plan is also a promise about what survives first.
 ``progressive`` follows DESIGN.md (panic, tasks, kernel, cache, all);
 ``monolithic`` is today's behaviour: one layer with everything, committed
 only at the end. It is the baseline every figure is compared against.
+``triage`` is the two-step compromise: everything an engineer reads first
+(panic, log, every task's stack) in one layer, then all memory in one.
+The harness treats every plan alike (tables, curves and replay are keyed by
+plan and layer), so a new plan is one entry here.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ PLANS: dict[str, tuple[LayerSpec, ...]] = {
         LayerSpec(4, "all", 1, ("all",)),
     ),
     "monolithic": (LayerSpec(0, "all", 1, ("panic", "tasks", "kernel", "cache", "all")),),
+    "triage": (
+        LayerSpec(0, "triage", 3, ("panic", "tasks")),
+        LayerSpec(1, "memory", 1, ("kernel", "cache", "all")),
+    ),
 }
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 from progdump.layers.base import Producer
 from progdump.snapshot import Snapshot
 
-__all__ = ["ProducerEntry", "register_producer", "producers"]
+__all__ = ["ProducerEntry", "register_producer", "unregister_producer", "producers"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,11 @@ def register_producer(entry: ProducerEntry) -> ProducerEntry:
         raise ValueError(f"producer {entry.name!r} registered twice")
     _REGISTRY[entry.name] = entry
     return entry
+
+
+def unregister_producer(name: str) -> None:
+    """Remove a producer (tests that register a stand-in; a plugin being unloaded)."""
+    _REGISTRY.pop(name, None)
 
 
 def producers() -> list[ProducerEntry]:

@@ -99,6 +99,7 @@ def test_a_registered_producer_is_chosen_by_what_the_snapshot_carries():
     # a test-only producer: it proves the registry's seam, not any OS decoding
     from progdump.layers import ProducerEntry, register_producer
     from progdump.layers.generic import GenericProducer as _Base
+    from progdump.layers.registry import unregister_producer
 
     class _Tagged(_Base):
         name = "unit-tagged"
@@ -106,9 +107,12 @@ def test_a_registered_producer_is_chosen_by_what_the_snapshot_carries():
     register_producer(ProducerEntry(
         name="unit-tagged", factory=_Tagged, priority=1,
         accepts=lambda s: None if s.metadata.get("os") == "unit-os" else "not unit-os"))
-    snap = _snap()
-    snap.metadata["os"] = "unit-os"
-    assert select_producer(snap).name == "unit-tagged"
-    snap.metadata["os"] = "other"
-    p = select_producer(snap)
-    assert p.name == "generic" and any(d == "unit-tagged: not unit-os" for d in p.degraded)
+    try:
+        snap = _snap()
+        snap.metadata["os"] = "unit-os"
+        assert select_producer(snap).name == "unit-tagged"
+        snap.metadata["os"] = "other"
+        p = select_producer(snap)
+        assert p.name == "generic" and any(d == "unit-tagged: not unit-os" for d in p.degraded)
+    finally:
+        unregister_producer("unit-tagged")

@@ -14,6 +14,9 @@ import harness.qemu.accel as accel
 class FakeProfile:
     name = "fake"
 
+    def image_identity(self) -> str:
+        return "fake-image"
+
 
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -43,22 +46,21 @@ def test_no_kvm_device(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_probe_runs_once_then_cached(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(accel.os, "access", lambda p, m: True)
-    monkeypatch.setattr(accel, "probe_kvm", lambda prof: calls.append(prof) or (False, "stand-in: failed"))
-    a, why = accel.choose_accel("auto", FakeProfile())  # type: ignore[arg-type]
+    probe = lambda prof: calls.append(prof) or (False, "stand-in: failed")  # noqa: E731
+    a, why = accel.choose_accel("auto", FakeProfile(), probe)  # type: ignore[arg-type]
     assert (a, why) == ("tcg", "stand-in: failed")
-    a, why = accel.choose_accel("auto", FakeProfile())  # type: ignore[arg-type]
+    a, why = accel.choose_accel("auto", FakeProfile(), probe)  # type: ignore[arg-type]
     assert a == "tcg" and why.startswith("cached probe") and len(calls) == 1
     # a different key (other QEMU / kernel) probes again
     doc = json.loads(cache.read_text())
     doc["key"] = "other"
     cache.write_text(json.dumps(doc))
-    monkeypatch.setattr(accel, "probe_kvm", lambda prof: calls.append(prof) or (True, "stand-in: ok"))
-    assert accel.choose_accel("auto", FakeProfile()) == ("kvm", "stand-in: ok")  # type: ignore[arg-type]
+    probe = lambda prof: calls.append(prof) or (True, "stand-in: ok")  # noqa: E731
+    assert accel.choose_accel("auto", FakeProfile(), probe) == ("kvm", "stand-in: ok")  # type: ignore[arg-type]
     assert len(calls) == 2
 
 
 def test_corrupt_cache_is_ignored(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache.write_text("{not json")
     monkeypatch.setattr(accel.os, "access", lambda p, m: True)
-    monkeypatch.setattr(accel, "probe_kvm", lambda prof: (False, "stand-in"))
-    assert accel.choose_accel("auto", FakeProfile())[0] == "tcg"  # type: ignore[arg-type]
+    assert accel.choose_accel("auto", FakeProfile(), lambda prof: (False, "stand-in"))[0] == "tcg"  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from harness.report import (
 )
 
 NAMES = ["panic", "tasks", "kernel", "cache", "all"]
+PLANS = {"progressive": NAMES, "monolithic": ["all"]}
 
 
 def _row(model="hdd", plan="progressive", source="replay", t=10.0, rec=2, fa=0, lost=0, agreement="", kind="random"):
@@ -35,19 +36,42 @@ def test_percentiles_nearest_rank():
 def test_summary_has_the_issue_keys_and_counts():
     rows = [_row(), _row(fa=1), _row(source="real", agreement="agree", kind="killed"),
             _row(model="nvme", source="real", agreement="disagree", lost=1, kind="killed"), _row(model="nvme", plan="monolithic", rec=0)]
-    dur = {"hdd": {"panic": [3.0, 5.0], "tasks": [40.0], "monolithic": [900.0]}, "nvme": {"panic": [1.0]}}
-    s = summarize(rows, scenario="s", guest="linux", durable_ms=dur)
+    dur = {"hdd": {"progressive": {"panic": [3.0, 5.0], "tasks": [40.0]}, "monolithic": {"all": [900.0]}},
+           "nvme": {"progressive": {"panic": [1.0]}}}
+    s = summarize(rows, scenario="s", guest="linux", plans=PLANS, durable_ms=dur)
     for k in SUMMARY_KEYS:
         assert k in s
     assert s["real_trials"] == 2 and s["replayed_states"] == 3
     assert s["false_accepts"] == 1 and s["committed_layers_lost"] == 1
     assert s["agreement"] == {"agree": 1, "disagree": 1}
     assert s["layer_durable_ms"]["panic"]["max"] == 5.0 and s["layer_durable_ms"]["panic"]["n"] == 3
-    assert s["monolithic_durable_ms"]["p50"] == 900.0
+    mono = s["plans"]["monolithic"]["layers"]
+    assert mono == [{"index": 0, "name": "all", "durable_ms": {"p50": 900.0, "p95": 900.0, "max": 900.0, "n": 1}}]
+    assert s["plans"]["progressive"]["layers"][1]["name"] == "tasks"
+    assert s["plans"]["progressive"]["layers"][1]["durable_ms"]["p50"] == 40.0
+    # per plan counts: 4 progressive rows (2 replayed, 2 real), 1 monolithic replayed row
+    assert s["plans"]["progressive"]["real_trials"] == 2 and s["plans"]["monolithic"]["replayed_states"] == 1
     assert s["per_model"]["nvme"]["real_trials"] == 1 and s["device_model"] == "hdd,nvme"
     json.dumps(s)  # serialisable
-    t = format_table(s, NAMES)
-    assert "hdd" in t and "nvme" in t and "L0 panic" in t
+    t = format_table(s, PLANS)
+    assert "hdd" in t and "nvme" in t and "panic 3.0/5.0" in t and "all 900.0/900.0" in t
+
+
+def test_a_third_plan_gets_its_own_rows_layers_and_table_lines():
+    plans = {"progressive": NAMES, "monolithic": ["all"], "two": ["panic", "rest"]}
+    rows = [_row(), _row(plan="two", rec=1), _row(plan="two", source="real", kind="killed", agreement="agree")]
+    for r in rows:
+        if r.plan == "two":
+            r.layers_total = 2
+    dur = {"hdd": {"progressive": {"panic": [3.0]}, "two": {"panic": [7.0], "rest": [70.0]}}}
+    s = summarize(rows, scenario="s", guest="linux", plans=plans, durable_ms=dur)
+    two = s["plans"]["two"]
+    assert [lay["name"] for lay in two["layers"]] == ["panic", "rest"]
+    assert two["layers"][1]["durable_ms"]["p50"] == 70.0 and two["real_trials"] == 1
+    # the third plan's times are not mixed into the headline plan's
+    assert s["layer_durable_ms"]["panic"]["n"] == 1 and s["layer_durable_ms"]["panic"]["p50"] == 3.0
+    table = format_table(s, plans).splitlines()
+    assert any(line.split()[:2] == ["hdd", "two"] and "rest 70.0/70.0" in line for line in table)
 
 
 def test_csv_round_trip(tmp_path):
@@ -60,11 +84,11 @@ def test_curve_and_report_files(tmp_path):
     rows = [_row(t=float(i), rec=min(5, i // 20)) for i in range(100)]
     rows += [_row(plan="monolithic", t=float(i), rec=int(i > 90)) for i in range(100)]
     rows += [_row(source="real", t=33.0, rec=1, agreement="agree", kind="killed"), _row(model="nvme", t=2.0)]
-    dur = {"hdd": {"panic": [5.0], "tasks": [20.0], "kernel": [40.0], "monolithic": [91.0]}}
-    plot_curve(rows, dur, NAMES, tmp_path / "curve.png", "test")
+    dur = {"hdd": {"progressive": {"panic": [5.0], "tasks": [20.0], "kernel": [40.0]}, "monolithic": {"all": [91.0]}}}
+    plot_curve(rows, dur, PLANS, tmp_path / "curve.png", "test")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    s = summarize(rows, scenario="s", guest="linux", durable_ms=dur)
-    write_report_md(tmp_path / "report.md", s, rows, NAMES, "desc")
+    s = summarize(rows, scenario="s", guest="linux", plans=PLANS, durable_ms=dur)
+    write_report_md(tmp_path / "report.md", s, rows, PLANS, "desc")
     md = (tmp_path / "report.md").read_text()
     assert "curve.png" in md and "| hdd | progressive | 33.0 |" in md
 
