@@ -37,6 +37,7 @@ from harness.crashsim.trace import read_trace
 from harness.errors import TrialError
 from harness.paths import repo_root
 from harness.pin import pin_info
+from harness.setups import get_setup
 from harness.report import (
     Progress,
     Row,
@@ -246,7 +247,6 @@ class RealRun:
 def run_real_phase(sc: Any, work: Path, progress: Progress) -> RealPhase:
     """Boot the guest once, then panic / dump / kill / reset / recover / score, trial after trial."""
     from harness.controller import GuestSession  # QEMU only here: replay tools need none
-    from harness.scenario import resolve_setup
 
     ph = RealPhase()
     run = RealRun(sc, work, ph, progress)
@@ -254,7 +254,7 @@ def run_real_phase(sc: Any, work: Path, progress: Progress) -> RealPhase:
     with open(run.image, "wb") as f:
         f.truncate(size)
     ph.base_image = run.base
-    setup_cls = resolve_setup(sc.setup)
+    setup_cls = get_setup(sc.setup) if sc.setup else None
     with contextlib.ExitStack() as stack:
         ov = None
         if setup_cls is not None:

@@ -20,7 +20,6 @@ the write that breaks it.
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -275,7 +274,3 @@ def narrow(ctx: ReplayContext, state: CrashState) -> dict[str, object]:
         "writes_before_it_kept": hi - 1,
         "failure": res.reasons,
     }
-
-
-def scratch_dir() -> str:
-    return tempfile.mkdtemp(prefix="pd-replay-", dir="/dev/shm" if __import__("os").path.isdir("/dev/shm") else None)

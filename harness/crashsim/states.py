@@ -204,11 +204,3 @@ def enumerate_states(trace: Trace, n: int, seed: int) -> list[tuple[int, CrashSt
         seen.add(k)
         out.append((index - 1, st))
     return out
-
-
-def flush_times(trace: Trace) -> list[float]:
-    return sorted(f.t_complete for f in trace.flushes)
-
-
-def state_index_at(times: list[float], t: float) -> int:
-    return bisect.bisect_right(times, t)

@@ -398,13 +398,6 @@ class Btf:
     def offsetof(self, struct_name: str, path: str) -> int:
         return self.member(struct_name, path)[0]
 
-    def array_len(self, tid: int) -> int:
-        tid = self.resolve(tid)
-        kind, _, _, rec = self._t(tid)
-        if kind != 3:
-            raise BtfError(f"BTF type {tid} is not an array")
-        return struct.unpack_from("<III", self.blob, rec)[2]
-
     def enum_values(self, name: str) -> dict[str, int]:
         tid = self.find(name, "enum")
         _, _, _, rec = self._t(tid)
