@@ -309,15 +309,14 @@ def _verifier(ref: RefRun, plan: str) -> Callable[[OverlaySource], tuple[bool, l
     return verify
 
 
-def run_replay_phase(sc: Any, ph: RealPhase, progress: Progress) -> tuple[list[Row], dict[str, float]]:
-    """``states`` crash states per reference trace, each recovered and scored."""
+def _replay_ref(sc: Any, ref: RefRun, base_image: str, older_ids: set[str]) -> tuple[list[Row], float]:
+    """Replay ``sc.states`` crash states of one reference trace; (rows, states per minute)."""
     rows: list[Row] = []
-    rate: dict[str, float] = {}
-    with BaseImage(ph.base_image, os.path.getsize(ph.base_image)) as bi:
-        for ref in ph.refs:
-            names = layer_names(ref.plan)
-            tr = read_trace(ref.trace)
-            ctx = ReplayContext(tr, bi, names, dump_id=ref.dump_id, older_ids=set(ph.older_ids),
+    names = layer_names(ref.plan)
+    with BaseImage(base_image, os.path.getsize(base_image)) as bi:
+        tr = read_trace(ref.trace)
+        try:
+            ctx = ReplayContext(tr, bi, names, dump_id=ref.dump_id, older_ids=set(older_ids),
                                 verify=_verifier(ref, ref.plan))
             ctx.prepare()
             holes = failed_offsets(tr)
@@ -336,10 +335,48 @@ def run_replay_phase(sc: Any, ph: RealPhase, progress: Progress) -> tuple[list[R
                     layers_total=len(names), layers_recovered=r.layers_recovered, statuses="/".join(r.statuses),
                     committed=r.committed, committed_lost=lost, false_accept=int(r.false_accept), bytes_recovered=0,
                     verified=r.verified, agreement="", trace=ref.trace, reasons=" | ".join(reasons)[:2000], t_s=st.t))
-                progress.step(1, f"{ref.model} {ref.plan}")
             dt = time.monotonic() - t0
-            rate[f"{ref.model}/{ref.plan}"] = round(len(states) / dt * 60.0, 1) if dt > 0 else 0.0
+        finally:
             tr.close()
+    return rows, (round(len(states) / dt * 60.0, 1) if dt > 0 else 0.0)
+
+
+def replay_workers(n_refs: int) -> int:
+    """Processes for the replay phase: one per core (``REPLAY_JOBS=`` overrides), at most one per trace."""
+    env = os.environ.get("REPLAY_JOBS", "")
+    want = int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
+    return max(1, min(want, n_refs))
+
+
+def run_replay_phase(sc: Any, ph: RealPhase, progress: Progress) -> tuple[list[Row], dict[str, float]]:
+    """``states`` crash states per reference trace, each recovered and scored, on every core.
+
+    Each reference trace is replayed whole by one worker process (the traces
+    are independent; a process per core because the reader is CPU-bound
+    Python). Rows come back in reference order, so the results do not depend
+    on the number of workers.
+    """
+    import concurrent.futures as cf
+    import multiprocessing
+
+    rows: list[Row] = []
+    rate: dict[str, float] = {}
+    jobs = replay_workers(len(ph.refs))
+    results: dict[int, tuple[list[Row], float]] = {}
+    if jobs == 1:
+        for i, ref in enumerate(ph.refs):
+            results[i] = _replay_ref(sc, ref, ph.base_image, ph.older_ids)
+            progress.step(len(results[i][0]), f"{ref.model} {ref.plan}")
+    else:
+        with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as ex:
+            futs = {ex.submit(_replay_ref, sc, ref, ph.base_image, ph.older_ids): i for i, ref in enumerate(ph.refs)}
+            for f in cf.as_completed(futs):
+                i = futs[f]
+                results[i] = f.result()
+                progress.step(len(results[i][0]), f"{ph.refs[i].model} {ph.refs[i].plan}")
+    for i, ref in enumerate(ph.refs):
+        rows += results[i][0]
+        rate[f"{ref.model}/{ref.plan}"] = results[i][1]
     return rows, rate
 
 

@@ -75,4 +75,4 @@ def test_small_real_trial_set_end_to_end(tmp_path, monkeypatch):
     assert s["layer_durable_ms"]["panic"]["p50"] is not None
     # the sample is a full recovery: manifest and vmcore
     assert (d / "sample" / "manifest.json").exists() and (d / "sample" / "vmcore").exists()
-    assert os.path.islink(tmp_path / "sysrq-panic" / "latest")
+    assert os.path.islink(tmp_path / "sysrq-three-plans" / "latest")
