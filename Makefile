@@ -6,7 +6,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra makedumpfile busybox
 	dropbear-bin cpio zstd tgt e2fsprogs gcc-12 make gdb crash python3-pip
 STAMP := .cache/setup.stamp
 
-.PHONY: setup test test-unit test-vm guest-image dbg-vmlinux scenario scenarios regress bench clean
+.PHONY: setup test test-unit test-vm guest-image dbg-vmlinux scenario scenarios regress fidelity bench clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,9 @@ scenarios: setup
 
 regress: setup guest-image
 	$(PYTHON) -m harness.scenario regress
+
+fidelity: setup guest-image
+	$(PYTHON) -m harness.scenario fidelity
 
 bench: setup guest-image
 	$(PYTHON) bench/run.py

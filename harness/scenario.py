@@ -280,13 +280,64 @@ def holes_problem(sc: "Scenario", summary: dict) -> str:
     return ""
 
 
+#: what one ``make regress`` must prove at least (skipped when TRIALS= or STATES= shrink the run)
+REGRESS_MINIMUMS = {"replayed_states": 10_000, "real_resets": 20}
+#: ``make fidelity``: the agreement goal between real resets and the replay of their own traces
+FIDELITY_GOAL = 0.99
+
+
+def _rows_of(summary: dict) -> list:
+    from harness.report import read_csv
+
+    try:
+        return read_csv(Path(str(summary.get("results_dir", ""))) / "trials.csv")
+    except OSError:
+        return []
+
+
+def regress_totals(summaries: dict[str, dict], rows: list) -> dict:
+    """The totals of one ``make regress`` (results/regress/latest/summary.json)."""
+    from harness.fidelity import fidelity_summary
+
+    fid = fidelity_summary(rows)
+    return {
+        "scenarios": sorted(summaries),
+        "replayed_states": sum(int(s.get("replayed_states", 0)) for s in summaries.values()),
+        "real_resets": fid["real_resets"],
+        "real_trials": sum(int(s.get("real_trials", 0)) for s in summaries.values()),
+        "false_accepts": sum(int(s.get("false_accepts", 0)) for s in summaries.values()),
+        "committed_layers_lost": sum(int(s.get("committed_layers_lost", 0)) for s in summaries.values()),
+        "agreement": {"agree": fid["agree"], "disagree": fid["disagree"]},
+        "agreement_95ci": fid["agreement_95ci"],
+        "disagreements": fid["disagreements"],
+        "per_scenario": {n: {k: s.get(k) for k in ("real_trials", "replayed_states", "false_accepts",
+                                                    "committed_layers_lost", "agreement", "results_dir")}
+                         for n, s in summaries.items()},
+    }
+
+
+def _write_run_summary(kind: str, doc: dict) -> Path:
+    from datetime import datetime, timezone
+
+    from harness.report import new_results_dir, write_summary
+
+    root = os.environ.get("RESULTS") or str(ROOT / "results")
+    d = new_results_dir(root, kind, datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    write_summary(doc, d / "summary.json")
+    return d
+
+
 def cmd_regress(update: bool = False) -> int:
     ok_all = True
     report: list[str] = []
+    summaries: dict[str, dict] = {}
+    rows: list = []
     for sc in [s for s in list_scenarios() if s.ci]:
         print(f"== regress: {sc.name}", flush=True)
         _, summary = cmd_run(sc.name)
         assert summary is not None
+        summaries[sc.name] = summary
+        rows += _rows_of(summary)
         bpath = BASELINE_DIR / f"{sc.name}.json"
         if update or not bpath.exists():
             BASELINE_DIR.mkdir(parents=True, exist_ok=True)
@@ -299,9 +350,50 @@ def cmd_regress(update: bool = False) -> int:
         report.append(f"== {sc.name}: {'PASS' if ok else 'FAIL'} (results: {summary.get('results_dir')})")
         report += ["   " + ln for ln in lines]
         ok_all &= ok
+    totals = regress_totals(summaries, rows)
+    shrunk = bool(os.environ.get("TRIALS") or os.environ.get("STATES"))
+    for key, least in REGRESS_MINIMUMS.items():
+        if totals[key] < least:
+            verdict = "not checked: TRIALS=/STATES= set" if shrunk else "FAIL"
+            report.append(f"== totals: {key} {totals[key]} below the minimum {least} ({verdict})")
+            ok_all &= shrunk
+    totals["pass"] = bool(ok_all)
+    d = _write_run_summary("regress", totals)
     print("\n".join(report))
+    ag = totals["agreement"]
+    print(f"regress totals: {len(summaries)} scenarios, {totals['replayed_states']} replayed crash states, "
+          f"{totals['real_resets']} real killed resets, false accepts {totals['false_accepts']}, committed layers lost "
+          f"{totals['committed_layers_lost']}, agreement {ag['agree']} agree / {ag['disagree']} disagree "
+          f"(summary: {d / 'summary.json'})")
     print("regress:", "PASS" if ok_all else "FAIL")
     return 0 if ok_all else 1
+
+
+def cmd_fidelity(name: str = "fidelity") -> int:
+    """Run the fidelity scenario; add the agreement figures to its summary; PASS at >= 99 % agreement."""
+    from harness.fidelity import fidelity_summary
+    from harness.report import write_summary
+
+    rc, summary = cmd_run(name)
+    assert summary is not None
+    fid = fidelity_summary(_rows_of(summary))
+    summary.update({"fidelity": fid, "real_resets": fid["real_resets"], "agree": fid["agree"],
+                    "disagree": fid["disagree"], "agreement_95ci": fid["agreement_95ci"]})
+    write_summary(summary, Path(str(summary["results_dir"])) / "summary.json")
+    n = fid["agree"] + fid["disagree"]
+    rate = fid["agreement_rate"]
+    print(f"fidelity: {fid['real_resets']} real killed resets, {fid['agree']} agree / {fid['disagree']} disagree"
+          f" ({'-' if rate is None else f'{rate:.2%}'}, 95 % interval {fid['agreement_95ci']}), "
+          f"false accepts {fid['false_accepts']}, committed layers lost {fid['committed_layers_lost']}")
+    for m, b in fid["per_model"].items():  # type: ignore[union-attr]
+        print(f"  {m:<10} {b['agree']}/{b['agree'] + b['disagree']} agree, 95 % interval {b['agreement_95ci']}")
+    for d in fid["disagreements"]:  # type: ignore[union-attr]
+        print(f"  disagree: {d['device_model']} {d['plan']} trial {d['trial']} at {d['reset_ms']} ms: {d['why']} "
+              f"(trace {d['trace']})")
+    ok = rc == 0 and n > 0 and (rate or 0) >= FIDELITY_GOAL
+    print(f"fidelity: {'PASS' if ok else 'FAIL'} (goal: {FIDELITY_GOAL:.0%} agreement; summary "
+          f"{summary['results_dir']}/summary.json)")
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list scenarios, one line each")
     g = sub.add_parser("regress", help="run the CI scenarios and compare with the committed baselines")
     g.add_argument("--update-baseline", action="store_true", help="write the baselines from this run")
+    f = sub.add_parser("fidelity", help="real killed resets, each compared with the replay of its own trace")
+    f.add_argument("--scenario", default="fidelity", help="scenario to run (default: fidelity)")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "list":
@@ -322,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             rc, _ = cmd_run(a.name, a.results)
             print(f"scenario {a.name}: {'FAIL' if rc else 'ok'} in {time.monotonic() - t0:.0f} s")
             return rc
+        if a.cmd == "fidelity":
+            return cmd_fidelity(a.scenario)
         return cmd_regress(a.update_baseline)
     except ScenarioError as e:
         print(f"scenario: {e}", file=sys.stderr)
@@ -335,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] in (["run"], ["regress"]):
+    if sys.argv[1:2] in (["run"], ["regress"], ["fidelity"]):
         # run on one frozen copy of the code (harness.pin); returns here only when already pinned or PIN=none
         reexec_pinned("harness.scenario", sys.argv[1:], ROOT / ".cache" / "pinned")
     sys.exit(main())

@@ -95,3 +95,20 @@ def test_setup_names_a_registered_class_and_unknown_names_are_errors(tmp_path):
     p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup_params=3\n[workload]\ncommands=["true"]\n')
     with pytest.raises(ScenarioError, match="setup_params"):
         load_scenario(p)
+
+
+def test_regress_totals_add_up_scenarios_and_count_only_killed_trials():
+    from harness.report import Row
+    from harness.scenario import regress_totals
+
+    def row(trial, agreement, source="real"):
+        return Row("a", "linux", "hdd", "progressive", source, trial, -1, "killed", 1, 5.0, 5, 1, "complete", 1, 0, 0,
+                   0, "full", agreement, "/t", "")
+
+    summaries = {"a": {"replayed_states": 300, "real_trials": 3, "false_accepts": 0, "committed_layers_lost": 0},
+                 "b": {"replayed_states": 200, "real_trials": 2, "false_accepts": 0, "committed_layers_lost": 0}}
+    rows = [row(-1, "n/a"), row(1, "agree"), row(2, "disagree"), row(-1, "", source="replay")]
+    t = regress_totals(summaries, rows)
+    assert t["scenarios"] == ["a", "b"] and t["replayed_states"] == 500 and t["real_trials"] == 5
+    assert t["real_resets"] == 2 and t["agreement"] == {"agree": 1, "disagree": 1}
+    assert len(t["disagreements"]) == 1
