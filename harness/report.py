@@ -48,6 +48,7 @@ SUMMARY_KEYS = (
     "false_accepts",
     "committed_layers_lost",
     "layer_durable_ms",
+    "layer_durable_after_event_ms",
     "plans",
     "agreement",
 )
@@ -108,6 +109,7 @@ def summarize(
     guest: str,
     plans: dict[str, list[str]],
     durable_ms: dict[str, dict[str, dict[str, list[float]]]],
+    durable_after_event_ms: dict[str, dict[str, dict[str, list[float]]]] | None = None,
     extra: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """summary.json: totals over all device models, plus ``per_model`` and ``plans`` breakdowns.
@@ -117,9 +119,14 @@ def summarize(
     writer opened the device) at which that layer became durable, one per
     trace that got that far. Every figure is keyed by (plan, layer index,
     layer name): ``plans[plan]["layers"]`` is a list of ``{"index", "name",
-    "durable_ms"}``. ``layer_durable_ms`` repeats the first plan's layers by
-    name (the scenario's headline plan; baselines compare it).
+    "durable_ms", "durable_after_event_ms"}``: ``durable_after_event_ms``
+    counts from the panic event (QEMU's GUEST_PANICKED) instead of the writer
+    opening the device, so it includes the capture and the writer's start.
+    ``layer_durable_ms`` repeats the first plan's layers by name (the
+    scenario's headline plan; baselines compare it) and
+    ``layer_durable_after_event_ms`` the same from the event.
     """
+    after = durable_after_event_ms or {}
     models = sorted({r.device_model for r in rows} | set(durable_ms))
     first = next(iter(plans), None)
 
@@ -136,26 +143,34 @@ def summarize(
             },
         }
 
-    def block(rs: list[Row], dur: dict[str, dict[str, list[float]]]) -> dict[str, object]:
+    def block(rs: list[Row], dur: dict[str, dict[str, list[float]]], aft: dict[str, dict[str, list[float]]]
+              ) -> dict[str, object]:
         out = counts(rs)
         by_plan: dict[str, object] = {}
         for plan, names in plans.items():
-            d = dur.get(plan, {})
+            d, a = dur.get(plan, {}), aft.get(plan, {})
             pb = counts([r for r in rs if r.plan == plan])
-            pb["layers"] = [{"index": i, "name": n, "durable_ms": percentiles(d.get(n, []))} for i, n in enumerate(names)]
+            pb["layers"] = [{"index": i, "name": n, "durable_ms": percentiles(d.get(n, [])),
+                             "durable_after_event_ms": percentiles(a.get(n, []))} for i, n in enumerate(names)]
             by_plan[plan] = pb
         out["plans"] = by_plan
-        out["layer_durable_ms"] = {n: percentiles(dur.get(first, {}).get(n, [])) for n in plans.get(first, [])} if first else {}
+        head = plans.get(first, []) if first else []
+        out["layer_durable_ms"] = {n: percentiles(dur.get(first, {}).get(n, [])) for n in head}
+        out["layer_durable_after_event_ms"] = {n: percentiles(aft.get(first, {}).get(n, [])) for n in head}
         return out
 
-    per_model = {m: block([r for r in rows if r.device_model == m], durable_ms.get(m, {})) for m in models}
-    merged: dict[str, dict[str, list[float]]] = {}
-    for m in models:
-        for plan, d in durable_ms.get(m, {}).items():
-            for k, v in d.items():
-                merged.setdefault(plan, {}).setdefault(k, []).extend(v)
+    def merge(src: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, dict[str, list[float]]]:
+        merged: dict[str, dict[str, list[float]]] = {}
+        for m in models:
+            for plan, d in src.get(m, {}).items():
+                for k, v in d.items():
+                    merged.setdefault(plan, {}).setdefault(k, []).extend(v)
+        return merged
+
+    per_model = {m: block([r for r in rows if r.device_model == m], durable_ms.get(m, {}), after.get(m, {}))
+                 for m in models}
     top: dict[str, object] = {"scenario": scenario, "guest": guest, "device_model": ",".join(models)}
-    top.update(block(rows, merged))
+    top.update(block(rows, merge(durable_ms), merge(after)))
     top["plan_names"] = list(plans)
     top["device_models"] = models
     top["per_model"] = per_model
@@ -297,7 +312,8 @@ def _fmt(v: object) -> str:
 def format_table(summary: dict[str, object], plans: dict[str, list[str]]) -> str:
     """The short table printed at the end of a run: one line per (device model, plan).
 
-    Layer cells are ``name p50/max`` in ms since the writer opened the device.
+    Layer cells are ``name p50/max`` in ms since the writer opened the device,
+    then ``ev p50`` in ms since the panic event (GUEST_PANICKED), where known.
     """
     per = summary.get("per_model", {})
     width = max((len(v) for v in plans.values()), default=0)
@@ -314,7 +330,9 @@ def format_table(summary: dict[str, object], plans: dict[str, list[str]]) -> str
                      str(pb["committed_layers_lost"]), f"{ag['agree']}/{ag['agree'] + ag['disagree']}"]
             for lay in pb["layers"]:
                 d = lay["durable_ms"]
-                cells.append(f"{lay['name']} {_fmt(d.get('p50'))}/{_fmt(d.get('max'))}")
+                ev = (lay.get("durable_after_event_ms") or {}).get("p50")
+                cells.append(f"{lay['name']} {_fmt(d.get('p50'))}/{_fmt(d.get('max'))}"
+                             + (f" ev {_fmt(ev)}" if ev is not None else ""))
             cells += [""] * (len(head) - len(cells))
             lines.append(cells)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
@@ -344,7 +362,8 @@ def write_report_md(
         f"- false accepts: {summary['false_accepts']}, committed layers lost: {summary['committed_layers_lost']}",
         f"- agreement (real outcome = replay of its trace at its reset time): "
         f"{summary['agreement']['agree']} agree, {summary['agreement']['disagree']} disagree",  # type: ignore[index]
-        "- durable times are ms from the writer opening the device to the flush that made the layer's commit durable",
+        "- durable times are ms from the writer opening the device to the flush that made the layer's commit durable;"
+        " `ev` is the same moment counted from the panic event (QEMU's GUEST_PANICKED)",
         "",
         "![layers recovered vs reset time](curve.png)",
         "",

@@ -101,6 +101,21 @@ def durable_times(trace: Trace, names: list[str]) -> dict[str, float]:
     return out
 
 
+def open_after_event_s(trace: Trace, panic_event_ns: object) -> float | None:
+    """Seconds from the panic event (QEMU's GUEST_PANICKED timestamp) to the writer opening the device.
+
+    Both are host CLOCK_REALTIME: the event's from QMP, the open's from the
+    trace header (``open_realtime_ns``). None when either is missing or the
+    order is impossible (a clock step): then no from-event figure is given.
+    """
+    try:
+        opened = int(trace.header["open_realtime_ns"])
+        event = int(panic_event_ns)  # type: ignore[call-overload]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (opened - event) / 1e9 if opened >= event else None
+
+
 def failed_offsets(trace: Trace) -> set[int]:
     """Device offsets of the writes that failed on the medium (the trace's FAILED writes).
 
@@ -303,6 +318,8 @@ class TrialOutcome:
     durable: dict[str, float]  # layer name -> seconds from device open (complete writers only)
     failed_writes: int
     reported_holes: dict[int, list[int]]
+    #: layer name -> seconds from the panic event (GUEST_PANICKED) to durable: what an operator waits
+    durable_after_event: dict[str, float] = field(default_factory=dict)
     agreement: str = "n/a"
     reasons: list[str] = field(default_factory=list)
     writer_rc: int | None = None
@@ -436,6 +453,8 @@ def run_trial(ctx: TrialContext, cap: Captured, spec: TrialSpec) -> TrialOutcome
         reported = manifest_holes(outdir)
         lost = count_lost(committed, score, len(names), holes, reported)
         durable = {} if killed else durable_times(tr, names)
+        lead = open_after_event_s(tr, cap.snapshot.metadata.get("panic_event_ns"))
+        after_event = {k: v + lead for k, v in durable.items()} if lead is not None else {}
         ag = "n/a"
         if spec.kill_after_s is not None:
             with BaseImage(ctx.base, os.path.getsize(ctx.base)) as bi:
@@ -454,6 +473,7 @@ def run_trial(ctx: TrialContext, cap: Captured, spec: TrialSpec) -> TrialOutcome
         reasons.append(f"recover exit {rrc}: {msg[-200:]}")
     out = TrialOutcome(spec=spec, names=names, trace_path=trace, outdir=outdir, killed=killed, t_s=t_s,
                        score=score, older_returned=older, committed=committed, lost=lost, durable=durable,
+                       durable_after_event=after_event,
                        failed_writes=failed, reported_holes=reported, agreement=ag, reasons=reasons,
                        writer_rc=rc, writer_err=err)
     return out

@@ -98,6 +98,8 @@ class RealPhase:
     rows: list[Row] = field(default_factory=list)
     refs: list[RefRun] = field(default_factory=list)
     durable_ms: Durable = field(default_factory=dict)
+    #: the same, counted from the panic event (GUEST_PANICKED) instead of the device opening
+    durable_after_event_ms: Durable = field(default_factory=dict)
     base_image: str = ""
     older_ids: set[str] = field(default_factory=set)
     sample_from: str | None = None
@@ -114,6 +116,9 @@ class RealPhase:
         self.rows.append(out.row(sc.name, sc.guest, sc.seed))
         for name, v in out.durable.items():
             self.durable_ms.setdefault(out.spec.model, {}).setdefault(out.spec.plan, {}).setdefault(name, []).append(v * 1e3)
+        for name, v in out.durable_after_event.items():
+            (self.durable_after_event_ms.setdefault(out.spec.model, {}).setdefault(out.spec.plan, {})
+             .setdefault(name, []).append(v * 1e3))
         full = out.complete and out.score.layers_recovered == len(out.names) and not out.score.false_accept
         if full:
             if self.sample_from and self.sample_from != out.outdir:
@@ -402,7 +407,8 @@ def run_scenario(sc: Any, results_root: str) -> dict:
     replay_s = time.monotonic() - t1
     rows = ph.rows + rrows
     plans = {p: layer_names(p) for p in sc.plans}
-    summary = summarize(rows, scenario=sc.name, guest=sc.guest, plans=plans, durable_ms=ph.durable_ms, extra={
+    summary = summarize(rows, scenario=sc.name, guest=sc.guest, plans=plans, durable_ms=ph.durable_ms,
+                        durable_after_event_ms=ph.durable_after_event_ms, extra={
         "memory_mib": sc.memory_mib,
         "trigger": sc.trigger,
         "seed": sc.seed,

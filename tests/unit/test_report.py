@@ -46,7 +46,8 @@ def test_summary_has_the_issue_keys_and_counts():
     assert s["agreement"] == {"agree": 1, "disagree": 1}
     assert s["layer_durable_ms"]["panic"]["max"] == 5.0 and s["layer_durable_ms"]["panic"]["n"] == 3
     mono = s["plans"]["monolithic"]["layers"]
-    assert mono == [{"index": 0, "name": "all", "durable_ms": {"p50": 900.0, "p95": 900.0, "max": 900.0, "n": 1}}]
+    assert mono == [{"index": 0, "name": "all", "durable_ms": {"p50": 900.0, "p95": 900.0, "max": 900.0, "n": 1},
+                     "durable_after_event_ms": {"p50": None, "p95": None, "max": None, "n": 0}}]
     assert s["plans"]["progressive"]["layers"][1]["name"] == "tasks"
     assert s["plans"]["progressive"]["layers"][1]["durable_ms"]["p50"] == 40.0
     # per plan counts: 4 progressive rows (2 replayed, 2 real), 1 monolithic replayed row
@@ -72,6 +73,18 @@ def test_a_third_plan_gets_its_own_rows_layers_and_table_lines():
     assert s["layer_durable_ms"]["panic"]["n"] == 1 and s["layer_durable_ms"]["panic"]["p50"] == 3.0
     table = format_table(s, plans).splitlines()
     assert any(line.split()[:2] == ["hdd", "two"] and "rest 70.0/70.0" in line for line in table)
+
+
+def test_durable_after_event_is_reported_beside_the_from_open_figure():
+    rows = [_row(source="real", kind="complete", agreement="n/a")]
+    dur = {"hdd": {"progressive": {"panic": [80.0]}}}
+    after = {"hdd": {"progressive": {"panic": [1480.0]}}}
+    s = summarize(rows, scenario="s", guest="linux", plans=PLANS, durable_ms=dur, durable_after_event_ms=after)
+    lay = s["per_model"]["hdd"]["plans"]["progressive"]["layers"][0]
+    assert lay["durable_ms"]["p50"] == 80.0 and lay["durable_after_event_ms"] == {"p50": 1480.0, "p95": 1480.0,
+                                                                                  "max": 1480.0, "n": 1}
+    assert s["layer_durable_after_event_ms"]["panic"]["n"] == 1
+    assert "panic 80.0/80.0 ev 1480" in format_table(s, PLANS)
 
 
 def test_csv_round_trip(tmp_path):

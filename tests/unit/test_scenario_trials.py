@@ -79,3 +79,14 @@ def test_agreement_compares_real_statuses_with_the_replayed_model_state(tmp_path
         assert agreement(["missing"] * 3, tr, bi, ["a", "b", "c"], None, set())[0] == "agree"
         verdict, why = agreement(["complete", "missing", "missing"], tr, bi, ["a", "b", "c"], None, set())
     assert verdict == "disagree" and "real complete/missing/missing" in why
+
+
+def test_open_after_event_is_the_realtime_gap_and_refuses_impossible_orders(tmp_path):
+    from harness.trial import open_after_event_s
+
+    tr = _trace(tmp_path)
+    opened = int(tr.header["open_realtime_ns"])
+    assert open_after_event_s(tr, opened - 1_500_000_000) == 1.5
+    assert open_after_event_s(tr, opened + 1) is None  # the event after the open: a clock step, no figure
+    assert open_after_event_s(tr, None) is None
+    assert open_after_event_s(tr, "junk") is None
