@@ -28,11 +28,12 @@ import os as _os
 import stat as _stat
 import time as _time
 from abc import ABC, abstractmethod
+from progdump.errors import ProgdumpError
 
 __all__ = ["DeviceError", "MediaError", "DumpDevice", "FileDevice", "open_device", "MIN_DEVICE_SIZE"]
 
 
-class DeviceError(Exception):
+class DeviceError(ProgdumpError):
     """The dump device cannot be used or failed an I/O; the message says which and why."""
 
 

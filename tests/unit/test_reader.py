@@ -9,6 +9,8 @@ import struct
 import subprocess
 
 import pytest
+
+from progdump.export import ExportError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -303,15 +305,24 @@ def test_R_EXP_1_no_path_from_the_device(tmp_path):
         seq += 1
     dev = tmp_path / "dev.img"
     dev.write_bytes(bytes(img))
-    out = tmp_path / "out"
-    out.mkdir()
+    planted = tmp_path / "planted"
+    planted.mkdir()
     outside = tmp_path / "outside.txt"
     outside.write_text("untouched")
-    os.symlink(outside, out / "ok.txt")
+    os.symlink(outside, planted / "ok.txt")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", planted / "layers")
+    with pytest.raises(ExportError, match="not empty"):  # a non-empty OUTDIR is refused, links and all
+        reader.recover(str(dev), str(planted))
+    assert outside.read_text() == "untouched" and not list((tmp_path / "elsewhere").iterdir())
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    with pytest.raises(ExportError, match="symbolic link"):  # OUTDIR itself as a link is refused too
+        reader.recover(str(dev), str(tmp_path / "link"))
+    out = tmp_path / "out"
     sr = reader.recover(str(dev), str(out))
     assert sr.found
     assert (out / "ok.txt").read_bytes() == b"DATA" and not (out / "ok.txt").is_symlink()
-    assert outside.read_text() == "untouched"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     assert not (tmp_path / "escape").exists()
     assert (out / "manifest.json").read_text().startswith("{")
     names = sorted(p.name for p in out.iterdir())
@@ -436,8 +447,13 @@ def test_R_RD_7_forged_records_with_valid_checksums_never_crash(small, tmp_path)
             img[r.h.offset : r.h.offset + 128] = hdr
         p = tmp_path / f"f{it % 3}.img"
         p.write_bytes(bytes(img))
-        sr = reader.recover(str(p), str(tmp_path / f"o{it % 3}"))
-        assert sr.found
+        sr = reader.recover(str(p), str(tmp_path / f"o{it}"))
+        # R-VER-1..3: a forged field outside version 1's domain makes the dump unsupported (refused,
+        # named); anything else is read. Either way it is the writer's dump, never another.
+        if sr.found:
+            assert sr.dump_id == res.dump_id
+        else:
+            assert sr.unsupported.startswith(f"dump {res.dump_id} ("), sr.unsupported
         sr.close()
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from progdump.errors import ProgdumpError
 
 __all__ = ["LogRecord", "PrintkError", "read_log", "format_records", "escape_text"]
 
@@ -41,7 +42,7 @@ MAX_SIZE_BITS = 28  # 256 MiB text ring (log_buf_len far above any real setting)
 MAX_RING_BYTES = 512 << 20  # descriptors + infos + text read at once
 
 
-class PrintkError(Exception):
+class PrintkError(ProgdumpError):
     """The ring buffer cannot be read; the message names what failed."""
 
 
