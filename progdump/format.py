@@ -409,8 +409,8 @@ def parse_commit(payload: bytes) -> CommitInfo:
         raise FormatError("commit reserved bytes are not zero")
     try:
         stats = json.loads(payload[_COMMIT.size :].decode()) if len(payload) > _COMMIT.size else {}
-        if not isinstance(stats, dict):
-            stats = {}
     except (ValueError, RecursionError):
         raise FormatError("commit statistics are not JSON") from None
+    if not isinstance(stats, dict):
+        raise FormatError("commit statistics are not a JSON object")  # R-JSON-1
     return CommitInfo(first, count, bytes(digest), nbytes, t, stats)

@@ -29,6 +29,7 @@ from progdump.format import (
     MAX_ARTIFACT,
     MAX_LAYERS,
     MAX_PFN_END,
+    MAX_ZERO_PAGES,
     UnsupportedError,
     ARTIFACT_NAME_FIELD,
     HEADER_BLOCK,
@@ -434,7 +435,7 @@ class _Scanner:
         r.checked = True
         h = r.h
         if h.rtype == RecordType.ZERO:
-            r.verified = h.stored_len == 0 and h.raw_len == 0 and 0 < h.aux1 and h.aux0 + h.aux1 <= MAX_PFN_END
+            r.verified = h.stored_len == 0 and h.raw_len == 0 and 0 < h.aux1 <= MAX_ZERO_PAGES and h.aux0 + h.aux1 <= MAX_PFN_END
             return
         if h.rtype == RecordType.PAGES:
             if not (0 < h.aux1 <= MAX_PAGES_PER_RECORD and h.aux0 + h.aux1 <= MAX_PFN_END):

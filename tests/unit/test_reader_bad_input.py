@@ -82,7 +82,7 @@ def test_socket_as_device_is_refused_without_traceback(tmp_path):
     assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
 
 
-def test_second_recover_into_the_same_outdir_is_refused(tmp_path, dumped):
+def test_R_EXP_4_second_recover_into_the_same_outdir_is_refused(tmp_path, dumped):
     img, _, res = dumped
     out = tmp_path / "out"
     assert _cli("recover", "-q", str(img), str(out)).returncode == 0
@@ -123,7 +123,7 @@ HEADER_EDITS = [
 
 
 @pytest.mark.parametrize("off,data", HEADER_EDITS)
-def test_R_VER_1_newest_dump_with_unsupported_header_is_refused_exit_1(tmp_path, dumped, off, data):
+def test_R_VER_1_R_HDR_4_newest_dump_with_unsupported_header_is_refused_exit_1(tmp_path, dumped, off, data):
     img, _, res = dumped
     b = bytearray(img.read_bytes())
     blk = bytearray(b[:4096])
@@ -156,7 +156,7 @@ def reader_src(b: bytes):
     return BytesSource(bytes(b))
 
 
-def test_R_VER_2_records_alone_refuse_their_dump(dumped):
+def test_R_VER_2_R_VER_3_records_alone_refuse_their_dump(dumped):
     """Both headers gone: a record of version 2 (or a reserved byte set) still refuses the dump."""
     img, _, res = dumped
     for field_off, data in ((8, struct.pack("<H", 2)), (81, b"\x01"), (104, b"\x01")):
@@ -225,3 +225,72 @@ def test_cli_maps_errors_by_class_and_lets_bugs_through(monkeypatch, capsys):
             cli.main(["t-bug"])
     finally:
         del cli.SUBCOMMANDS["t-error"], cli.SUBCOMMANDS["t-bug"]
+
+
+# ---------------------------------------------------------------------------
+# rules settled in the 2026-12-05 note; expectations by hand from FORMAT.md
+
+
+def _hand_record(img: bytearray, off: int, rtype: int, layer: int, seq: int, payload: bytes, did: bytes = b"\x42" * 16,
+                 aux0: int = 0, aux1: int = 0) -> int:
+    h = F.pack_record_header(rtype, layer, did, 7, seq, off, len(payload), len(payload), aux0, aux1, 0,
+                             F.payload_checksum(payload))
+    img[off : off + 128] = h
+    img[off + 128 : off + 128 + len(payload)] = payload
+    return off + F.record_span(len(payload))
+
+
+def test_R_HDR_4_header_copy_at_the_wrong_place_names_no_dump(dumped):
+    img, _, res = dumped
+    b = bytearray(img.read_bytes())
+    b[:4096] = b[-4096:]  # the backup (copy 1) at offset 0
+    sr = reader.scan(reader_src(b))
+    assert sr.found and sr.dump_id == res.dump_id and sr.headers == ["backup"]
+    assert any("says it is copy 1" in w for w in sr.warnings)
+
+
+def test_R_JSON_1_R_JSON_2_payload_shapes():
+    import json
+
+    with pytest.raises(F.FormatError, match="not a JSON object"):
+        F.parse_commit(F.pack_commit(F.CommitInfo(0, 1, bytes(16), 0, 0.0, {}))[:64] + b"[1]")
+    img = bytearray(256 * 1024)
+    off = _hand_record(img, 4096, F.RecordType.LAYER_INFO, 0, 0, b"[]")  # not an object: invalid record
+    _hand_record(img, off, F.RecordType.LAYER_INFO, 1, 1, json.dumps({"name": 5, "notes": ["a", 3]}).encode())
+    sr = reader.scan(reader_src(img))
+    assert sr.found and [lay.status for lay in sr.layers] == ["missing", "partial"]
+    assert sr.layers[1].name == "layer1" and sr.layers[1].notes == ["a"]  # wrong types are absent
+
+
+def test_R_LIM_2_R_RD_8_R_PAG_3_R_PAG_4_hand_built_records():
+    img = bytearray(256 * 1024)
+    off = _hand_record(img, 4096, F.RecordType.LAYER_INFO, 64, 0, b"{}")  # layer 64: not reported
+    off = _hand_record(img, off, F.RecordType.LAYER_INFO, 0, 1, b"{}")
+    off = _hand_record(img, off, F.RecordType.LAYER_INFO, 0, 1, b'{"x":1}')  # seq 1 again, other header
+    off = _hand_record(img, off, F.RecordType.ZERO, 1, 2, b"", aux0=0, aux1=1 << 32)  # count above 2^32-1
+    off = _hand_record(img, off, F.RecordType.ZERO, 2, 3, b"", aux0=(1 << 40) - 1, aux1=2)  # past 2^40
+    _hand_record(img, off, F.RecordType.ZERO, 3, 4, b"", aux0=5, aux1=3)  # fine
+    sr = reader.scan(reader_src(img))
+    assert sr.found and len(sr.layers) == 4
+    assert any("appears twice" in w for w in sr.warnings) and sr.layers[0].status == "missing"  # R-RD-8
+    assert [lay.pages for lay in sr.layers] == [0, 0, 0, 3]
+
+
+def test_R_MAP_3_too_small_device():
+    sr = reader.scan(reader_src(bytes(16 * 1024 - 1)))
+    assert not sr.found and "too small" in sr.error
+
+
+def test_R_TYP_6_R_EXP_3_end_layer_and_layer_files(tmp_path, dumped):
+    import json
+
+    from dumpkit import writer_records
+
+    img, _, res = dumped
+    ends = [r for r in writer_records(img.read_bytes()) if r["type"] == F.RecordType.END]
+    assert len(ends) == 1 and ends[0]["layer"] == 0
+    out = tmp_path / "o"
+    reader.recover(str(img), str(out)).close()
+    m = json.loads((out / "manifest.json").read_text())
+    for lay in m["layers"]:
+        assert json.loads((out / "layers" / f"{lay['index']}.json").read_text()) == lay
