@@ -113,7 +113,9 @@ class GuestSession:
         self.dump_disk = Path(dump_disk) if dump_disk is not None else None
         self.disks = [d if isinstance(d, DiskSpec) else DiskSpec(Path(d), f"disk{i}")
                       for i, d in enumerate(disks)]
-        self.workdir = Path(workdir) if workdir is not None else Path(f"/tmp/progdump-{os.getpid()}")
+        # A private fresh directory (mkdtemp: 0700, a name nobody can predict or plant beforehand),
+        # not /tmp/progdump-<pid>, which another user could create first and fill with links.
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"progdump-{self.guest}-"))
         self.accel_request = accel
         self.knobs = dict(knobs or {})
         self.shared_ram = shared_ram

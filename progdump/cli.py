@@ -13,8 +13,11 @@ Contract (issue 2; other tools rely on it exactly):
   partial), 2 when the device holds none, 1 for usage or I/O errors.
 * ``progdump info DEVICE [--json]``: the layer table; exit codes as recover.
 
-Every error is one line on stderr, never a traceback (set
-``PROGDUMP_TRACEBACK=1`` to see one when debugging).
+Every error progdump raises on purpose is a :class:`~progdump.errors.ProgdumpError`:
+one line on stderr and the exit status its class names (1 today), never a
+traceback (set ``PROGDUMP_TRACEBACK=1`` to see one when debugging). Any
+other exception is a bug in progdump: it is not caught, so Python prints
+its traceback (exit status 1) for a bug report.
 
 Other modules add subcommands with :func:`register` (``replay``, ``bench``):
 any module named in :data:`PLUGIN_MODULES` that exists, and any entry point
@@ -32,10 +35,10 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
+from progdump.errors import EXIT_ERROR, EXIT_NO_DUMP, EXIT_OK, ProgdumpError
 
 __all__ = ["main", "register", "Subcommand", "SUBCOMMANDS", "PLUGIN_MODULES"]
 
-EXIT_OK, EXIT_ERROR, EXIT_NO_DUMP = 0, 1, 2
 PLUGIN_MODULES = ("progdump.replay", "progdump.bench")
 
 
@@ -55,7 +58,7 @@ def register(name: str, help: str, setup: Callable[[argparse.ArgumentParser], No
     SUBCOMMANDS[name] = Subcommand(name, help, setup, run)
 
 
-class CliError(Exception):
+class CliError(ProgdumpError):
     """A one-line error for the user; exit status 1."""
 
 
@@ -104,10 +107,10 @@ class _Bar:
 
 
 def _run_write(a: argparse.Namespace) -> int:
-    from progdump.device import MIN_DEVICE_SIZE, DeviceError, open_device
+    from progdump.device import MIN_DEVICE_SIZE, open_device
     from progdump.layers import PLANS
-    from progdump.snapshot import Snapshot, SnapshotError
-    from progdump.writer import WriterError, format_durable_line, write_dump
+    from progdump.snapshot import Snapshot
+    from progdump.writer import format_durable_line, write_dump
 
     if a.plan not in PLANS:
         raise CliError(f"unknown plan {a.plan!r} (known: {', '.join(sorted(PLANS))})")
@@ -115,18 +118,19 @@ def _run_write(a: argparse.Namespace) -> int:
         raise CliError("--deadline must be a number of seconds >= 0")
     if not os.path.exists(a.device):
         raise CliError(f"{a.device}: no such file or device (it must exist and be large enough)")
-    try:
-        snap = Snapshot.from_elf(a.snapshot)
-    except SnapshotError as e:
-        raise CliError(str(e)) from None
-    except OSError as e:
-        raise CliError(f"{a.snapshot}: {e.strerror or e}") from None
+    snap = Snapshot.from_elf(a.snapshot)  # SnapshotError names what is wrong with the file
+    # Overlapping, unaligned or duplicate PT_LOADs were clipped or rounded: say so, never silently.
+    for w in snap.load_warnings[:8]:
+        print(f"progdump: warning: {a.snapshot}: {w}", file=sys.stderr)
+    if len(snap.load_warnings) > 8:
+        print(f"progdump: warning: {a.snapshot}: {len(snap.load_warnings) - 8} more adjustments of its PT_LOADs",
+              file=sys.stderr)
     model = None if a.device_model in (None, "none") else a.device_model
     try:
         dev = open_device(a.device, model, a.trace)
-    except DeviceError as e:
+    except BaseException:
         snap.close()
-        raise CliError(str(e)) from None
+        raise
     if dev.size < MIN_DEVICE_SIZE:  # the format's minimum (R-MAP-1); a larger one stops at device-full
         dev.close()
         snap.close()
@@ -146,16 +150,13 @@ def _run_write(a: argparse.Namespace) -> int:
             bar.update(ev.pages_done, ev.pages_total, f"layer {ev.layer.index} {name}" if ev.layer else "")
 
     try:
+        res = write_dump(snap, dev, plan=a.plan, deadline=a.deadline, progress=progress)
+    finally:
+        bar.clear()
         try:
-            res = write_dump(snap, dev, plan=a.plan, deadline=a.deadline, progress=progress)
+            dev.close()
         finally:
-            bar.clear()
-            try:
-                dev.close()
-            finally:
-                snap.close()
-    except (WriterError, DeviceError) as e:
-        raise CliError(str(e)) from None
+            snap.close()
     n_ok = sum(1 for lay in res.layers if lay.committed)
     rate = ""
     if res.stopped == "done" and res.elapsed_s > 0:
@@ -240,19 +241,23 @@ def layer_table(res) -> str:  # type: ignore[no-untyped-def]
 
 
 def _scan_or_fail(device: str):  # type: ignore[no-untyped-def]
-    from progdump.reader import ReaderError, scan
+    from progdump.reader import scan
 
     if not os.path.exists(device):
         raise CliError(f"{device}: no such file or device")
-    try:
-        return scan(device)
-    except ReaderError as e:
-        raise CliError(str(e)) from None
+    return scan(device)  # ReaderError says why the device cannot be read
 
 
 def _no_dump(device: str, res) -> int:  # type: ignore[no-untyped-def]
     if res.unsupported:
-        print(f"progdump: {device}: holds a progdump dump this version cannot read: {res.unsupported}", file=sys.stderr)
+        # R-VER-1: the newest dump needs what this reader lacks; exit 1 naming the format it is in
+        ver = res.unsupported_version
+        fmt = f"format version {ver}" if ver and ver != 1 else "a format this version does not support"
+        print(f"progdump: {device}: the newest dump is in {fmt} (this progdump reads format version 1); "
+              f"upgrade progdump to read it: {res.unsupported}", file=sys.stderr)
+        if res.other_dumps:
+            print(f"progdump: older dumps on the device (not read in its place): {', '.join(res.other_dumps)}",
+                  file=sys.stderr)
         return EXIT_ERROR
     why = f" ({res.error})" if res.error else ""
     print(f"progdump: {device}: no progdump dump found{why}", file=sys.stderr)
@@ -271,17 +276,11 @@ def _run_info(a: argparse.Namespace) -> int:
 
 
 def _run_recover(a: argparse.Namespace) -> int:
-    from progdump.export import ExportError
-    from progdump.reader import ReaderError, recover
+    from progdump.reader import recover
 
     if not os.path.exists(a.device):
         raise CliError(f"{a.device}: no such file or device")
-    if os.path.exists(a.outdir) and not os.path.isdir(a.outdir):
-        raise CliError(f"{a.outdir}: exists and is not a directory")
-    try:
-        res = recover(a.device, a.outdir)
-    except (ReaderError, ExportError) as e:
-        raise CliError(str(e)) from None
+    res = recover(a.device, a.outdir)  # refuses a non-empty OUTDIR before reading (ExportError)
     if not res.found:
         return _no_dump(a.device, res)
     if not a.quiet:
@@ -347,17 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     try:
         return a._run(a)
-    except CliError as e:
+    except ProgdumpError as e:  # every deliberate error; anything else is a bug and keeps its traceback
+        if os.environ.get("PROGDUMP_TRACEBACK"):
+            raise
         print(f"progdump: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return e.exit_status
     except KeyboardInterrupt:
         print("progdump: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        if os.environ.get("PROGDUMP_TRACEBACK"):
-            raise
-        print(f"progdump: internal error: {type(e).__name__}: {e} (PROGDUMP_TRACEBACK=1 shows where)", file=sys.stderr)
-        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ import os as _os
 import stat as _stat
 import time as _time
 from abc import ABC, abstractmethod
+from progdump.errors import ProgdumpError
 
 __all__ = ["DeviceError", "MediaError", "DumpDevice", "FileDevice", "open_device", "MIN_DEVICE_SIZE"]
 
 
-class DeviceError(Exception):
+class DeviceError(ProgdumpError):
     """The dump device cannot be used or failed an I/O; the message says which and why."""
 
 
@@ -137,6 +138,9 @@ class FileDevice(DumpDevice):
                     self.sector_size = struct.unpack("i", fcntl.ioctl(self._fd, BLKSSZGET, b"\0" * 4))[0] or 512
                 except (OSError, ImportError):
                     pass
+                if self.sector_size not in (512, 1024, 2048, 4096):  # FORMAT.md R-REC-1: A divides 4096
+                    _os.close(self._fd)
+                    raise DeviceError(f"{self.path}: sector size {self.sector_size} is not 512, 1024, 2048 or 4096")
         except OSError as e:
             _os.close(self._fd)
             raise DeviceError(f"{self.path}: {e.strerror or e}") from None

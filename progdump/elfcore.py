@@ -75,6 +75,7 @@ import io
 import json
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
@@ -589,13 +590,20 @@ def load_elf_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     """
     name = os.fspath(path)
     try:
-        fd = os.open(name, os.O_RDONLY)
+        # A FIFO would block the open (and the reads) forever: check the kind first, open
+        # non-blocking, and check again what was opened. A core is mapped: a regular file.
+        if not stat.S_ISREG(os.stat(name).st_mode):
+            raise SnapshotError(f"{name}: not a regular file (an ELF core file is needed)")
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise SnapshotError(f"{name}: cannot open: {e.strerror}") from None
     owned: list[object] = []
     try:
         try:
-            fsize = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SnapshotError(f"{name}: not a regular file (an ELF core file is needed)")
+            fsize = st.st_size
             if fsize == 0:
                 raise SnapshotError(f"{name}: empty file")
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)

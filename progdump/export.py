@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
+import tempfile
 
 from progdump.elfcore import ElfCoreWriter, ElfSegment, parse_prstatus, snapshot_notes
-from progdump.layers.base import ARTIFACT_NAME_RE
 from progdump.layers.generic import decode_notes
-from progdump.format import RecordHeader
+from progdump.format import ARTIFACT_NAME_RE, RecordHeader
 from progdump.reader import ScanResult, iter_recovered_pages
 from progdump.snapshot import PAGE_SIZE, CpuState, Note
+from progdump.errors import ProgdumpError
 
-__all__ = ["export", "ExportError", "RESERVED_NAMES", "vmcore_notes"]
+__all__ = ["export", "check_outdir", "ExportError", "RESERVED_NAMES", "vmcore_notes"]
 
 RESERVED_NAMES = frozenset({"manifest.json", "vmcore", "layers"})
 MAX_JSON_ARTIFACT = 16 << 20
@@ -34,11 +37,11 @@ NT_PRSTATUS = 1
 U64 = (1 << 64) - 1
 
 
-class ExportError(Exception):
+class ExportError(ProgdumpError):
     """Recovery output could not be written (disk full, device changed under us); one line."""
 
 
-class _BadRecord(Exception):
+class _BadRecord(ProgdumpError):
     """A page record verified at scan but fails on re-read (device changed) or its content is invalid."""
 
     def __init__(self, h: RecordHeader) -> None:
@@ -171,11 +174,64 @@ def _write_vmcore(res: ScanResult, path: str, warnings: list[str], zero_by_layer
             "disk_bytes": st.st_blocks * 512}
 
 
-def export(res: ScanResult, outdir: str) -> dict[str, object]:
-    """Write the recovery output of a found dump into ``outdir``; returns the manifest."""
+def check_outdir(outdir: str) -> str:
+    """The absolute OUTDIR, or :class:`ExportError` when recovery must not write there.
+
+    Why refuse rather than merge: a second recovery into the directory of a
+    first would leave the first dump's files (artifacts, ``layers/*.json``)
+    beside the second's manifest, and a reader of OUTDIR could not tell them
+    apart. OUTDIR must not exist, or be an empty directory (not a symlink).
+    """
+    final = os.path.abspath(outdir)
     try:
-        os.makedirs(outdir, exist_ok=True)
-        os.makedirs(os.path.join(outdir, "layers"), exist_ok=True)
+        st = os.lstat(final)
+    except FileNotFoundError:
+        return final
+    except OSError as e:
+        raise ExportError(f"{outdir}: {e.strerror or e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ExportError(f"{outdir}: is a symbolic link; give the directory itself")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ExportError(f"{outdir}: exists and is not a directory")
+    try:
+        if os.listdir(final):
+            raise ExportError(f"{outdir}: not empty (it may hold another recovery); give a new or empty directory")
+    except OSError as e:
+        raise ExportError(f"{outdir}: {e.strerror or e}") from None
+    return final
+
+
+def export(res: ScanResult, outdir: str) -> dict[str, object]:
+    """Write the recovery output of a found dump into ``outdir``; returns the manifest.
+
+    Everything is written into a fresh private directory beside OUTDIR, which
+    is renamed into place at the end: OUTDIR holds one whole recovery or
+    nothing (an interrupted recovery leaves only ``.<name>.*.partial``), and
+    no name in it can be a link planted before (``layers`` included).
+    """
+    final = check_outdir(outdir)
+    parent = os.path.dirname(final)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", suffix=".partial", dir=parent)
+    except OSError as e:
+        raise ExportError(f"{outdir}: {e.strerror or e}") from None
+    try:
+        manifest = _export_into(res, work)
+        try:
+            os.chmod(work, 0o755)  # mkdtemp's 0700 was for while it was being filled
+            os.rename(work, final)  # onto nothing or an empty directory; fails if one appeared meanwhile
+        except OSError as e:
+            raise ExportError(f"{outdir}: cannot move the recovery into place: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _export_into(res: ScanResult, outdir: str) -> dict[str, object]:
+    try:
+        os.makedirs(os.path.join(outdir, "layers"))
     except OSError as e:
         raise ExportError(f"{outdir}: {e.strerror or e}") from None
     warnings = list(res.warnings)

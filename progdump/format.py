@@ -20,11 +20,13 @@ and over a layer's record headers in the commit digest (R-SUM-1).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
 import xxhash
+from progdump.errors import ProgdumpError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -57,6 +59,17 @@ __all__ = [
     "parse_commit",
     "pages_map_len",
     "ARTIFACT_NAME_FIELD",
+    "ARTIFACT_NAME_RE",
+    "LAYER_NAME_RE",
+    "MAX_ARTIFACT",
+    "MAX_INFO_LEN",
+    "MAX_LAYERS",
+    "MAX_PFN_END",
+    "MAX_ZERO_PAGES",
+    "ALIGNMENTS",
+    "UnsupportedError",
+    "HeaderUnsupported",
+    "RecordVersionError",
 ]
 
 FORMAT_VERSION = 1
@@ -85,10 +98,43 @@ LANDING = 1 << 20
 #: R-WR-7: the farthest a landing may lie past the last good write (a reader probes that far)
 MAX_HOLE = 8 << 20
 ARTIFACT_NAME_FIELD = 64  # bytes of NUL-padded name that lead every ARTIFACT payload
+#: R-TYP-2: an artifact's name (the name field up to its first NUL; the rest of the field is NUL)
+ARTIFACT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+#: R-TYP-2: the most bytes one artifact may hold (writers truncate and say so in the layer's notes)
+MAX_ARTIFACT = 64 << 20
+#: R-TYP-1: a layer name (header info ``layers``, LAYER_INFO ``name``); others are shown as ``layer<i>``
+LAYER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}\Z")
+#: R-LIM-2: layer indexes a reader reports (records of higher layers are ignored)
+MAX_LAYERS = 64
+#: R-PAG-4: PAGES and ZERO records end at or below this page frame (52-bit physical addresses)
+MAX_PFN_END = 1 << 40
+#: R-PAG-3: pages in one ZERO record (a u32 count; writers start a new record past it)
+MAX_ZERO_PAGES = (1 << 32) - 1
+#: R-HDR-4: the writer alignments a version-1 header may name (each divides 4096)
+ALIGNMENTS = (512, 1024, 2048, 4096)
 
 
-class FormatError(ValueError):
+class FormatError(ProgdumpError, ValueError):
     """Bytes that do not follow the format; the message says which field and why."""
+
+
+class UnsupportedError(FormatError):
+    """A checksum-valid header or record that this reader cannot read (R-VER-1, R-VER-2).
+
+    It was written by a newer format (or a writer that breaks version 1);
+    its dump id and time come from the frozen fields every version keeps
+    (R-VER-3), so the reader knows which dump it cannot read.
+    """
+
+    def __init__(self, message: str, dump_id: bytes, dump_time_ns: int, version: int) -> None:
+        super().__init__(message)
+        self.dump_id = dump_id
+        self.dump_time_ns = dump_time_ns
+        self.version = version
+
+
+class HeaderUnsupported(UnsupportedError):
+    """A checksum-valid dump header this reader cannot accept (R-HDR-2)."""
 
 
 class RecordType(IntEnum):
@@ -161,9 +207,11 @@ def pack_header(h: DumpHeader) -> bytes:
 def parse_header(block: bytes) -> DumpHeader | None:
     """A verified header, ``None`` when the block is not one (no magic, bad checksum).
 
-    Raises :class:`FormatError` for a block whose checksum is right but whose
-    content this reader cannot accept (newer version, unknown incompatible
-    flag, non-zero reserved bytes): that is a real header, not noise (R-VER-1).
+    Raises :class:`HeaderUnsupported` for a block whose checksum is right but
+    whose content this reader cannot accept (newer version, unknown
+    incompatible flag, non-zero reserved or unused bytes, info too long or
+    not a JSON object, block size, copy or alignment out of range): that is a
+    real header of a dump this reader must not read (R-HDR-2, R-VER-1).
     """
     if len(block) < HEADER_BLOCK or block[:8] != HEADER_MAGIC:
         return None
@@ -173,24 +221,31 @@ def parse_header(block: bytes) -> DumpHeader | None:
     (_, ver, size, incompat, compat, copy, nlayers, dump_id, t_ns, dev_size, align, info_len, reserved) = (
         _HDR.unpack_from(block, 0)
     )
+    did = bytes(dump_id)
+
+    def bad(why: str) -> HeaderUnsupported:
+        return HeaderUnsupported(why, did, t_ns, ver)
+
     if ver != FORMAT_VERSION:
-        raise FormatError(f"dump header format version {ver}; this reader knows version {FORMAT_VERSION}")
+        raise bad(f"dump header format version {ver}; this reader knows version {FORMAT_VERSION}")
     if size != HEADER_BLOCK:
-        raise FormatError(f"dump header size {size}, expected {HEADER_BLOCK}")
+        raise bad(f"dump header size {size}, expected {HEADER_BLOCK}")
     if incompat:
-        raise FormatError(f"dump header has unknown incompatible feature flags {incompat:#x}")
+        raise bad(f"dump header has unknown incompatible feature flags {incompat:#x}")
     if any(reserved):
-        raise FormatError("dump header reserved bytes 64..127 are not zero")
-    if info_len > MAX_INFO_LEN or any(block[128 + info_len : HEADER_BLOCK - 8]):
-        raise FormatError("dump header info length out of bounds or padding not zero")
-    if copy > 1 or align < 512 or align % 512 or align > 1 << 20:
-        raise FormatError(f"dump header copy {copy} or alignment {align} invalid")
+        raise bad("dump header reserved bytes 64..127 are not zero")
+    if info_len > MAX_INFO_LEN:
+        raise bad(f"dump header info length {info_len} exceeds {MAX_INFO_LEN}")
+    if any(block[128 + info_len : HEADER_BLOCK - 8]):
+        raise bad("dump header bytes after the info are not zero")
+    if copy > 1 or align not in ALIGNMENTS:
+        raise bad(f"dump header copy {copy} or alignment {align} invalid")
     try:
         info = json.loads(bytes(block[128 : 128 + info_len]).decode())
         if not isinstance(info, dict):
             raise ValueError("not an object")
     except (ValueError, RecursionError) as e:
-        raise FormatError(f"dump header info is not a JSON object: {type(e).__name__}") from None
+        raise bad(f"dump header info is not a JSON object: {type(e).__name__}") from None
     return DumpHeader(ver, bytes(dump_id), t_ns, dev_size, align, copy, nlayers, info, incompat, compat)
 
 
@@ -262,8 +317,8 @@ def pack_record_header(
     return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
 
 
-class RecordVersionError(FormatError):
-    """A record whose checksum verifies but whose version or fields this reader does not know."""
+class RecordVersionError(UnsupportedError):
+    """A record whose checksum verifies but whose version or fields this reader does not know (R-VER-2)."""
 
 
 def parse_record_header(buf: bytes | memoryview, at_offset: int) -> RecordHeader | None:
@@ -284,18 +339,23 @@ def parse_record_header(buf: bytes | memoryview, at_offset: int) -> RecordHeader
     )
     if offset != at_offset:
         return None  # R-REC-3: a record is only valid where it says it is
+    did = bytes(dump_id)
+
+    def bad(why: str) -> RecordVersionError:
+        return RecordVersionError(f"record at {at_offset:#x}: {why}", did, t_ns, ver)
+
     if ver != FORMAT_VERSION or hsize != RECORD_HEADER_SIZE:
-        raise RecordVersionError(f"record at {at_offset:#x}: format version {ver}, header size {hsize}")
+        raise bad(f"format version {ver}, header size {hsize}")
     if any(res1) or any(res2):
-        raise RecordVersionError(f"record at {at_offset:#x}: reserved bytes are not zero")
+        raise bad("reserved bytes are not zero")
     if rtype not in RecordType._value2member_map_:
-        raise RecordVersionError(f"record at {at_offset:#x}: unknown record type {rtype}")
+        raise bad(f"unknown record type {rtype}")
     if comp not in Compression._value2member_map_:
-        raise RecordVersionError(f"record at {at_offset:#x}: unknown compression {comp}")
+        raise bad(f"unknown compression {comp}")
     if stored > rawlen or rawlen > MAX_RAW_LEN:
-        raise RecordVersionError(f"record at {at_offset:#x}: payload lengths {stored}/{rawlen} exceed the limits")
+        raise bad(f"payload lengths {stored}/{rawlen} exceed the limits")
     if comp == Compression.NONE and stored != rawlen:
-        raise RecordVersionError(f"record at {at_offset:#x}: uncompressed payload with stored != raw length")
+        raise bad("uncompressed payload with stored != raw length")
     return RecordHeader(rtype, layer, bytes(dump_id), t_ns, seq, offset, stored, rawlen, aux0, aux1, comp, bytes(psum), raw)
 
 
@@ -349,8 +409,8 @@ def parse_commit(payload: bytes) -> CommitInfo:
         raise FormatError("commit reserved bytes are not zero")
     try:
         stats = json.loads(payload[_COMMIT.size :].decode()) if len(payload) > _COMMIT.size else {}
-        if not isinstance(stats, dict):
-            stats = {}
     except (ValueError, RecursionError):
         raise FormatError("commit statistics are not JSON") from None
+    if not isinstance(stats, dict):
+        raise FormatError("commit statistics are not a JSON object")  # R-JSON-1
     return CommitInfo(first, count, bytes(digest), nbytes, t, stats)

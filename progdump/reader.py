@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import stat
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
@@ -24,6 +24,13 @@ import xxhash
 import zstandard
 
 from progdump.format import (
+    ARTIFACT_NAME_RE,
+    LAYER_NAME_RE,
+    MAX_ARTIFACT,
+    MAX_LAYERS,
+    MAX_PFN_END,
+    MAX_ZERO_PAGES,
+    UnsupportedError,
     ARTIFACT_NAME_FIELD,
     HEADER_BLOCK,
     LANDING,
@@ -49,20 +56,16 @@ from progdump.format import (
     DumpHeader,
     CommitInfo,
 )
-from progdump.layers.base import ARTIFACT_NAME_RE
 from progdump.snapshot import PAGE_SIZE
+from progdump.errors import ProgdumpError
 
 __all__ = ["Source", "ScanResult", "LayerStatus", "ReaderError", "scan", "recover", "open_source", "RESYNC_WINDOW"]
 
-MAX_ARTIFACT = 64 << 20  # R-TYP-2
-MAX_LAYERS = 64
-MAX_PFN_END = 1 << 40  # x86-64 physical addresses have at most 52 bits: 2^40 page frames
 MAX_WARNINGS = 50
 MAX_PROBE_ROUNDS = 256  # landings followed per scan (one per hole the writer carried past)
-LAYER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
 
 
-class ReaderError(Exception):
+class ReaderError(ProgdumpError):
     """The source cannot be read at all (I/O error, not a file); the message says why."""
 
 
@@ -77,15 +80,28 @@ class _FileSource:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.fd = -1  # set first: close() (and __del__) must work whatever __init__ did
         try:
-            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # Checked before opening, and opened non-blocking: a FIFO or a socket would block
+            # the open or the reads forever; only a regular file or a block device is a device.
+            st = os.stat(path)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise ReaderError(f"{path}: {_file_kind(st.st_mode)}, not a regular file or block device")
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
             raise ReaderError(f"{path}: {e.strerror or e}") from None
+        self.fd = fd
         try:
+            st = os.fstat(fd)  # what was opened, not what the name pointed at a moment before
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise ReaderError(f"{path}: {_file_kind(st.st_mode)}, not a regular file or block device")
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
         except OSError as e:
-            os.close(self.fd)
+            self.close()
             raise ReaderError(f"{path}: {e.strerror or e}") from None
+        except ReaderError:
+            self.close()
+            raise
 
     def pread(self, offset: int, length: int) -> bytes:
         try:
@@ -99,7 +115,17 @@ class _FileSource:
             self.fd = -1
 
     def __del__(self) -> None:
-        self.close()
+        if getattr(self, "fd", -1) >= 0:
+            self.close()
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-device file is, for an error message."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISDIR, "a directory")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def open_source(source: object) -> tuple[Source, bool]:
@@ -189,7 +215,9 @@ class ScanResult:
     end: dict | None = None
     headers: list[str] = field(default_factory=list)  # which header copies were valid for this dump
     other_dumps: list[str] = field(default_factory=list)  # older dump ids seen (never mixed in)
-    unsupported: str = ""  # a newer-format dump is present that this reader cannot read
+    #: the newest dump is one this reader cannot read (R-VER-1): what and where; ``found`` is then False
+    unsupported: str = ""
+    unsupported_version: int | None = None  # the format version that dump's header or record names
     warnings: list[str] = field(default_factory=list)
     error: str = ""
     device_size: int = 0
@@ -276,6 +304,7 @@ class ScanResult:
             "headers": self.headers,
             "other_dumps": self.other_dumps,
             "unsupported": self.unsupported,
+            "unsupported_version": self.unsupported_version,
             "warnings": self.warnings,
             "error": self.error,
         }
@@ -325,7 +354,9 @@ class _Scanner:
         self.headers: dict[bytes, list[DumpHeader]] = {}
         self.newest: tuple[int, bytes] | None = None
         self.warnings: list[str] = []
-        self.unsupported: list[tuple[str, str]] = []  # (where, why)
+        #: dumps named by a checksum-valid header or record this reader cannot read (R-VER-1..3):
+        #: dump id -> (where, why, version), the first seen
+        self.unsupported: dict[bytes, tuple[str, str, int]] = {}
         self.align = RECORD_ALIGN
 
     def warn(self, msg: str) -> None:
@@ -341,13 +372,18 @@ class _Scanner:
         if self.newest is None or (t, dump_id) > self.newest:
             self.newest = (t, dump_id)
 
+    def note_unsupported(self, where: str, e: UnsupportedError) -> None:
+        """A dump this reader cannot read is present: it takes part in choosing the newest (R-RD-3)."""
+        self.consider(e.dump_time_ns, e.dump_id)
+        self.unsupported.setdefault(e.dump_id, (where, str(e), e.version))
+
     def read_headers(self, end: int) -> None:
         for copy, off in ((0, 0), (1, end)):
             blk = _read(self.src, off, HEADER_BLOCK)
             try:
                 h = parse_header(blk)
-            except FormatError as e:
-                self.unsupported.append((f"header copy {copy}", str(e)))
+            except UnsupportedError as e:
+                self.note_unsupported(f"header copy {copy}", e)
                 continue
             if h is None:
                 continue
@@ -365,7 +401,7 @@ class _Scanner:
         try:
             h = parse_record_header(_read(self.src, off, RECORD_HEADER_SIZE), off)
         except RecordVersionError as e:
-            self.unsupported.append((f"record at {off:#x}", str(e)))
+            self.note_unsupported(f"record at {off:#x}", e)
             return None
         if h is None or off + record_span(h.stored_len) > end:
             return None
@@ -399,7 +435,7 @@ class _Scanner:
         r.checked = True
         h = r.h
         if h.rtype == RecordType.ZERO:
-            r.verified = h.stored_len == 0 and h.raw_len == 0 and 0 < h.aux1 and h.aux0 + h.aux1 <= MAX_PFN_END
+            r.verified = h.stored_len == 0 and h.raw_len == 0 and 0 < h.aux1 <= MAX_ZERO_PAGES and h.aux0 + h.aux1 <= MAX_PFN_END
             return
         if h.rtype == RecordType.PAGES:
             if not (0 < h.aux1 <= MAX_PAGES_PER_RECORD and h.aux0 + h.aux1 <= MAX_PFN_END):
@@ -544,19 +580,25 @@ def _scan(src: Source, resync_window: int) -> ScanResult:
     sc.probe_landings(end)
     res.warnings = sc.warnings
     if sc.newest is None:
-        if sc.unsupported:
-            where, why = sc.unsupported[0]
-            res.unsupported = f"{where}: {why}"
         return res
     t, did = sc.newest
+    others = sorted(d.hex() for d in sc.times if d != did)
+    if did in sc.unsupported:
+        # R-RD-3, R-VER-1: the newest dump is one this reader cannot read. It is reported, not
+        # read, and no older dump is offered in its place (it is not the machine's last crash).
+        where, why, ver = sc.unsupported[did]
+        res.unsupported = f"dump {did.hex()} ({where}): {why}"
+        res.unsupported_version = ver
+        res.other_dumps = others
+        return res
     res.found = True
     res.dump_id = did.hex()
     res.format_version = 1
     res.dump_time_ns = t
-    res.other_dumps = sorted(d.hex() for d in sc.times if d != did)
+    res.other_dumps = others
     if sc.unsupported:
-        where, why = sc.unsupported[0]
-        res.warnings.append(f"unsupported data ignored ({len(sc.unsupported)}x), first: {where}: {why}")
+        where, why, _ = next(iter(sc.unsupported.values()))
+        res.warnings.append(f"older dumps this reader cannot read ignored ({len(sc.unsupported)}), first: {where}: {why}")
     hdrs = [h for h in sc.headers.get(did, []) if h.dump_time_ns == t]
     res.headers = ["primary" if h.copy == 0 else "backup" for h in hdrs]
     recs = [r for r in sc.recs.get(did, []) if r.h.dump_time_ns == t]
@@ -582,21 +624,22 @@ def _classify(res: ScanResult, hdrs: list[DumpHeader], recs: list[_Rec]) -> None
     good = [r for r in sorted(by_seq.values(), key=lambda r: r.h.seq) if r.verified]
     res._recs = good
 
+    # R-JSON-1: a member of the wrong type is treated as absent
     info = hdrs[0].info if hdrs else {}
     names: list[str] = []
-    if isinstance(info.get("layers"), list):
-        names = [str(n) for n in info["layers"]][:MAX_LAYERS]
+    if isinstance(info.get("layers"), list) and all(isinstance(n, str) for n in info["layers"]):
+        names = info["layers"][:MAX_LAYERS]
     layer_info: dict[int, dict] = {}
     for r in good:
         if r.h.rtype == RecordType.LAYER_INFO and r.h.layer not in layer_info:
             layer_info[r.h.layer] = r.small  # type: ignore[assignment]
             plan = r.small.get("plan") if isinstance(r.small, dict) else None
-            if not names and isinstance(plan, list):
-                names = [str(n) for n in plan][:MAX_LAYERS]
+            if not names and isinstance(plan, list) and all(isinstance(n, str) for n in plan):
+                names = plan[:MAX_LAYERS]
         if r.h.rtype == RecordType.END and res.end is None:
             res.end = r.small  # type: ignore[assignment]
-    res.plan = str(info.get("plan")) if "plan" in info else None
-    res.producer = str(info["producer"]) if "producer" in info else None
+    res.plan = info["plan"][:64] if isinstance(info.get("plan"), str) else None
+    res.producer = info["producer"][:32] if isinstance(info.get("producer"), str) else None
     top = max([len(names) - 1] + [r.h.layer for r in good if r.h.layer < MAX_LAYERS])
     layers = []
     for i in range(top + 1):
@@ -609,7 +652,7 @@ def _classify(res: ScanResult, hdrs: list[DumpHeader], recs: list[_Rec]) -> None
         lay = LayerStatus(i, nm)
         notes = li.get("notes")
         if isinstance(notes, list):
-            lay.notes = [str(n)[:4096] for n in notes[:200]]
+            lay.notes = [n[:4096] for n in notes[:200] if isinstance(n, str)]
         if isinstance(li.get("producer"), str):
             lay.producer = li["producer"][:32]
             if res.producer is None:
@@ -743,8 +786,9 @@ def iter_recovered_pages(res: ScanResult) -> Iterator[tuple[int, int, int, Recor
 
 def recover(source: object, outdir: str | os.PathLike[str]) -> ScanResult:
     """Scan ``source`` and write the recovery output into ``outdir`` (FORMAT.md section 10)."""
-    from progdump.export import export  # noqa: PLC0415
+    from progdump.export import check_outdir, export  # noqa: PLC0415
 
+    check_outdir(os.fspath(outdir))  # before a long scan: refuse a non-empty OUTDIR at once
     src, owned = open_source(source)
     try:
         res = _scan(src, RESYNC_WINDOW)

@@ -17,6 +17,7 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
+from progdump.errors import ProgdumpError
 
 __all__ = [
     "PAGE_SIZE",
@@ -31,7 +32,7 @@ __all__ = [
 PAGE_SIZE = 4096
 
 
-class SnapshotError(Exception):
+class SnapshotError(ProgdumpError):
     """A snapshot (or the ELF core it comes from) is unusable; the message says why."""
 
 
@@ -227,8 +228,19 @@ class Snapshot:
         range has no known mmap or the platform lacks madvise.
         """
         end = paddr + length
-        i = 0
+        # first range that may overlap: binary search (ranges are sorted and disjoint), so a
+        # snapshot of thousands of one-page ranges (QEMU paging:true cores) is not quadratic
+        lo, hi = 0, len(self.ranges)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.ranges[mid].phys_end <= paddr:
+                lo = mid + 1
+            else:
+                hi = mid
+        i = lo
         while i < len(self.ranges) and paddr < end:
+            if self.ranges[i].phys_start >= end:
+                break
             r = self.ranges[i]
             i += 1
             if r.phys_end <= paddr or r.phys_start >= end or r.backing is None:

@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 
 import xxhash
 import zstandard
+from progdump.errors import ProgdumpError
 
 try:  # optional: finds zero pages without the GIL and without a copy; bytes compares otherwise
     import numpy as _np
@@ -41,6 +42,7 @@ except ImportError:  # pragma: no cover - numpy is present wherever matplotlib i
 
 from progdump.device import DeviceError, DumpDevice, MediaError
 from progdump.format import (
+    MAX_ARTIFACT,
     ARTIFACT_NAME_FIELD,
     FORMAT_VERSION,
     HEADER_BLOCK,
@@ -69,7 +71,6 @@ __all__ = ["LayerResult", "WriteResult", "ProgressEvent", "write_dump", "WriterE
 CHUNK_PAGES = 256  # pages per PAGES record: 1 MiB raw, the unit of compression and zero detection
 STAGE_BYTES = 1 << 20  # device writes are at least this big (except at flushes)
 ARTIFACT_CHUNK = 1 << 20  # artifact bytes per ARTIFACT record
-MAX_ARTIFACT = 64 << 20  # the reader's bound (FORMAT.md R-TYP-2)
 MAX_NOTES_BYTES = 256 << 10
 ZERO_PAGE = bytes(PAGE_SIZE)
 COMMIT_TRIES = 3  # tries of a layer's COMMIT at successive landings before it waits for the next layer (R-WR-7)
@@ -78,7 +79,7 @@ VERSION = "progdump 0.1.0"
 assert CHUNK_PAGES <= MAX_PAGES_PER_RECORD
 
 
-class WriterError(Exception):
+class WriterError(ProgdumpError):
     """The dump cannot start (bad plan, device too small); the message says why."""
 
 

@@ -17,6 +17,9 @@ Choices, each for the dump path:
 * ``pvpanic-pci`` (``GUEST_PANICKED``), ``vmcoreinfo`` (VMCOREINFO in dumps).
 * a ``virtio-scsi-pci`` controller and ``pcie-root-port``s at boot, because
   q35's root bus does not take hot-plugged devices.
+* ``-sandbox on`` (seccomp: no fork/exec, setuid, obsolete or scheduler calls)
+  and ``restrict=on`` user networking: QEMU runs as root here and the guest
+  needs no network beyond the host's SSH forward.
 """
 
 from __future__ import annotations
@@ -102,6 +105,12 @@ class MachineConfig:
     pvpanic: bool = True
     rng: bool = True
     qemu_binary: str = "qemu-system-x86_64"
+    #: seccomp sandbox: QEMU runs as root here, and TCG parses everything the guest does. Denies
+    #: obsolete syscalls, setuid, fork/exec and scheduler/resource calls (QEMU 7.2 supports all).
+    sandbox: bool = True
+    #: user networking isolated from the host and the outside (``restrict=on``): the guest needs
+    #: no network, only the host-to-guest SSH forward, which restrict keeps working
+    net_restrict: bool = True
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -150,6 +159,8 @@ def build_argv(cfg: MachineConfig) -> list[str]:
     """The full argv (binary first) for ``cfg``. Pure: no files are touched."""
     machine = f"q35,accel={cfg.accel}"
     argv = [cfg.qemu_binary, "-nodefaults", "-no-user-config", "-display", "none", "-S"]
+    if cfg.sandbox:
+        argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     if cfg.ram_file is not None:
         machine += ",memory-backend=pdram"
         argv += [
@@ -195,7 +206,7 @@ def build_argv(cfg: MachineConfig) -> list[str]:
     if cfg.ssh_port is not None:
         argv += [
             "-netdev",
-            f"user,id=pdnet,hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22",
+            f"user,id=pdnet,{'restrict=on,' if cfg.net_restrict else ''}hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22",
             "-device",
             "virtio-net-pci,netdev=pdnet",
         ]

@@ -97,6 +97,16 @@ class RunDir:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+
+def _open_log(path: Path) -> Any:
+    """Open a log for appending, never through a symbolic link (O_NOFOLLOW) and private (0600).
+
+    Why: logs live in a work directory; a link planted there must not make
+    QEMU's output land in some other file.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "ab")
+
 class Machine:
     """One QEMU process and its QMP, console and command connections.
 
@@ -129,8 +139,8 @@ class Machine:
     async def launch(self) -> None:
         """Start QEMU (paused, -S), connect QMP, console and command channel."""
         try:
-            self._qemu_log_file = open(self.qemu_log_path, "ab")
-            self._console_file = open(self.console_log_path, "ab")
+            self._qemu_log_file = _open_log(self.qemu_log_path)
+            self._console_file = _open_log(self.console_log_path)
             self.log(f"launch: {self.config.accel}, {self.config.mem_mib} MiB, {self.config.smp} vCPU")
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=self._qemu_log_file,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable, Iterator
 
+from progdump.format import ARTIFACT_NAME_RE  # the format's rule (R-TYP-2), re-exported
 from progdump.snapshot import Snapshot
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
 ]
 
 # Artifact names become file names on recovery: the reader re-checks this.
-ARTIFACT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class PageClass(IntEnum):

@@ -237,3 +237,22 @@ def crash_states(dev: MemDevice, rng, n: int):
             keep.add(i)
             tear = (i, rng.randrange(0, len(dev.ops[i].data) // 512))
         yield cut, keep, tear, last_flush
+
+
+def writer_records(img: bytes, align: int = 512) -> list[dict[str, int]]:
+    """The records a writer laid down, by an independent parse of FORMAT.md section 5 (not the reader,
+    not format.py): walk from 4096 while the record magic is there. For ground truth on dumps
+    written without write errors (their log is contiguous)."""
+    import struct
+
+    out, off = [], 4096
+    while off + 128 <= len(img) - 4096 and img[off : off + 8] == b"\x89PDREC\r\n":
+        rtype, layer = struct.unpack_from("<HH", img, off + 12)
+        seq, at, stored = struct.unpack_from("<QQI", img, off + 40)
+        aux0, aux1 = struct.unpack_from("<QQ", img, off + 64)
+        assert at == off
+        span = 128 + stored
+        span += -span % align
+        out.append({"type": rtype, "layer": layer, "seq": seq, "offset": off, "span": span, "aux0": aux0, "aux1": aux1})
+        off += span
+    return out

@@ -215,6 +215,7 @@ img, trace, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rng = random.Random(seed)
 dev = ModelledDevice(FileDev(img), DeviceModel("k", 40e6, 2e-4, 0, 3e-3, 256 * 1024, 512), trace)
 off = 0
+told = False
 while True:
     n = 512 * rng.randint(1, 256)
     if off + n > dev.size:
@@ -223,6 +224,9 @@ while True:
     off += n
     if rng.random() < 0.1:
         dev.flush()
+        if not told:  # the parent kills only after this: the trace then has writes and a flush
+            told = True
+            sys.stdout.write("ready\n"); sys.stdout.flush()
 """
 
 
@@ -240,8 +244,9 @@ def test_model_state_reproduces_a_really_killed_writer(tmp_path, seed):
     img.write_bytes(base)
     (tmp_path / "base").write_bytes(base)
     p = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(img), str(tmp_path / "tr"), str(seed)],
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    time.sleep(0.3 + random.Random(seed).random() * 0.5)
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"ready\n"  # synchronised on the child's word, not on a guessed sleep
+    time.sleep(random.Random(seed).random() * 0.2)  # then a random moment of its writing
     p.send_signal(signal.SIGKILL)
     p.wait()
     tr = read_trace(str(tmp_path / "tr"))

@@ -134,3 +134,24 @@ def test_read_log_from_memory_image() -> None:
     vi = Vmcoreinfo((VI_PRINTK + f"SYMBOL(prb)={prb:x}\n").encode())
     recs, _ = read_log(img.kmem(), vi)
     assert [r.text for r in recs] == [b"first line", b"PD-KMSG marker"]
+
+
+def test_multi_line_record_indented_like_makedumpfile() -> None:
+    """Issue 10 part 6. Expected bytes are makedumpfile 1.7.2's own output, not ours: on a real
+    6.1 guest's vmcore (sysrq-three-plans reference capture) the record "BIOS-provided physical RAM
+    map:" was given two newlines in place ("BIOS-provided\\nphysical RAM\\nmap:", same length, in the
+    printk text ring) and `makedumpfile --dump-dmesg` printed the lines below: continuation lines
+    indented by the width of the "[    0.000000] " prefix (15 spaces). Our dmesg.txt of that same
+    vmcore was byte-identical to makedumpfile's whole output (28154 bytes)."""
+    makedumpfile_said = (
+        "[    0.000000] BIOS-provided\n"
+        "               physical RAM\n"
+        "               map:\n"
+    )
+    descs, infos, data, head, tail = build_ring([b"BIOS-provided\nphysical RAM\nmap:"])
+    recs, _ = parse_ring(layout(), COUNT_BITS, SIZE_BITS, descs, infos, data, head, tail)
+    import dataclasses
+
+    assert format_records([dataclasses.replace(recs[0], ts_nsec=0)]) == makedumpfile_said
+    wide = dataclasses.replace(recs[0], ts_nsec=12_345_678_901_000)  # a wider prefix: the indent follows it
+    assert format_records([wide]).splitlines()[1] == " " * len("[12345.678901] ") + "physical RAM"

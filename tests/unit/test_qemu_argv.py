@@ -87,9 +87,16 @@ def test_hotplug_slots_and_channels() -> None:
     assert "virtserialport,bus=pdvser.0,chardev=pdcmd,name=org.progdump.cmd" in devs
 
 
-def test_ssh_forward_is_loopback_only() -> None:
+def test_ssh_forward_is_loopback_only_and_the_guest_net_restricted() -> None:
     argv = build_argv(cfg(ssh_port=2222))
+    assert opts(argv, "-netdev") == ["user,id=pdnet,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"]
+    argv = build_argv(cfg(ssh_port=2222, net_restrict=False))
     assert opts(argv, "-netdev") == ["user,id=pdnet,hostfwd=tcp:127.0.0.1:2222-:22"]
+
+
+def test_qemu_runs_sandboxed_unless_told_not_to() -> None:
+    assert opts(build_argv(cfg()), "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    assert opts(build_argv(cfg(sandbox=False)), "-sandbox") == []
 
 
 def test_commas_in_paths_are_escaped() -> None:

@@ -9,10 +9,13 @@ import struct
 import subprocess
 
 import pytest
+
+from progdump.export import ExportError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, crash_states, make_snapshot, snapshot_pages
+from dumpkit import (BytesSource, ClassProducer, MemDevice, check_recovery, crash_states, make_snapshot, snapshot_pages,
+                     writer_records)
 from progdump import format as F
 from progdump import reader
 from progdump.writer import write_dump
@@ -28,11 +31,11 @@ def _dump(seed=1, pages=48, base=None, size=DEV, producer=True, **kw):
 
 
 def _layer_pages(dev: MemDevice, res) -> dict[int, set[int]]:
-    """Pfns each layer wrote, from the complete image (records are self-describing)."""
-    sr = reader.scan(BytesSource(bytes(dev.image)))
+    """Pfns each layer wrote: the writer's PAGES/ZERO records, parsed independently of the reader."""
     out: dict[int, set[int]] = {}
-    for first, n, h in sr.page_records():
-        out.setdefault(h.layer, set()).update(range(first, first + n))
+    for r in writer_records(bytes(dev.image)):
+        if r["type"] in (3, 4):
+            out.setdefault(r["layer"], set()).update(range(r["aux0"], r["aux0"] + r["aux1"]))
     return out
 
 
@@ -54,10 +57,10 @@ def test_R_RD_2_truncation_at_every_sector(small):
     img = bytes(dev.image)
     end = _used_end(dev)
     commit_end = {}
-    full = reader.scan(BytesSource(img))
-    for rec in full._recs:
-        if rec.h.rtype == F.RecordType.COMMIT:
-            commit_end[rec.h.layer] = rec.h.offset + rec.h.span
+    for rec in writer_records(img):  # the writer's COMMITs, not the reader's view of them
+        if rec["type"] == 5:
+            commit_end[rec["layer"]] = rec["offset"] + rec["span"]
+    assert sorted(commit_end) == [lay.index for lay in res.layers if lay.committed]
     prev_complete = 0
     for cut in range(0, end + 512, 512):
         data = img[:cut] + bytes(len(img) - cut)
@@ -303,15 +306,24 @@ def test_R_EXP_1_no_path_from_the_device(tmp_path):
         seq += 1
     dev = tmp_path / "dev.img"
     dev.write_bytes(bytes(img))
-    out = tmp_path / "out"
-    out.mkdir()
+    planted = tmp_path / "planted"
+    planted.mkdir()
     outside = tmp_path / "outside.txt"
     outside.write_text("untouched")
-    os.symlink(outside, out / "ok.txt")
+    os.symlink(outside, planted / "ok.txt")
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", planted / "layers")
+    with pytest.raises(ExportError, match="not empty"):  # a non-empty OUTDIR is refused, links and all
+        reader.recover(str(dev), str(planted))
+    assert outside.read_text() == "untouched" and not list((tmp_path / "elsewhere").iterdir())
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    with pytest.raises(ExportError, match="symbolic link"):  # OUTDIR itself as a link is refused too
+        reader.recover(str(dev), str(tmp_path / "link"))
+    out = tmp_path / "out"
     sr = reader.recover(str(dev), str(out))
     assert sr.found
     assert (out / "ok.txt").read_bytes() == b"DATA" and not (out / "ok.txt").is_symlink()
-    assert outside.read_text() == "untouched"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     assert not (tmp_path / "escape").exists()
     assert (out / "manifest.json").read_text().startswith("{")
     names = sorted(p.name for p in out.iterdir())
@@ -436,8 +448,13 @@ def test_R_RD_7_forged_records_with_valid_checksums_never_crash(small, tmp_path)
             img[r.h.offset : r.h.offset + 128] = hdr
         p = tmp_path / f"f{it % 3}.img"
         p.write_bytes(bytes(img))
-        sr = reader.recover(str(p), str(tmp_path / f"o{it % 3}"))
-        assert sr.found
+        sr = reader.recover(str(p), str(tmp_path / f"o{it}"))
+        # R-VER-1..3: a forged field outside version 1's domain makes the dump unsupported (refused,
+        # named); anything else is read. Either way it is the writer's dump, never another.
+        if sr.found:
+            assert sr.dump_id == res.dump_id
+        else:
+            assert sr.unsupported.startswith(f"dump {res.dump_id} ("), sr.unsupported
         sr.close()
 
 

@@ -21,6 +21,7 @@ import array
 import struct
 import sys
 from dataclasses import dataclass
+from progdump.errors import ProgdumpError
 
 __all__ = ["BtfError", "Btf", "Member", "KIND"]
 
@@ -77,7 +78,7 @@ def _walk_numpy(words: array.array, n: int, start: int = 0) -> tuple[list[int], 
     return heads, None
 
 
-class BtfError(Exception):
+class BtfError(ProgdumpError):
     """BTF data is absent or malformed; or a type/member is not in it."""
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import struct
 from typing import NamedTuple
+from progdump.errors import ProgdumpError
 
 __all__ = ["KallsymsError", "Symbol", "SymbolTable", "KallsymsTexts", "decode_columns", "decode_kallsyms",
            "load_kallsyms"]
@@ -31,7 +32,7 @@ MAX_SYMS = 1 << 21
 MAX_NAMES_BYTES = 64 << 20
 
 
-class KallsymsError(Exception):
+class KallsymsError(ProgdumpError):
     """The kallsyms tables are absent or do not decode; the message says where."""
 
 

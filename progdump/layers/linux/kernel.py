@@ -19,13 +19,14 @@ from progdump.layers.linux.translate import FaultError, KernelMemory
 from progdump.layers.linux.unwind import MemoryBytes, OrcSet, OrcTable
 from progdump.layers.linux.vmcoreinfo import Vmcoreinfo, VmcoreinfoMissing
 from progdump.snapshot import Snapshot
+from progdump.errors import ProgdumpError
 
 __all__ = ["LinuxUnsupported", "LinuxKernel"]
 
 MAX_ORC_ENTRIES = 4 << 20
 
 
-class LinuxUnsupported(Exception):
+class LinuxUnsupported(ProgdumpError):
     """This snapshot is not one the Linux producer can read; the message says why."""
 
 

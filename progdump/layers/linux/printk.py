@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from progdump.errors import ProgdumpError
 
 __all__ = ["LogRecord", "PrintkError", "read_log", "format_records", "escape_text"]
 
@@ -41,7 +42,7 @@ MAX_SIZE_BITS = 28  # 256 MiB text ring (log_buf_len far above any real setting)
 MAX_RING_BYTES = 512 << 20  # descriptors + infos + text read at once
 
 
-class PrintkError(Exception):
+class PrintkError(ProgdumpError):
     """The ring buffer cannot be read; the message names what failed."""
 
 
@@ -244,9 +245,19 @@ def escape_text(text: bytes) -> str:
 
 
 def format_records(records: list[LogRecord]) -> str:
-    """``[    5.123456] text`` lines, one per record (makedumpfile's form)."""
+    """``[    5.123456] text`` lines, one per record (makedumpfile's form).
+
+    A record holding several lines has its continuation lines indented by
+    the width of the timestamp prefix, as ``makedumpfile --dump-dmesg``
+    prints them (checked against makedumpfile 1.7.2 on a real guest's
+    vmcore: tests/unit/test_linux_printk.py).
+    """
     lines = []
     for r in records:
         sec, ns = divmod(r.ts_nsec, 1_000_000_000)
-        lines.append(f"[{sec:5d}.{ns // 1000:06d}] {escape_text(r.text)}\n")
+        prefix = f"[{sec:5d}.{ns // 1000:06d}] "
+        text = escape_text(r.text)
+        if "\n" in text:
+            text = text.replace("\n", "\n" + " " * len(prefix))
+        lines.append(f"{prefix}{text}\n")
     return "".join(lines)

@@ -21,6 +21,7 @@ import struct
 from typing import Iterator
 
 from progdump.snapshot import Snapshot, SnapshotError
+from progdump.errors import ProgdumpError
 
 __all__ = ["FaultError", "KernelMemory", "START_KERNEL_MAP"]
 
@@ -34,7 +35,7 @@ PAGE = 4096
 _WALK_CACHE_MAX = 1 << 16
 
 
-class FaultError(Exception):
+class FaultError(ProgdumpError):
     """A virtual address does not translate, or its page is not in the snapshot."""
 
 

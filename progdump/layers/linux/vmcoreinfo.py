@@ -12,13 +12,14 @@ stated reason.
 from __future__ import annotations
 
 from progdump.snapshot import parse_vmcoreinfo
+from progdump.errors import ProgdumpError
 
 __all__ = ["Vmcoreinfo", "VmcoreinfoMissing"]
 
 _U64 = (1 << 64) - 1
 
 
-class VmcoreinfoMissing(Exception):
+class VmcoreinfoMissing(ProgdumpError):
     """A VMCOREINFO field is absent or malformed; the message names it."""
 
 
