@@ -132,8 +132,13 @@ mount -t ext4 /dev/mapper/mpath{lun} /mnt/mp{lun}
 
 
 def start_io_script(lun: int) -> str:
-    """A named writer/verifier (comm ``pdio-mp{lun}``): direct writes, direct reads, checksum compare.
+    """A named writer/verifier (comm ``pdio-mp{lun}``): buffered writes + fsync, direct reads, compare.
 
+    Why buffered writes with fsync: fsync waits for page writeback in
+    ``folio_wait_writeback`` (TASK_UNINTERRUPTIBLE, no timeout), which the
+    hung-task detector sees when the storage stalls. A direct-I/O wait would
+    not do: ``blk_io_schedule`` wakes every half hung-task period on purpose.
+    Reads are direct so they check what reached the LUN, not the page cache.
     Mismatches go to the kernel log (layer 0) as ``PDIO-MISMATCH``.
     """
     body = f"""#!/bin/sh
@@ -142,7 +147,7 @@ while :; do
     i=$((i+1)); f=/mnt/mp{lun}/blk.$((i % 4))
     dd if=/dev/urandom of=/run/pdio{lun}.src bs=64k count=4 2>/dev/null
     a=$(md5sum < /run/pdio{lun}.src)
-    dd if=/run/pdio{lun}.src of=$f bs=64k oflag=direct conv=fsync 2>/dev/null
+    dd if=/run/pdio{lun}.src of=$f bs=64k conv=fsync 2>/dev/null
     b=$(dd if=$f bs=64k iflag=direct 2>/dev/null | md5sum)
     [ "$a" = "$b" ] || echo "<3>PDIO-MISMATCH mp{lun} $f" > /dev/kmsg
     echo $i > /run/pdio{lun}.count
