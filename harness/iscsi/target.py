@@ -126,20 +126,25 @@ def parse_show_target(text: str) -> dict[int, dict[str, str]]:
     return luns
 
 
-def check_tools() -> None:
-    """Raise :class:`MissingTool` naming the first missing host piece (never starts anything)."""
+QEMU_MODULE_DIRS = ("/usr/lib/x86_64-linux-gnu/qemu", "/usr/lib/qemu", "/usr/lib64/qemu")
+
+
+def check_tools(path: str | None = None, qemu_module_dirs: tuple[str, ...] = QEMU_MODULE_DIRS,
+                euid: int | None = None) -> None:
+    """Raise :class:`MissingTool` naming the first missing host piece (never starts anything).
+
+    ``path``: where to look for tgtd/tgtadm (default: $PATH plus /usr/sbin and /sbin,
+    where Debian puts them); the arguments exist so a test can point at an empty place.
+    """
+    if path is None:
+        path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     for tool in ("tgtd", "tgtadm"):
-        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+        if shutil.which(tool, path=path) is None:
             raise MissingTool(f"{tool} not found: install Debian's tgt (`make setup`)")
-    if not _qemu_has_iscsi():
-        raise MissingTool("QEMU's iSCSI block driver (block-iscsi.so) not found: install qemu-block-extra (`make setup`)")
-
-
-def _qemu_has_iscsi() -> bool:
-    for d in ("/usr/lib/x86_64-linux-gnu/qemu", "/usr/lib/qemu", "/usr/lib64/qemu"):
-        if Path(d, "block-iscsi.so").exists():
-            return True
-    return False
+    if not any(Path(d, "block-iscsi.so").exists() for d in qemu_module_dirs):
+        raise MissingTool("QEMU's iSCSI initiator (block-iscsi.so) not found: install qemu-block-extra (`make setup`)")
+    if (os.geteuid() if euid is None else euid) != 0:
+        raise MissingTool(f"tgtd needs root: its control socket lives in {TGT_IPC_DIR} (run as root)")
 
 
 def _port_free(port: int) -> bool:
