@@ -132,7 +132,12 @@ mount -t ext4 /dev/mapper/mpath{lun} /mnt/mp{lun}
 
 
 def start_io_script(lun: int) -> str:
-    """A named writer/verifier (comm ``pdio-mp{lun}``): buffered writes + fsync, direct reads, compare.
+    """A named writer/verifier (comm ``pdio-mp{lun}``) and a path checker (``pdchk-mp{lun}``).
+
+    The writer: buffered writes + fsync, direct reads, compare. The checker
+    reads one sector of each path device with O_DIRECT every 2 s, as
+    multipathd's directio checker does (so path I/O waits in the block layer
+    show up too).
 
     Why buffered writes with fsync: fsync waits for page writeback in
     ``folio_wait_writeback`` (TASK_UNINTERRUPTIBLE, no timeout), which the
@@ -153,11 +158,22 @@ while :; do
     echo $i > /run/pdio{lun}.count
 done
 """
+    # multipathd's "directio" path checker, by hand: one O_DIRECT sector read per path every 2 s
+    checker = GUEST_FUNCS + f"""
+while :; do
+    for p in $(pd_paths {lun}); do dd if=/dev/$p of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; done
+    sleep 2
+done
+"""
     return f"""
 cat > /run/pdio-mp{lun} <<'PDEOF'
 {body}PDEOF
-chmod +x /run/pdio-mp{lun}
+cat > /run/pdchk-mp{lun} <<'PDEOF'
+#!/bin/sh
+{checker}PDEOF
+chmod +x /run/pdio-mp{lun} /run/pdchk-mp{lun}
 (/run/pdio-mp{lun} </dev/null >/dev/null 2>&1 &)
+(/run/pdchk-mp{lun} </dev/null >/dev/null 2>&1 &)
 i=0; while [ ! -s /run/pdio{lun}.count ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 cat /run/pdio{lun}.count 2>/dev/null || {{ echo "I/O on mp{lun} did not complete a round"; exit 1; }}
 """

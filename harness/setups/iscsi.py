@@ -153,7 +153,8 @@ class IscsiSetup(ScenarioSetup):
     def panic(self, session: Any, trigger: str, rng: random.Random) -> Any:
         """Hot-add LUNs step by step; panic after a seeded random step (see the module docstring)."""
         steps = hotadd_steps(self.boot_luns + 1, self.hotadd_luns)
-        at = rng.randrange(len(steps))
+        # from the first path's device_add on: before it nothing has reached the guest yet
+        at = rng.randrange(1, len(steps))
         lun, kind = steps[at]
         t0 = time.monotonic()
         for i in range(at + 1):
