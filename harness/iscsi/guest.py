@@ -165,9 +165,24 @@ while :; do
     sleep 2
 done
 """
+    # a log appender (comm pdlog-mp{lun}): one 512-byte record + fsync every 0.5 s, like a
+    # journal; it is never in a direct-I/O wait, so a stall always leaves it in D state
+    logger = f"""
+i=0
+while :; do
+    i=$((i+1))
+    echo "pdlog $i" | dd of=/mnt/mp{lun}/journal bs=512 seek=$((i % 64)) count=1 conv=notrunc,sync,fsync 2>/dev/null
+    sleep 0.5
+done
+"""
     return f"""
 cat > /run/pdio-mp{lun} <<'PDEOF'
 {body}PDEOF
+cat > /run/pdlog-mp{lun} <<'PDEOF'
+#!/bin/sh
+{logger}PDEOF
+chmod +x /run/pdlog-mp{lun}
+(/run/pdlog-mp{lun} </dev/null >/dev/null 2>&1 &)
 cat > /run/pdchk-mp{lun} <<'PDEOF'
 #!/bin/sh
 {checker}PDEOF

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import MissingTool, SetupError
+from harness.qemu.machine import set_pdeathsig
 
 __all__ = [
     "TGT_IPC_DIR", "PORTALS", "Lun", "tgtd_argv", "tgtadm_argv", "new_target_argv", "new_lun_argv",
@@ -232,7 +233,8 @@ class Target:
             try:
                 self.proc = subprocess.Popen(tgtd_argv(self.control_port, PORTALS[0], self.port),
                                              stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                             start_new_session=True)  # Ctrl-C on the terminal reaches us, not tgtd
+                                             start_new_session=True,  # Ctrl-C reaches us (we stop tgtd), not tgtd
+                                             preexec_fn=set_pdeathsig)  # and if we are killed outright, tgtd dies too
             finally:
                 logf.close()
             if self._wait_ready(10.0):

@@ -118,3 +118,74 @@ def test_lun_two_paths_multipath_io_hotadd_teardown(iscsi_tools: None, guest_ses
         with socket.socket() as s, pytest.raises(OSError):
             s.settimeout(2)
             s.connect((addr, target.port))
+
+
+CHILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from harness.iscsi.target import Target
+t = Target(Path({work!r}))
+try:
+    t.start()
+    t.add_lun(8)
+    print("READY", t.proc.pid, t.control_port, t.port, flush=True)
+    time.sleep(600)
+finally:
+    t.close()
+"""
+
+
+def _start_child(tmp_path: Path) -> tuple[Any, int, int, int]:
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[2])
+    p = subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, work=str(tmp_path / "t"))],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    line = p.stdout.readline().split()
+    assert line and line[0] == "READY", line
+    return p, int(line[1]), int(line[2]), int(line[3])
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    import os
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[-1].startswith("Z"):
+                    return True  # a zombie: dead, waiting for its (dead) parent's reaper
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_ctrl_c_stops_tgtd_and_removes_its_socket(iscsi_tools: None, tmp_path: Path) -> None:
+    import signal
+
+    p, tgtd_pid, cp, port = _start_child(tmp_path)
+    p.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the runner (tgtd is in its own session)
+    p.wait(30)
+    assert _gone(tgtd_pid), "tgtd still running after Ctrl-C"
+    assert not (TGT_IPC_DIR / f"socket.{cp}").exists()
+    assert not (TGT_IPC_DIR / f"socket.{cp}.lock").exists()
+    for addr in PORTALS:
+        with socket.socket() as s, pytest.raises(OSError):
+            s.settimeout(2)
+            s.connect((addr, port))
+
+
+def test_runner_killed_outright_takes_tgtd_along(iscsi_tools: None, tmp_path: Path) -> None:
+    import signal
+
+    p, tgtd_pid, cp, port = _start_child(tmp_path)
+    p.send_signal(signal.SIGKILL)  # no cleanup code runs: PR_SET_PDEATHSIG must stop tgtd
+    p.wait(30)
+    try:
+        assert _gone(tgtd_pid), "tgtd outlived its killed parent"
+    finally:
+        for suffix in ("", ".lock"):  # what only the runner's close() removes
+            (TGT_IPC_DIR / f"socket.{cp}{suffix}").unlink(missing_ok=True)
