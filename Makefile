@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml Makefile
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
 	fi
+	@# Debian's tgt package enables and starts a system tgtd listening on every address; the
+	@# iscsi scenarios run a private one on loopback, so leave none enabled or running
+	@# (systemd where it runs, else the init script; neither failing stops the setup).
+	@if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
+		$(SUDO) systemctl disable --now tgt >/dev/null 2>&1 || true; \
+	elif [ -x /etc/init.d/tgt ]; then \
+		$(SUDO) /etc/init.d/tgt stop >/dev/null 2>&1 || true; \
+		command -v update-rc.d >/dev/null 2>&1 && $(SUDO) update-rc.d tgt disable >/dev/null 2>&1 || true; \
+	fi
 	@echo "== setup: Python packages"
 	@# Debian 12's own python3 is "externally managed" (PEP 668): pip refuses to install into it
 	@# unless told; a pyenv or venv python ignores the variable.

@@ -67,6 +67,23 @@ WANTED_MODULES = (
     "iscsi_tcp",  # iSCSI dump targets
 )
 DROPBEAR_BINARIES = ("usr/sbin/dropbear",)
+# Multipathed storage (the iscsi-panic / iscsi-hang scenarios): device-mapper's
+# multipath target assembles the two paths of every iSCSI LUN; the table is
+# built by the host's script (harness/iscsi/guest.py) and loaded with dmsetup.
+# ext4 is built into this kernel; busybox's mke2fs makes the file systems.
+STORAGE_MODULES = (
+    "dm_mod",
+    "dm_multipath",
+    "dm_round_robin",  # the path selector in the multipath tables
+)
+STORAGE_PACKAGES = (
+    "dmsetup",
+    "libdevmapper1.02.1",
+    "libselinux1",
+    "libudev1",
+    "libpcre2-8-0",
+)
+STORAGE_BINARIES = ("sbin/dmsetup",)
 # Kernel command line, one reason each.
 KERNEL_CMDLINE_PARTS = (
     "console=ttyS0,115200",  # every kernel message on the serial console the host reads
@@ -435,7 +452,7 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
     t0 = time.monotonic()
     try:
         kname = resolve_kernel_package(kernel_pkg)
-        pkgs = [resolve(kname)] + [resolve(n) for n in USERLAND_PACKAGES]
+        pkgs = [resolve(kname)] + [resolve(n) for n in USERLAND_PACKAGES + STORAGE_PACKAGES]
         try:
             hdr_pkgs = resolve_header_packages(pkgs[0])
             hdr_note = ""
@@ -465,7 +482,7 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
             raise BuildError(f"expected one kernel module tree, found {moddirs}")
         release = moddirs[0].name
         vmlinuz_src = root / "boot" / f"vmlinuz-{release}"
-        mods = module_load_order(moddirs[0], WANTED_MODULES)
+        mods = module_load_order(moddirs[0], WANTED_MODULES + STORAGE_MODULES)
         hroot = Path(tmp) / "headers"
         for p in hdr_pkgs:
             extract(debs[p.name], hroot)
@@ -498,7 +515,7 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
             cpio.file("lib/modules/extra/pdoops.ko", oops_ko.read_bytes())
         # dropbear and its libraries
         libs: set[Path] = set()
-        for b in DROPBEAR_BINARIES:
+        for b in DROPBEAR_BINARIES + STORAGE_BINARIES:
             cpio.file(b, (root / b).read_bytes(), 0o755)
             libs.update(needed_libs(root, root / b))
         for lib in sorted(libs):
