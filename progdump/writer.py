@@ -457,7 +457,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 def _compress(raw: bytes | bytearray, level: int) -> tuple[bytes | bytearray, Compression]:
-    if level <= 0 or len(raw) < 64:
+    if level == 0 or len(raw) < 64:  # 0: store; negative: zstd fast levels
         return raw, Compression.NONE
     out = _compressor(level).compress(raw)
     if len(out) >= len(raw):
@@ -523,7 +523,7 @@ def _encode_pages(pfn: int, data: memoryview, npages: int, level: int) -> _Chunk
         runs.append(data[i * PAGE_SIZE : j * PAGE_SIZE])
         i = j
     raw_len = maplen + (npages - nz) * PAGE_SIZE
-    if level > 0:
+    if level != 0:
         c = _compressor(level).compressobj(size=raw_len)
         parts = [c.compress(zmap)] + [c.compress(r) for r in runs] + [c.flush()]
         out = b"".join(parts)
