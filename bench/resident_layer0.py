@@ -48,12 +48,12 @@ def go_message(elf: Path) -> dict:
     return {"ram": str(elf), "ranges": ranges, "cpus": cpus, "vmcoreinfo": vmci, "console_tail": console, "metadata": meta}
 
 
-def one(go: dict, model: str, plan: str, work: Path, size: int) -> dict:
+def one(go: dict, model: str, plan: str, work: Path, size: int, extra: tuple[str, ...] = ()) -> dict:
     dev = work / "dev.img"
     dev.unlink(missing_ok=True)
     with open(dev, "wb") as f:
         f.truncate(size)
-    p = subprocess.Popen([sys.executable, "-m", "progdump.resident", str(dev), "--plan", plan, "--device-model", model],
+    p = subprocess.Popen([sys.executable, "-m", "progdump.resident", str(dev), "--plan", plan, "--device-model", model, *extra],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)  # fmt: skip
     armed = json.loads(p.stdout.readline())  # type: ignore[union-attr]
     if not armed.get("armed"):
@@ -79,6 +79,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=12)
     ap.add_argument("--models", default="none,nvme")
     ap.add_argument("--plans", default="progressive-raw,progressive")
+    ap.add_argument("--no-warm", action="store_true", help="arm without the warm-up dump (what it buys)")
     ap.add_argument("--json", type=Path, default=RESULTS / "resident_layer0.json")
     a = ap.parse_args()
     elf = a.elf or next(iter(sorted(CACHE.glob("peers-*m.elf"))), None)
@@ -92,10 +93,10 @@ def main() -> int:
     try:
         for model in a.models.split(","):
             for plan in a.plans.split(","):
-                runs = [one(go, model, plan, work, size) for _ in range(a.runs)]
+                runs = [one(go, model, plan, work, size, ("--no-warm",) if a.no_warm else ()) for _ in range(a.runs)]
                 l0 = [r["go_to_layer_s"]["0"] * 1e3 for r in runs]
                 l2 = [r["go_to_layer_s"].get("2", float("nan")) * 1e3 for r in runs]
-                row = {"model": model, "plan": plan, "n": len(runs), "layer0_p50_ms": statistics.median(l0),
+                row = {"model": model, "plan": plan, "warm": not a.no_warm, "n": len(runs), "layer0_p50_ms": statistics.median(l0),
                        "layer0_p95_ms": pct(l0, 0.95), "layer0_max_ms": max(l0), "layer2_p50_ms": statistics.median(l2),
                        "go_to_start_p50_ms": statistics.median(r["go_to_start_s"] * 1e3 for r in runs),
                        "arm_p50_s": statistics.median(r["arm_s"] for r in runs),

@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None, stdin: IO[bytes] | None = None, stdout: 
     ap.add_argument("--trace", default=None)
     ap.add_argument("--deadline", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-warm", action="store_true", help="skip the warm-up dump (to measure what it buys)")
     a = ap.parse_args(argv)
     inp = stdin if stdin is not None else sys.stdin.buffer
     out = stdout if stdout is not None else sys.stdout
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None, stdin: IO[bytes] | None = None, stdout: 
         for spec in get_plan(a.plan):  # compressor contexts of this thread (layer-info records)
             if spec.zstd_level > 0:
                 _compressor(spec.zstd_level).compress(b"warm" * 64)
-        _warm(a.plan)
+        if not a.no_warm:
+            _warm(a.plan)
         if not os.path.exists(a.device):
             raise DeviceError(f"{a.device}: no such file or device")
         dev = open_device(a.device, None if a.device_model == "none" else a.device_model, a.trace)
