@@ -253,30 +253,25 @@ class _Log:
             try:
                 if item is None:
                     return
-                self._process(item)
+                if self.error is None:
+                    off, pieces, seq_lo, seq_hi, pages, epoch = item
+                    length = sum(len(p) for p in pieces)
+                    if epoch == self.dead_epoch:  # behind a failed write: never attempted (R-WR-7)
+                        with self.lock:
+                            self.failures[-1].extend(off + length, seq_hi, pages)
+                        continue
+                    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    try:
+                        self.dev.write(off, data)
+                        self.good_end = off + length
+                    except MediaError as e:
+                        with self.lock:
+                            self.failures.append(_Failure(off, length, seq_lo, seq_hi, list(pages), str(e)))
+                        self.dead_epoch = epoch
+            except BaseException as e:  # handed to the main thread at the next submit/barrier
+                self.error = e
             finally:
                 self.q.task_done()
-
-    def _process(self, item: tuple) -> None:
-        """Write one staged batch (I/O thread, or the main thread when the queue is idle)."""
-        try:
-            if self.error is None:
-                off, pieces, seq_lo, seq_hi, pages, epoch = item
-                length = sum(len(p) for p in pieces)
-                if epoch == self.dead_epoch:  # behind a failed write: never attempted (R-WR-7)
-                    with self.lock:
-                        self.failures[-1].extend(off + length, seq_hi, pages)
-                    return
-                data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                try:
-                    self.dev.write(off, data)
-                    self.good_end = off + length
-                except MediaError as e:
-                    with self.lock:
-                        self.failures.append(_Failure(off, length, seq_lo, seq_hi, list(pages), str(e)))
-                    self.dead_epoch = epoch
-        except BaseException as e:  # handed to the main thread at the next submit/barrier
-            self.error = e
 
     def failures_since(self, seq: int) -> list[_Failure]:
         """Failed writes that carried records with sequence numbers >= ``seq`` (call after a barrier)."""
@@ -342,21 +337,11 @@ class _Log:
             self.drain()
         return hdr, span
 
-    def drain(self, inline: bool = False) -> None:
-        """Queue what is staged for the I/O thread.
-
-        ``inline``: when the I/O thread is idle, write it from this thread
-        instead. Why: at a barrier nothing else is left to overlap with, and
-        a hand-off costs two thread wake-ups, milliseconds on busy cores
-        (layer 0 has two barriers and little else).
-        """
+    def drain(self) -> None:
+        """Queue what is staged for the I/O thread."""
         self._check()
         if self.pending:
-            item = (self.buf_off, self.pieces, self.stage_seq, self.seq, self.stage_pages, self.epoch)
-            if inline and self.q.unfinished_tasks == 0:
-                self._process(item)  # the I/O thread is idle: still one writer at a time
-            else:
-                self.q.put(item)
+            self.q.put((self.buf_off, self.pieces, self.stage_seq, self.seq, self.stage_pages, self.epoch))
             self.buf_off += self.pending
             self.written += self.pending
             self.pieces = []
@@ -366,7 +351,7 @@ class _Log:
 
     def barrier(self) -> None:
         """Everything appended so far is on the device (or in a failure) and flushed when this returns."""
-        self.drain(inline=True)
+        self.drain()
         self.q.join()
         self._check()
         self.dev.flush()
