@@ -6,7 +6,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra makedumpfile busybox
 	dropbear-bin cpio zstd tgt e2fsprogs gcc-12 make gdb crash python3-pip
 STAMP := .cache/setup.stamp
 
-.PHONY: setup test test-unit test-vm guest-image dbg-vmlinux scenario scenarios regress fidelity bench clean
+.PHONY: setup test test-unit test-vm guest-image dbg-vmlinux scenario scenarios regress fidelity bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,11 @@ fidelity: setup guest-image
 
 bench: setup guest-image
 	$(PYTHON) bench/run.py
+
+# the peers side by side on a 512 MiB guest (bench/peers.py --quick), then the armed writer's layer 0
+bench-quick: setup guest-image
+	$(PYTHON) bench/peers.py --quick
+	$(PYTHON) bench/resident_layer0.py --elf .cache/bench/peers-512m.elf
 
 clean:
 	rm -rf .cache results build *.egg-info

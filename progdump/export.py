@@ -265,6 +265,9 @@ def _export_into(res: ScanResult, outdir: str) -> dict[str, object]:
                 zero_by_layer.clear()
         else:
             raise ExportError(f"more than {MAX_REJECTS} page records failed on re-read: the device is changing under us")
+        from progdump.render_at_recovery import render_missing  # noqa: PLC0415 - issue 13: a raw layer 0
+
+        written.update(render_missing(vm_path, outdir, written, warnings))
         for lay in res.layers:
             lay.zero_pages += zero_by_layer.get(lay.index, 0)
             _write_file(os.path.join(outdir, "layers", f"{lay.index}.json"), json.dumps(lay.to_json(), indent=1).encode())

@@ -443,7 +443,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 def _compress(raw: bytes | bytearray, level: int) -> tuple[bytes | bytearray, Compression]:
-    if level <= 0 or len(raw) < 64:
+    if level == 0 or len(raw) < 64:  # 0: store; negative: zstd fast levels
         return raw, Compression.NONE
     out = _compressor(level).compress(raw)
     if len(out) >= len(raw):
@@ -509,7 +509,7 @@ def _encode_pages(pfn: int, data: memoryview, npages: int, level: int) -> _Chunk
         runs.append(data[i * PAGE_SIZE : j * PAGE_SIZE])
         i = j
     raw_len = maplen + (npages - nz) * PAGE_SIZE
-    if level > 0:
+    if level != 0:
         c = _compressor(level).compressobj(size=raw_len)
         parts = [c.compress(zmap)] + [c.compress(r) for r in runs] + [c.flush()]
         out = b"".join(parts)
@@ -546,7 +546,7 @@ def write_dump(
     ``threads`` sets the compression workers (default: CPUs, at most 4);
     ``dump_id``/``dump_time_ns`` are for reproducible golden test images only.
     """
-    from progdump.layers import get_plan, iter_layers, preload_producers, select_producer  # noqa: PLC0415
+    from progdump.layers import LazyProducer, get_plan, iter_layers, preload_producers, select_producer  # noqa: PLC0415
 
     try:
         specs = get_plan(plan)
@@ -563,8 +563,9 @@ def write_dump(
     if producer is None:
         preload_producers()
     t_start = device.clock()
-    if producer is None:
-        producer = select_producer(snapshot)
+    if producer is None:  # a raw layer 0 needs no producer yet: chosen when a later layer asks (issue 13)
+        raw_first = specs[0].parts[:1] == ("panic-raw",)
+        producer = LazyProducer(snapshot) if raw_first else select_producer(snapshot)  # type: ignore[assignment]
 
     # R-WR-1, R-ID-1: fresh per dump. Fixed values only for golden test images (tests/testdata/dumps).
     if dump_id is None:

@@ -27,6 +27,8 @@ __all__ = [
     "build_layers",
     "ProducerEntry",
     "register_producer",
+    "LazyProducer",
+    "raw_panic_content",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,56 @@ def select_producer(snapshot: Snapshot) -> Producer:
     return p
 
 
+class LazyProducer:
+    """The producer, selected on first use.
+
+    Why: a plan whose layer 0 is ``panic-raw`` needs no producer before that
+    layer is durable, and choosing one (Linux: reading kallsyms) costs
+    60-300 ms. Until then ``name`` is the registry entry that accepts the
+    snapshot and ``degraded`` is empty; any other attribute selects it.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self._p: Producer | None = None
+
+    @property
+    def name(self) -> str:
+        if self._p is not None:
+            return self._p.name
+        _import_os_packages()
+        return next((e.name for e in producers() if e.accepts(self.snapshot) is None), GenericProducer.name)
+
+    @property
+    def degraded(self) -> list[str]:
+        return self._p.degraded if self._p is not None else []
+
+    def get(self) -> Producer:
+        if self._p is None:
+            self._p = select_producer(self.snapshot)
+        return self._p
+
+    def __getattr__(self, attr: str):  # type: ignore[no-untyped-def]
+        return getattr(self.get(), attr)
+
+
+def raw_panic_content(snapshot: Snapshot) -> tuple[LayerContent, list[str]]:
+    """Layer 0 as raw pages from the first registered producer that accepts the snapshot and offers it.
+
+    Falls back to the generic producer's layer 0 (console-based panic.txt) with the reason.
+    """
+    _import_os_packages()
+    reasons: list[str] = []
+    for entry in producers():
+        if entry.raw_panic is None or entry.accepts(snapshot) is not None:
+            continue
+        try:
+            return entry.raw_panic(snapshot), []
+        except Exception as e:  # untrusted memory: degrade, never abort
+            reasons.append(f"{entry.name} raw layer 0 failed: {type(e).__name__}: {e}; generic used")
+    return GenericProducer(snapshot).panic(), reasons
+
+
 def _safe(producer: Producer, what: str) -> tuple[LayerContent, list[str]]:
     """Call producer.panic()/tasks(); on failure fall back to the generic producer."""
     try:
@@ -119,7 +171,7 @@ def iter_layers(
     """Yield ``(spec, content)`` per layer of ``plan``, computing each on demand."""
     specs = get_plan(plan) if isinstance(plan, str) else plan
     if producer is None:
-        producer = select_producer(snapshot)
+        producer = LazyProducer(snapshot) if specs and specs[0].parts[:1] == ("panic-raw",) else select_producer(snapshot)
     classes: list[PageClassMap | None] = []  # computed once, lazily
 
     def page_classes() -> PageClassMap | None:
@@ -142,8 +194,8 @@ def iter_layers(
             notes.append(f"producer: {producer.name}")
             first = False
         for part in spec.parts:
-            if part in ("panic", "tasks"):
-                content, extra = _safe(producer, part)
+            if part in ("panic", "tasks", "panic-raw"):
+                content, extra = raw_panic_content(snapshot) if part == "panic-raw" else _safe(producer, part)
                 artifacts += content.artifacts
                 notes += content.notes + extra
                 runs.append(content.page_runs)

@@ -6,6 +6,9 @@ a page set (``kernel``, ``cache``, ``all``). The writer commits layers in
 order, so a plan is also a promise about what survives first.
 
 ``progressive`` follows DESIGN.md (panic, tasks, kernel, cache, all);
+``progressive-raw`` is progressive with layer 0 as raw pages (``panic-raw``:
+the printk ring, stacks, page tables; text rendered at recovery) and the
+decoded panic text moved to layer 1 (issue 13).
 ``monolithic`` is today's behaviour: one layer with everything, committed
 only at the end. It is the baseline every figure is compared against.
 ``triage`` is the two-step compromise: everything an engineer reads first
@@ -44,6 +47,15 @@ PLANS: dict[str, tuple[LayerSpec, ...]] = {
     "progressive": (
         LayerSpec(0, "panic", 3, ("panic",)),
         LayerSpec(1, "tasks", 3, ("tasks",)),
+        LayerSpec(2, "kernel", 1, ("kernel",)),
+        LayerSpec(3, "cache", 1, ("cache",)),
+        LayerSpec(4, "all", 1, ("all",)),
+    ),
+    # issue 13: layer 0 is the raw pages the panic text is made of (durable in milliseconds, rendered
+    # at recovery); the decoded panic.txt/dmesg.txt follow with the tasks in layer 1.
+    "progressive-raw": (
+        LayerSpec(0, "panic", 3, ("panic-raw",)),
+        LayerSpec(1, "tasks", 3, ("panic", "tasks")),
         LayerSpec(2, "kernel", 1, ("kernel",)),
         LayerSpec(3, "cache", 1, ("cache",)),
         LayerSpec(4, "all", 1, ("all",)),

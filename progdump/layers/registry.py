@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from progdump.layers.base import Producer
+from progdump.layers.base import LayerContent, Producer
 from progdump.snapshot import Snapshot
 
 __all__ = ["ProducerEntry", "register_producer", "unregister_producer", "producers"]
@@ -29,6 +29,8 @@ class ProducerEntry:
     factory: Callable[[Snapshot], Producer]
     priority: int = 100  # lower is asked first
     preload: tuple[str, ...] = ()  # module names imported before a writer's clock starts
+    #: layer 0 as raw pages (a plan's ``panic-raw`` part): fast, no decoding; text rendered at recovery
+    raw_panic: Callable[[Snapshot], LayerContent] | None = None
 
 
 _REGISTRY: dict[str, ProducerEntry] = {}

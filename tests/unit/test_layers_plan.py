@@ -104,6 +104,8 @@ def test_a_registered_producer_is_chosen_by_what_the_snapshot_carries():
     class _Tagged(_Base):
         name = "unit-tagged"
 
+    from progdump.layers import registry
+
     register_producer(ProducerEntry(
         name="unit-tagged", factory=_Tagged, priority=1,
         accepts=lambda s: None if s.metadata.get("os") == "unit-os" else "not unit-os"))

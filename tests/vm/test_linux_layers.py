@@ -654,3 +654,33 @@ def _kread(snap: Snapshot, va: int, n: int) -> bytes:
     from progdump.layers.linux.kernel import LinuxKernel
 
     return LinuxKernel(snap).mem.read(va, n)
+
+
+def test_raw_layer0_alone_renders_dmesg_equal_to_makedumpfile(panicked: Any) -> None:
+    """Plan ``progressive-raw`` (issue 13): layer 0 holds raw pages only; recovery of layer 0 alone
+    renders dmesg.txt byte-equal to ``makedumpfile --dump-dmesg`` of the whole snapshot, and a panic.txt
+    with the kernel's own Call Trace."""
+    from progdump.device import DumpDevice, FileDevice
+    from progdump.reader import recover
+    from progdump.writer import write_dump
+
+    snap, markers, _, work = panicked
+    expected = makedumpfile_dmesg(snap, work)
+    img = work / "raw0.img"
+    with open(img, "wb") as f:
+        f.truncate(700 << 20)
+    dev = CutAfter(FileDevice(str(img), direct=False), 0)
+    DumpDevice.register(CutAfter)
+    try:
+        res = write_dump(snap, dev, plan="progressive-raw")  # type: ignore[arg-type]
+    finally:
+        dev.close()
+    assert [lay.committed for lay in res.layers] == [True, False, False, False, False], res.to_json()
+    assert res.layers[0].bytes < 4 << 20  # raw ring + stacks + page tables, not the kernel
+    out = work / "recovered-raw0"
+    found = recover(str(img), out)
+    assert [lay.status for lay in found.layers][0] == "complete"
+    assert (out / "dmesg.txt").read_bytes() == expected
+    txt = (out / "panic.txt").read_text()
+    assert "Kernel panic - not syncing: sysrq triggered crash" in txt and "sysrq_handle_crash+" in txt
+    assert "panic-raw.json" in json.loads((out / "manifest.json").read_text())["artifacts"]

@@ -359,11 +359,19 @@ def _runs(pfns: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _raw_panic(snapshot: Snapshot) -> LayerContent:
+    from progdump.layers.linux.rawpanic import raw_panic  # noqa: PLC0415
+
+    return raw_panic(snapshot)
+
+
 def _accepts(snapshot: Snapshot) -> str | None:
     return None if snapshot.vmcoreinfo is not None else "no VMCOREINFO note"
 
 
 register_producer(ProducerEntry(
     name="linux", accepts=_accepts, factory=LinuxProducer, priority=10,
-    preload=("progdump.layers.linux.tasks", "progdump.layers.linux.modules", "progdump.layers.linux.pages"),
+    preload=("progdump.layers.linux.tasks", "progdump.layers.linux.modules", "progdump.layers.linux.pages",
+             "progdump.layers.linux.rawpanic"),
+    raw_panic=_raw_panic,
 ))

@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass
 from progdump.errors import ProgdumpError
 
-__all__ = ["LogRecord", "PrintkError", "read_log", "format_records", "escape_text"]
+__all__ = ["LogRecord", "PrintkError", "read_log", "ring_geometry", "ring_regions", "format_records", "escape_text"]
 
 DESC_SV_BITS = 64
 DESC_FLAGS_SHIFT = DESC_SV_BITS - 2
@@ -120,12 +120,12 @@ class _Layout:
         )
 
 
-def read_log(mem, vmcoreinfo, max_records: int = 1 << 20) -> tuple[list[LogRecord], list[str]]:  # type: ignore[no-untyped-def]
-    """All readable records, oldest first, and notes on what was skipped.
+def ring_geometry(mem, vmcoreinfo) -> tuple:  # type: ignore[no-untyped-def]
+    """Where the ring lives: ``(layout, count_bits, size_bits, descs_va, infos_va, data_va, head_id, tail_id)``.
 
-    Raises :class:`PrintkError` only when the ring itself is unusable (missing
-    VMCOREINFO fields, unreadable ring headers); single bad records are skipped
-    with a note.
+    Reads only the ring's headers (a few words). Shared by :func:`read_log`
+    and by layer 0's raw capture, which copies the ring's pages without
+    decoding them (rawpanic.py). Raises :class:`PrintkError`.
     """
     from progdump.layers.linux.translate import FaultError
     from progdump.layers.linux.vmcoreinfo import VmcoreinfoMissing
@@ -141,18 +141,38 @@ def read_log(mem, vmcoreinfo, max_records: int = 1 << 20) -> tuple[list[LogRecor
             raise PrintkError(f"printk ring sizes out of range (count_bits {count_bits}, size_bits {size_bits})")
         if (1 << count_bits) * (L.desc_size + L.info_size) + (1 << size_bits) > MAX_RING_BYTES:
             raise PrintkError(f"printk ring of 2^{count_bits} records / 2^{size_bits} bytes exceeds the read budget")
-        descs_va = mem.u64(dr + L.dr_descs)
-        infos_va = mem.u64(dr + L.dr_infos)
-        head_id = mem.u64(dr + L.dr_head_id)
-        tail_id = mem.u64(dr + L.dr_tail_id)
-        data_va = mem.u64(tr + L.data_data)
-        count = 1 << count_bits
-        size = 1 << size_bits
+        return (L, count_bits, size_bits, mem.u64(dr + L.dr_descs), mem.u64(dr + L.dr_infos),
+                mem.u64(tr + L.data_data), mem.u64(dr + L.dr_head_id), mem.u64(dr + L.dr_tail_id))
+    except VmcoreinfoMissing as e:
+        raise PrintkError(f"printk ring buffer: {e}") from None
+    except FaultError as e:
+        raise PrintkError(f"printk ring buffer unreadable: {e}") from None
+
+
+def ring_regions(mem, vmcoreinfo) -> list[tuple[str, int, int]]:  # type: ignore[no-untyped-def]
+    """``(what, va, length)`` of the descriptor, info and text arrays (what read_log reads)."""
+    L, count_bits, size_bits, descs_va, infos_va, data_va, _, _ = ring_geometry(mem, vmcoreinfo)
+    count = 1 << count_bits
+    return [("printk descs", descs_va, count * L.desc_size), ("printk infos", infos_va, count * L.info_size),
+            ("printk text", data_va, 1 << size_bits)]
+
+
+def read_log(mem, vmcoreinfo, max_records: int = 1 << 20) -> tuple[list[LogRecord], list[str]]:  # type: ignore[no-untyped-def]
+    """All readable records, oldest first, and notes on what was skipped.
+
+    Raises :class:`PrintkError` only when the ring itself is unusable (missing
+    VMCOREINFO fields, unreadable ring headers); single bad records are skipped
+    with a note.
+    """
+    from progdump.layers.linux.translate import FaultError
+
+    L, count_bits, size_bits, descs_va, infos_va, data_va, head_id, tail_id = ring_geometry(mem, vmcoreinfo)
+    count = 1 << count_bits
+    size = 1 << size_bits
+    try:
         descs = mem.read(descs_va, count * L.desc_size)
         infos = mem.read(infos_va, count * L.info_size)
         data = mem.read(data_va, size)
-    except VmcoreinfoMissing as e:
-        raise PrintkError(f"printk ring buffer: {e}") from None
     except FaultError as e:
         raise PrintkError(f"printk ring buffer unreadable: {e}") from None
     return parse_ring(L, count_bits, size_bits, descs, infos, data, head_id, tail_id, max_records)
