@@ -42,6 +42,8 @@ import json
 import os
 import sys
 import time
+
+from progdump.errors import ProgdumpError
 from typing import IO, Any
 
 MAX_GO_LINE = 1 << 20
@@ -50,7 +52,7 @@ MAX_RANGES = 4096
 __all__ = ["main", "parse_go", "GoError"]
 
 
-class GoError(ValueError):
+class GoError(ProgdumpError, ValueError):
     """The go message is unusable; the message says what is wrong."""
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import time
 
+from progdump.errors import ProgdumpError
+
 from progdump.layers.base import Artifact, LayerContent
 from progdump.layers.linux.printk import PrintkError, ring_regions
 from progdump.layers.linux.translate import FaultError, KernelMemory
@@ -41,7 +43,7 @@ RAW_ARTIFACT = "panic-raw.json"
 MAX_RAW_PAGES = 16384  # 64 MiB: a bound on what layer 0 may hold, whatever the guest claims
 
 
-class RawPanicError(Exception):
+class RawPanicError(ProgdumpError):
     """The snapshot lacks what the raw capture needs; the message says what."""
 
 
