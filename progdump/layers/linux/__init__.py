@@ -19,7 +19,7 @@ import json
 import re
 import time
 
-from progdump.layers.base import Artifact, LayerContent, PageClassMap, Producer
+from progdump.layers.base import Artifact, KernelMap, LayerContent, PageClassMap, Producer
 from progdump.layers.generic import CONSOLE_TAIL_MAX, core_artifacts, find_panic_message
 from progdump.layers.registry import ProducerEntry, register_producer
 from progdump.layers.linux.kernel import LinuxKernel, LinuxUnsupported
@@ -331,6 +331,29 @@ class LinuxProducer(Producer):
         return pcm
 
 
+    def kernel_map(self, classes: PageClassMap) -> KernelMap | None:
+        """Kernel pages by what they hold (see :mod:`kmem`); None, with the reason, when unreadable."""
+        from progdump.layers.linux.kmem import build_kernel_map  # noqa: PLC0415
+        from progdump.layers.linux.tasks import read_tasks  # noqa: PLC0415
+
+        stacks: list[int] = []
+        try:
+            tasks, _ = read_tasks(self.k, len(self.snapshot.cpus))
+            stacks = [t.stack for t in tasks if t.stack]
+        except Exception as e:
+            self.degraded.append(f"kernel stacks not classed (task list unavailable: {_err(e)})")
+        try:
+            km, timings = build_kernel_map(self.k, classes, stacks)
+        except ImportError as e:
+            self.degraded.append(f"kernel page kinds need numpy: {e}")
+            return None
+        except Exception as e:
+            self.degraded.append(f"kernel page kinds unavailable: {_err(e)}")
+            return None
+        self.timings.update({f"kmem_{k}": v for k, v in timings.items()})
+        return km
+
+
 def _panic_record(records: list[LogRecord]) -> int | None:
     """Index of the last record that is panic()'s own line."""
     for i in range(len(records) - 1, -1, -1):
@@ -365,5 +388,6 @@ def _accepts(snapshot: Snapshot) -> str | None:
 
 register_producer(ProducerEntry(
     name="linux", accepts=_accepts, factory=LinuxProducer, priority=10,
-    preload=("progdump.layers.linux.tasks", "progdump.layers.linux.modules", "progdump.layers.linux.pages"),
+    preload=("progdump.layers.linux.tasks", "progdump.layers.linux.modules", "progdump.layers.linux.pages",
+             "progdump.layers.linux.kmem"),
 ))
