@@ -22,7 +22,11 @@ comes from the frozen guest and what it publishes, no debug info:
   gives its pages (``pages``/``nr_pages``) and the caller that asked
   (``caller``, symbolized: the owner). Areas holding a module's core
   layout are MODULE.
-* the kernel image: ``_text`` to ``_end`` through the image mapping.
+* the kernel image: text, rodata, data, bss and brk (``_text``..``_etext``,
+  ``__start_rodata``..``__end_rodata``, ``_sdata``..``_edata``,
+  ``__bss_start``..``__bss_stop``, ``__brk_base``..``_end``) through the
+  image mapping, marked last: the init sections and the gaps between
+  sections are freed after boot and reused by everything above.
 * ``mem_map``: the physical pages behind ``vmemmap`` for present pfns.
 * per-CPU: the first chunk, ``pcpu_base_addr`` for ``pcpu_nr_units *
   pcpu_unit_size`` bytes (later chunks are vmalloc areas, owner
@@ -51,6 +55,10 @@ MAX_CACHES = 8192
 MAX_VMAP_AREAS = 1 << 20
 MAX_CACHE_NAME = 64
 PERCPU_MAX = 1 << 30
+#: the parts of the kernel image the kernel keeps after boot (init text/data and the
+#: alignment gaps between sections are freed to the page allocator)
+IMAGE_SECTIONS = (("_text", "_etext"), ("__start_rodata", "__end_rodata"), ("_sdata", "_edata"),
+                  ("__bss_start", "__bss_stop"), ("__brk_base", "_end"))
 
 
 def table_bit(vi) -> int | None:  # type: ignore[no-untyped-def]
@@ -187,15 +195,7 @@ def build_kernel_map(k: LinuxKernel, pcm: PageClassMap, tasks_stacks: list[int] 
         cache_ids[sel[slab_head]] = cache_ids[hi[slab_head]]
     if unknown_cache:
         notes.append(f"{unknown_cache} slab pages point at no listed kmem_cache: cache unknown")
-    # -- the kernel image, per-CPU areas ----------------------------------------------------
-    for a_name, b_name, kind in (("_text", "_end", KernelKind.IMAGE),):
-        a, b = k.syms.address(a_name), k.syms.address(b_name)
-        if a is None or b is None or not 0 < b - a <= 1 << 30:
-            notes.append(f"kernel image bounds unknown ({a_name}/{b_name})")
-            continue
-        pa = k.mem.image_to_phys(a)
-        if pa is not None:
-            _mark_range(np, kinds, base_pfn, pa, b - a, kind)
+    # -- per-CPU areas ----------------------------------------------------------------------
     try:
         base = k.mem.u64(_sym(k, "pcpu_base_addr"))
         unit = k.mem.s32(_sym(k, "pcpu_unit_size"))
@@ -218,6 +218,17 @@ def build_kernel_map(k: LinuxKernel, pcm: PageClassMap, tasks_stacks: list[int] 
         owners = _vmalloc(np, k, kinds, base_pfn, vmemmap, pf.size, notes)
     except (BtfError, FaultError, ValueError) as e:
         notes.append(f"vmalloc areas unknown: {e}")
+    # the kernel image last, section by section: its freed parts (init, alignment gaps) are
+    # reused by the page allocator, and what reuses them was marked above
+    image_n = 0
+    for a_name, b_name in IMAGE_SECTIONS:
+        a, b = k.syms.address(a_name), k.syms.address(b_name)
+        if a is None or b is None or not 0 <= b - a <= 1 << 30:
+            notes.append(f"kernel image section {a_name}..{b_name} unknown")
+            continue
+        pa = k.mem.image_to_phys(a)
+        if pa is not None:
+            image_n += _mark_range(np, kinds, base_pfn, pa, b - a, KernelKind.IMAGE)
     t3 = time.perf_counter()
     km = KernelMap(base_pfn, bytearray(kinds.tobytes()), bytearray(cache_ids.astype("<u2").tobytes()),
                    names, owners, notes)
