@@ -55,6 +55,7 @@ class LinuxProducer(Producer):
         self.timings: dict[str, float] = {"init_s": time.perf_counter() - t}
         self.degraded += self.k.notes
         self._log: tuple[list[LogRecord], list[str]] | None = None
+        self._task_stacks: list[int] | None = None  # layer 1's walk, reused by kernel_map()
 
     # -- shared pieces -------------------------------------------------------------
     def log(self) -> tuple[list[LogRecord], list[str]]:
@@ -280,6 +281,7 @@ class LinuxProducer(Producer):
             msg = f"task list unavailable: {_err(e)}"
             self.degraded.append(msg)
             return LayerContent(notes=[msg])
+        self._task_stacks = [t.stack for t in tasks if t.stack]
         regs_of: dict[int, dict[str, int]] = {}
         try:
             for cpu, t in current_tasks(self.k, len(self.snapshot.cpus)).items():
@@ -336,12 +338,14 @@ class LinuxProducer(Producer):
         from progdump.layers.linux.kmem import build_kernel_map  # noqa: PLC0415
         from progdump.layers.linux.tasks import read_tasks  # noqa: PLC0415
 
-        stacks: list[int] = []
-        try:
-            tasks, _ = read_tasks(self.k, len(self.snapshot.cpus))
-            stacks = [t.stack for t in tasks if t.stack]
-        except Exception as e:
-            self.degraded.append(f"kernel stacks not classed (task list unavailable: {_err(e)})")
+        stacks = self._task_stacks
+        if stacks is None:  # layer 1 did not walk the tasks (another plan, or it failed)
+            try:
+                tasks, _ = read_tasks(self.k, len(self.snapshot.cpus))
+                stacks = [t.stack for t in tasks if t.stack]
+            except Exception as e:
+                stacks = []
+                self.degraded.append(f"kernel stacks not classed (task list unavailable: {_err(e)})")
         try:
             km, timings = build_kernel_map(self.k, classes, stacks)
         except ImportError as e:
