@@ -270,3 +270,51 @@ def test_kstruct_vmcore_opens_in_crash(recovered_kstruct: Any) -> None:
     assert [ln for ln in cut if not bulk.search(ln)] == [ln for ln in whole if not bulk.search(ln)]
     print("\ncrash on the kstruct vmcore, lines that differ from the whole memory:\n"
           + "\n".join(ln for ln in cut if ln not in whole))
+
+
+# ---- hostile memory: the structures the kernel map reads, damaged on purpose ----------------------
+
+def test_hostile_kernel_map_never_loses_a_kernel_page(fileserver: Any) -> None:
+    """Scribbled slab caches, vmalloc areas and struct pages: notes, never an exception, nothing lost."""
+    import random
+    import struct
+
+    from progdump.layers.linux.kernel import LinuxKernel
+    from progdump.layers.linux.kmem import read_slab_caches
+    from progdump.layers.linux.modules import list_entries
+    from progdump.snapshot import MemoryRange
+
+    snap = fileserver[0]
+    k = LinuxKernel(snap)
+    ranges = [MemoryRange(r.phys_start, r.size, memoryview(bytearray(r.buffer))) for r in snap.ranges]
+    ws = Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, console_tail=snap.console_tail,
+                  metadata=dict(snap.metadata))
+
+    def patch(va: int, data: bytes) -> None:
+        for cva, pa, n in k.mem.chunks(va, len(data)):
+            ws.view_phys(pa, n)[:] = data[cva - va:cva - va + n]
+
+    caches, _ = read_slab_caches(k)
+    o_list = k.btf.offsetof("vmap_area", "list")
+    areas, _ = list_entries(k.mem, k.syms.address("vmap_area_list"), 1 << 20)
+    vmemmap = k.mem.u64(k.syms.address("vmemmap_base"))
+    rng = random.Random(11)
+    first_cache = sorted(caches)[0]
+    patch(first_cache + k.btf.offsetof("kmem_cache", "list"),  # a cache whose list link points at itself
+          struct.pack("<Q", first_cache + k.btf.offsetof("kmem_cache", "list")))
+    size = k.btf.struct_size("kmem_cache")
+    for c in list(caches)[1::3]:
+        patch(c + (rng.randrange(0, size - 8) & ~7), struct.pack("<Q", rng.getrandbits(64)))
+    for a in areas[::2]:
+        patch(a - o_list + (rng.randrange(0, 48) & ~7), struct.pack("<Q", rng.getrandbits(64)))
+    for _ in range(5000):
+        patch(vmemmap + 64 * rng.randrange(0, 1 << 17) + (rng.randrange(0, 64) & ~7),
+              struct.pack("<Q", rng.getrandbits(64)))
+    fs = {spec.name: c for spec, c in build_layers(ws, "fileserver")}
+    pr = {spec.name: c for spec, c in build_layers(ws, "progressive")}
+    kstruct, bulk = pages(fs["kstruct"]), pages(fs["bulk"])
+    assert not kstruct & bulk and kstruct | bulk == pages(pr["kernel"])
+    notes = fs["kstruct"].notes
+    # the walk stops at the loop or at an earlier scribbled link, saying so; pages of unlisted caches are noted
+    assert any(n.startswith("slab cache list:") and ("loops" in n or "broken" in n) for n in notes), notes
+    print("\n" + "\n".join(n[:200] for n in notes))
