@@ -183,16 +183,17 @@ def build_module(src: Path, headers_root: Path, release: str, work: Path) -> tup
     if not mk.is_file():
         return None, f"no headers tree for {release}"
     # Debian's per-flavour Makefile includes the -common tree by absolute path.
-    mk.write_text(mk.read_text().replace("/usr/src/", f"{headers_root}/usr/src/"))
+    if str(headers_root) not in mk.read_text():  # once: every module is built against the same tree
+        mk.write_text(mk.read_text().replace("/usr/src/", f"{headers_root}/usr/src/"))
     cc = re.search(r"gcc-(\d+)", (hdir / ".kernelvariables").read_text())
     need = ["make", f"gcc-{cc.group(1)}" if cc else "gcc"]
     missing = [t for t in need if shutil.which(t) is None]
     if missing:
         return None, f"not built: {', '.join(missing)} not installed"
-    mod = work / "pdoops"
+    mod = work / src.name
     shutil.copytree(src, mod)
     r = subprocess.run(["make", "-C", str(hdir), f"M={mod}", "modules"], capture_output=True, text=True)
-    ko = mod / "pdoops.ko"
+    ko = mod / f"{src.name}.ko"
     if r.returncode != 0 or not ko.is_file():
         return None, f"not built: make failed: {(r.stdout + r.stderr).strip()[-300:]}"
     if shutil.which("strip"):
@@ -200,6 +201,23 @@ def build_module(src: Path, headers_root: Path, release: str, work: Path) -> tup
     if modinfo(ko).get("vermagic", "").split()[:1] != [release]:
         return None, f"not built: vermagic {modinfo(ko).get('vermagic')!r} does not match {release}"
     return ko, "built against " + hdir.name
+
+
+#: further out-of-tree modules (guest-images/linux/<name>/), built like pdoops and
+#: shipped in /lib/modules/extra/ for the scenarios that load them (pdarc: fileserver-panic)
+EXTRA_MODULES = ("pdarc",)
+
+
+def build_extra_modules(hroot: Path, release: str, tmp: Path, have_headers: bool,
+                        hdr_note: str) -> dict[str, tuple[Path | None, str]]:
+    """Build every module of :data:`EXTRA_MODULES`: name -> (.ko or None, note)."""
+    out: dict[str, tuple[Path | None, str]] = {}
+    for name in EXTRA_MODULES:
+        work = tmp / f"extra-{name}"
+        work.mkdir()
+        out[name] = build_module(HERE / name, hroot, release, work) if have_headers else (None, hdr_note)
+        log(f"{name} module: {out[name][1]}")
+    return out
 
 
 def resolve(name: str) -> DebPackage:
@@ -432,6 +450,9 @@ def input_hash(pkgs: list[DebPackage]) -> str:
         h.update((HERE / f).read_bytes())
     for f in sorted((HERE / "pdoops").iterdir()):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
+    for name in EXTRA_MODULES:
+        for f in sorted((HERE / name).iterdir()):
+            h.update(f"{name}/{f.name}".encode() + b"\0" + f.read_bytes())
     h.update(repr((shutil.which("make"), shutil.which("gcc-12"))).encode())  # a module appears when tools do
     return h.hexdigest()
 
@@ -489,6 +510,7 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
         oops_ko, oops_note = (build_module(HERE / "pdoops", hroot, release, Path(tmp)) if hdr_pkgs
                               else (None, hdr_note))
         log(f"pdoops module: {oops_note}")
+        extra = build_extra_modules(hroot, release, Path(tmp), bool(hdr_pkgs), hdr_note)
 
         cpio = Cpio()
         for d in ("dev", "proc", "sys", "tmp", "run", "root", "etc", "var", "mnt",
@@ -513,6 +535,9 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
         cpio.file("lib/modules/load.list", ("\n".join(load) + "\n").encode())
         if oops_ko is not None:  # loaded only by the oops trigger (it taints the kernel)
             cpio.file("lib/modules/extra/pdoops.ko", oops_ko.read_bytes())
+        for name, (ko, _note) in extra.items():
+            if ko is not None:  # loaded by the scenarios that use them
+                cpio.file(f"lib/modules/extra/{name}.ko", ko.read_bytes())
         # dropbear and its libraries
         libs: set[Path] = set()
         for b in DROPBEAR_BINARIES + STORAGE_BINARIES:
@@ -562,6 +587,8 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
         "modules": [name for name, _ in mods],
         "header_packages": [{"name": p.name, "version": p.version, "sha256": p.sha256} for p in hdr_pkgs],
         "oops_module": {"path": "/lib/modules/extra/pdoops.ko" if oops_ko else None, "note": oops_note},
+        "extra_modules": {name: {"path": f"/lib/modules/extra/{name}.ko" if ko else None, "note": note}
+                          for name, (ko, note) in extra.items()},
         "cmdline": KERNEL_CMDLINE,
         "vmlinuz": {"path": "vmlinuz", "size": vmlinuz.stat().st_size, "sha256": sha256_file(vmlinuz)},
         "initramfs": {"path": "initramfs.cpio.gz", "size": initrd.stat().st_size,

@@ -13,7 +13,8 @@ from typing import Iterator
 
 from progdump.layers.base import Artifact, LayerContent, PageClass, PageClassMap, Producer
 from progdump.layers.generic import GenericProducer, core_artifacts
-from progdump.layers.plan import PART_PAGE_CLASSES, PLANS, LayerSpec, get_plan
+from progdump.layers.plan import (DEFAULT_BULK, KERNEL_SPLIT_PARTS, PART_PAGE_CLASSES, PLANS, BULK_MARK, LayerSpec,
+                                  get_plan, split_kernel)
 from progdump.layers.registry import ProducerEntry, producers, register_producer
 from progdump.snapshot import Snapshot
 
@@ -183,6 +184,29 @@ def iter_layers(
                 classes.append(None)
         return classes[0]
 
+    splits: dict[object, tuple[PageClassMap | None, list[str]]] = {}  # per bulk rule, computed once
+
+    def kernel_split(rule) -> tuple[PageClassMap | None, list[str]]:  # type: ignore[no-untyped-def]
+        """Class bytes with bulk pages marked, for ``kstruct``/``bulk``; None without a kernel map."""
+        if rule not in splits:
+            pcm = page_classes()
+            kmap = None
+            if pcm is not None:
+                try:
+                    kmap = producer.kernel_map(pcm)
+                except Exception as e:
+                    producer.degraded.append(f"{producer.name} kernel map failed: {type(e).__name__}: {e}")
+            if pcm is None or kmap is None:
+                splits[rule] = (None, [])
+            else:
+                try:
+                    splits[rule] = split_kernel(kmap, pcm, rule)
+                    splits[rule][1][:0] = kmap.notes
+                except Exception as e:  # noqa: BLE001 - a bad map degrades to the plain kernel part
+                    producer.degraded.append(f"kernel split failed: {type(e).__name__}: {e}")
+                    splits[rule] = (None, [])
+        return splits[rule]
+
     first = True
     reported: set[str] = set()  # each degradation is noted once, in the layer where it shows
     for spec in specs:
@@ -201,6 +225,25 @@ def iter_layers(
                 runs.append(content.page_runs)
             elif part == "all":
                 runs.append(snapshot.pfn_runs)
+            elif part in KERNEL_SPLIT_PARTS:
+                pcm = page_classes()
+                split, snotes = kernel_split(spec.bulk or DEFAULT_BULK)
+                if pcm is None:
+                    notes.append(f"{part}: no page classification ({producer.name} producer); pages go to the last layer")
+                elif split is None:
+                    if part == "kstruct":
+                        notes.append(f"kstruct: no kernel map ({producer.name} producer): every kernel page")
+                        wanted = PART_PAGE_CLASSES["kernel"]
+                        runs.append(lambda pcm=pcm, wanted=wanted: pcm.runs(wanted, snapshot))
+                    else:
+                        notes.append("bulk: no kernel map: nothing here (bulk pages are in kstruct)")
+                else:
+                    if part == "kstruct":
+                        notes += snotes
+                        vals = frozenset({int(PageClass.KERNEL), int(PageClass.UNKNOWN)})
+                        runs.append(lambda s=split, v=vals: s.runs_of_values(v, snapshot, True))
+                    else:
+                        runs.append(lambda s=split: s.runs_of_values(frozenset({BULK_MARK}), snapshot, False))
             elif part in PART_PAGE_CLASSES:
                 pcm = page_classes()
                 if pcm is None:

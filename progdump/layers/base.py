@@ -24,6 +24,8 @@ from progdump.snapshot import Snapshot
 
 __all__ = [
     "PageClass",
+    "KernelKind",
+    "KernelMap",
     "Artifact",
     "LayerContent",
     "PageClassMap",
@@ -43,6 +45,68 @@ class PageClass(IntEnum):
     FREE = 3  # free pages in the buddy allocator (-d 16)
     ZERO = 4  # known all-zero (-d 1); the writer also detects zeros itself
     UNKNOWN = 5  # not classified (treated as KERNEL by the plan: keep when unsure)
+
+
+class KernelKind(IntEnum):
+    """What a KERNEL page holds: a second byte per pfn, finer than :class:`PageClass`.
+
+    Only meaningful where the page's class is KERNEL; producers that cannot
+    tell leave OTHER. Slab pages carry their cache too (:class:`KernelMap`).
+    """
+
+    OTHER = 0  # kernel memory of no known kind (page allocator users, memblock, ...)
+    SLAB = 1  # a slab page (its kmem cache in KernelMap.cache_ids)
+    PAGE_TABLE = 2  # page-table pages
+    STACK = 3  # a task's kernel stack
+    VMALLOC = 4  # a vmalloc area's page (owner counts in KernelMap.vmalloc_owners)
+    MODULE = 5  # module text and data
+    IMAGE = 6  # the kernel image (text, data, bss)
+    MEM_MAP = 7  # the struct page array itself
+    PERCPU = 8  # per-CPU areas
+
+
+@dataclass
+class KernelMap:
+    """Kernel pages by what they hold: a kind per pfn and, for slab pages, the cache.
+
+    Spans the same pfns as the :class:`PageClassMap` it refines
+    (``base_pfn``, one entry per pfn). ``cache_ids`` holds 2 bytes per pfn
+    (little-endian uint16): 0 for no or an unknown cache, else an index
+    into ``caches`` plus one. ``vmalloc_owners`` counts vmalloc'd pages by
+    the function that asked for them, where the kernel records it.
+    """
+
+    base_pfn: int
+    kinds: bytearray
+    cache_ids: bytearray
+    caches: list[str] = field(default_factory=list)
+    vmalloc_owners: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def kind_counts(self, classes: PageClassMap) -> dict[str, int]:
+        """Pages of each kind among the KERNEL pages of ``classes``."""
+        import numpy as np  # noqa: PLC0415 (a KernelMap is only built where numpy is)
+
+        kernel = np.frombuffer(bytes(classes.classes), dtype=np.uint8) == int(PageClass.KERNEL)
+        kinds = np.frombuffer(bytes(self.kinds), dtype=np.uint8)
+        n = min(len(kernel), len(kinds))
+        counts = np.bincount(kinds[:n][kernel[:n]], minlength=len(KernelKind))
+        return {k.name.lower(): int(counts[k]) for k in KernelKind}
+
+    def cache_pages(self, classes: PageClassMap) -> dict[str, int]:
+        """Slab pages per cache name among the KERNEL pages of ``classes`` (unknown caches as ``?``)."""
+        import numpy as np  # noqa: PLC0415
+
+        kernel = np.frombuffer(bytes(classes.classes), dtype=np.uint8) == int(PageClass.KERNEL)
+        ids = np.frombuffer(bytes(self.cache_ids), dtype="<u2")
+        slab = np.frombuffer(bytes(self.kinds), dtype=np.uint8) == int(KernelKind.SLAB)
+        n = min(len(kernel), len(ids))
+        counts = np.bincount(ids[:n][kernel[:n] & slab[:n]], minlength=len(self.caches) + 1)
+        out = {"?": int(counts[0])} if counts[0] else {}
+        for i, name in enumerate(self.caches):
+            if counts[i + 1]:
+                out[name] = out.get(name, 0) + int(counts[i + 1])
+        return out
 
 
 @dataclass
@@ -129,6 +193,30 @@ class PageClassMap:
     def counts(self) -> dict[str, int]:
         return {c.name.lower(): self.classes.count(int(c)) for c in PageClass}
 
+    def runs_of_values(self, values: frozenset[int], snapshot: Snapshot,
+                       outside: bool) -> Iterator[tuple[int, int]]:
+        """Runs of present pfns whose byte is in ``values``; pfns outside the map when ``outside``.
+
+        A plan's finer selections rewrite a copy of the class bytes (values
+        above the PageClass range mark their own sets) and select with this.
+        """
+        table = bytes(1 if c in values else 0 for c in range(256))
+        for first, n in snapshot.pfn_runs():
+            lo, hi = first - self.base_pfn, first - self.base_pfn + n
+            if lo < 0:
+                cut = min(n, -lo)
+                if outside:
+                    yield first, cut
+                lo = 0
+            inside_hi = min(hi, len(self.classes))
+            if inside_hi > lo:
+                marks = self.classes[lo:inside_hi].translate(table)
+                for m in re.finditer(rb"\x01+", marks):
+                    yield self.base_pfn + lo + m.start(), m.end() - m.start()
+            if hi > inside_hi and outside:
+                start = max(inside_hi, lo)
+                yield self.base_pfn + start, hi - start
+
 
 class Producer(ABC):
     """Base of all producers. Subclasses: generic (any OS), linux, illumos."""
@@ -151,4 +239,12 @@ class Producer(ABC):
 
     def page_classes(self) -> PageClassMap | None:
         """Class of every page, or None when this producer cannot tell."""
+        return None
+
+    def kernel_map(self, classes: PageClassMap) -> KernelMap | None:
+        """What each KERNEL page of ``classes`` holds, or None when this producer cannot tell.
+
+        Asked only by plans that split kernel memory (``fileserver``), so the
+        other plans pay nothing for it.
+        """
         return None

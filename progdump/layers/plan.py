@@ -15,15 +15,48 @@ only at the end. It is the baseline every figure is compared against.
 (panic, log, every task's stack) in one layer, then all memory in one.
 The harness treats every plan alike (tables, curves and replay are keyed by
 plan and layer), so a new plan is one entry here.
+
+``fileserver`` splits kernel memory by what it holds (a producer's
+:class:`~progdump.layers.base.KernelMap`): ``kstruct`` is every kernel page
+except the *bulk* slab caches (the data a file server caches in kernel
+memory: ZFS's ARC), ``bulk`` is those caches' pages. Which caches are bulk
+is data in the plan (:class:`BulkRule`): name patterns, and when no cache
+matches them, any cache above a share of kernel memory. Without a kernel map
+(another producer, or the map failed) ``kstruct`` is the whole ``kernel``
+part and ``bulk`` is empty, with a note.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
-from progdump.layers.base import PageClass
+from progdump.layers.base import KernelKind, KernelMap, PageClass, PageClassMap
 
-__all__ = ["LayerSpec", "PLANS", "PART_PAGE_CLASSES", "get_plan"]
+__all__ = ["LayerSpec", "BulkRule", "PLANS", "PART_PAGE_CLASSES", "KERNEL_SPLIT_PARTS", "get_plan",
+           "ZFS_BULK_CACHES", "bulk_caches", "split_kernel"]
+
+
+@dataclass(frozen=True)
+class BulkRule:
+    """Which slab caches hold bulk data (the ``bulk`` part), not structures (``kstruct``).
+
+    ``patterns`` are shell patterns (fnmatch, case-sensitive) on the cache
+    name. When no cache with pages matches any of them, every cache holding
+    more than ``min_share`` of the kernel's pages is bulk instead (the one
+    giant cache of a workload the patterns do not know).
+    """
+
+    patterns: tuple[str, ...]
+    min_share: float = 0.10
+
+    def describe(self) -> str:
+        return f"bulk caches: {', '.join(self.patterns) or '(none)'}; else any cache above {self.min_share:.0%} of kernel pages"
+
+
+#: ZFS's data caches: the ARC's data and metadata record buffers (illumos and
+#: OpenZFS kmem caches) and OpenZFS-on-Linux's scatter ABD chunks.
+ZFS_BULK_CACHES = ("zio_data_buf_*", "zio_buf_*", "abd_chunk_cache")
 
 
 @dataclass(frozen=True)
@@ -34,6 +67,8 @@ class LayerSpec:
     #: more; bulk memory layers use level 1 so the device, not the CPU, paces.
     zstd_level: int
     parts: tuple[str, ...]
+    #: for the ``kstruct``/``bulk`` parts: which caches are bulk (None: the default ZFS rule)
+    bulk: BulkRule | None = None
 
 
 #: page classes each page part selects; ``all`` means every page not yet written.
@@ -42,6 +77,10 @@ PART_PAGE_CLASSES: dict[str, frozenset[PageClass]] = {
     "cache": frozenset({PageClass.CACHE}),
     "all": frozenset(PageClass),
 }
+
+#: parts that split the KERNEL pages with a producer's kernel map
+KERNEL_SPLIT_PARTS = ("kstruct", "bulk")
+DEFAULT_BULK = BulkRule(ZFS_BULK_CACHES)
 
 PLANS: dict[str, tuple[LayerSpec, ...]] = {
     "progressive": (
@@ -65,7 +104,62 @@ PLANS: dict[str, tuple[LayerSpec, ...]] = {
         LayerSpec(0, "triage", 3, ("panic", "tasks")),
         LayerSpec(1, "memory", 1, ("kernel", "cache", "all")),
     ),
+    "fileserver": (
+        LayerSpec(0, "panic", 3, ("panic",)),
+        LayerSpec(1, "tasks", 3, ("tasks",)),
+        LayerSpec(2, "kstruct", 1, ("kstruct",), DEFAULT_BULK),
+        LayerSpec(3, "cache", 1, ("cache",)),
+        LayerSpec(4, "bulk", 1, ("bulk",), DEFAULT_BULK),
+        LayerSpec(5, "all", 1, ("all",)),
+    ),
 }
+
+#: byte value marking bulk pages in a copy of the class bytes (outside the PageClass range)
+BULK_MARK = 0xB0
+
+
+def bulk_caches(kmap: KernelMap, classes: PageClassMap, rule: BulkRule) -> tuple[set[int], str]:
+    """Cache ids (1-based, as in ``kmap.cache_ids``) that are bulk under ``rule``, and why."""
+    pages = kmap.cache_pages(classes)
+    kernel = max(classes.classes.count(int(PageClass.KERNEL)), 1)
+    named = {n for n in pages if n != "?" and any(fnmatch.fnmatchcase(n, p) for p in rule.patterns)}
+    why = "matched " + ", ".join(rule.patterns)
+    if not named:
+        named = {n for n, c in pages.items() if n != "?" and c > rule.min_share * kernel}
+        why = f"no cache matched {', '.join(rule.patterns) or '(no patterns)'}; caches above {rule.min_share:.0%} of {kernel} kernel pages"
+    ids = {i + 1 for i, n in enumerate(kmap.caches) if n in named}
+    listed = ", ".join(f"{n} ({pages[n]} pages)" for n in sorted(named, key=lambda n: -pages[n]))
+    return ids, f"bulk caches ({why}): {listed or 'none'}"
+
+
+def split_kernel(kmap: KernelMap, classes: PageClassMap, rule: BulkRule) -> tuple[PageClassMap, list[str]]:
+    """A copy of ``classes`` whose bulk slab pages carry :data:`BULK_MARK`, and notes.
+
+    ``kstruct`` then selects KERNEL and UNKNOWN from the copy (as ``kernel``
+    does from the original), ``bulk`` selects BULK_MARK.
+    """
+    import numpy as np  # noqa: PLC0415 (a KernelMap exists only where numpy does)
+
+    ids, why = bulk_caches(kmap, classes, rule)
+    cls = np.frombuffer(bytes(classes.classes), dtype=np.uint8).copy()
+    n = min(len(cls), len(kmap.kinds))
+    kinds = np.frombuffer(bytes(kmap.kinds), dtype=np.uint8)[:n]
+    cid = np.frombuffer(bytes(kmap.cache_ids), dtype="<u2")[:n]
+    isbulk = np.zeros(max(len(kmap.caches) + 1, 1), dtype=bool)
+    for i in ids:
+        if 0 < i < len(isbulk):
+            isbulk[i] = True
+    sel = (cls[:n] == int(PageClass.KERNEL)) & (kinds == int(KernelKind.SLAB)) & isbulk[cid]
+    cls[:n][sel] = BULK_MARK
+    out = PageClassMap(classes.base_pfn, 0)
+    out.classes = bytearray(cls.tobytes())
+    counts = kmap.kind_counts(classes)
+    kept = {k: v for k, v in counts.items() if v}
+    notes = [why, f"{int(sel.sum())} bulk pages; kernel pages by kind: "
+             + ", ".join(f"{k} {v}" for k, v in kept.items())]
+    if kmap.vmalloc_owners:
+        notes.append("vmalloc pages by owner: " + ", ".join(f"{k} {v}" for k, v in list(kmap.vmalloc_owners.items())[:12]))
+    return out, notes
 
 
 def get_plan(name: str) -> tuple[LayerSpec, ...]:

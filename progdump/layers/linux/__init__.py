@@ -19,7 +19,7 @@ import json
 import re
 import time
 
-from progdump.layers.base import Artifact, LayerContent, PageClassMap, Producer
+from progdump.layers.base import Artifact, KernelMap, LayerContent, PageClassMap, Producer
 from progdump.layers.generic import CONSOLE_TAIL_MAX, core_artifacts, find_panic_message
 from progdump.layers.registry import ProducerEntry, register_producer
 from progdump.layers.linux.kernel import LinuxKernel, LinuxUnsupported
@@ -55,6 +55,7 @@ class LinuxProducer(Producer):
         self.timings: dict[str, float] = {"init_s": time.perf_counter() - t}
         self.degraded += self.k.notes
         self._log: tuple[list[LogRecord], list[str]] | None = None
+        self._task_stacks: list[int] | None = None  # layer 1's walk, reused by kernel_map()
 
     # -- shared pieces -------------------------------------------------------------
     def log(self) -> tuple[list[LogRecord], list[str]]:
@@ -280,6 +281,7 @@ class LinuxProducer(Producer):
             msg = f"task list unavailable: {_err(e)}"
             self.degraded.append(msg)
             return LayerContent(notes=[msg])
+        self._task_stacks = [t.stack for t in tasks if t.stack]
         regs_of: dict[int, dict[str, int]] = {}
         try:
             for cpu, t in current_tasks(self.k, len(self.snapshot.cpus)).items():
@@ -331,6 +333,31 @@ class LinuxProducer(Producer):
         return pcm
 
 
+    def kernel_map(self, classes: PageClassMap) -> KernelMap | None:
+        """Kernel pages by what they hold (see :mod:`kmem`); None, with the reason, when unreadable."""
+        from progdump.layers.linux.kmem import build_kernel_map  # noqa: PLC0415
+        from progdump.layers.linux.tasks import read_tasks  # noqa: PLC0415
+
+        stacks = self._task_stacks
+        if stacks is None:  # layer 1 did not walk the tasks (another plan, or it failed)
+            try:
+                tasks, _ = read_tasks(self.k, len(self.snapshot.cpus))
+                stacks = [t.stack for t in tasks if t.stack]
+            except Exception as e:
+                stacks = []
+                self.degraded.append(f"kernel stacks not classed (task list unavailable: {_err(e)})")
+        try:
+            km, timings = build_kernel_map(self.k, classes, stacks)
+        except ImportError as e:
+            self.degraded.append(f"kernel page kinds need numpy: {e}")
+            return None
+        except Exception as e:
+            self.degraded.append(f"kernel page kinds unavailable: {_err(e)}")
+            return None
+        self.timings.update({f"kmem_{k}": v for k, v in timings.items()})
+        return km
+
+
 def _panic_record(records: list[LogRecord]) -> int | None:
     """Index of the last record that is panic()'s own line."""
     for i in range(len(records) - 1, -1, -1):
@@ -372,6 +399,6 @@ def _accepts(snapshot: Snapshot) -> str | None:
 register_producer(ProducerEntry(
     name="linux", accepts=_accepts, factory=LinuxProducer, priority=10,
     preload=("progdump.layers.linux.tasks", "progdump.layers.linux.modules", "progdump.layers.linux.pages",
-             "progdump.layers.linux.rawpanic"),
+             "progdump.layers.linux.rawpanic", "progdump.layers.linux.kmem"),
     raw_panic=_raw_panic,
 ))
