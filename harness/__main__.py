@@ -1,4 +1,7 @@
-"""``python -m harness boot|panic|capture|shell --guest linux``: the guest by hand.
+"""``python -m harness boot|panic|capture|shell|report --guest linux``: the guest by hand.
+
+``report --guest omnios FILE`` reads a recorded console log and prints one
+JSON object (panic cpu, thread, message, frames, dump progress); no QEMU.
 
 Each step prints its duration. ``capture --out core.elf`` writes the snapshot
 as an ELF core (what the Linux producer's tests read). ``--show-command``
@@ -51,6 +54,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from harness.consolereport.cli import report_main
+
+        return report_main(argv[1:])
     args = _parse(argv)
     from harness.controller import GuestSession
     from harness.qemu.argv import format_argv
