@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from harness.consolereport.illumos import MAX_INPUT, parse_illumos
+from progdump.layers.illumos.console import MAX_INPUT, parse_illumos
 
 __all__ = ["report_main", "PARSERS"]
 

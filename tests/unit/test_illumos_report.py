@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.consolereport.illumos import CONTRACT_KEYS, MAX_FRAMES, normalize_lines, parse_illumos
+from progdump.layers.illumos.console import CONTRACT_KEYS, MAX_FRAMES, normalize_lines, parse_illumos
 
 DATA = Path(__file__).resolve().parent.parent / "testdata" / "console" / "illumos"
 CASES = sorted(p.name[: -len(".txt")] for p in DATA.glob("*.txt"))
