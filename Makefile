@@ -1,9 +1,13 @@
 # progdump: the user's verbs. See README.md.
 PYTHON ?= python3
 NAME ?= sysrq-panic
+GUEST ?= linux
+OMNIOS_RELEASE ?= r151058
+# An explicit GUEST= (command line or environment) overrides the scenario's own guest.
+GUEST_ENV := $(if $(filter command line environment,$(origin GUEST)),GUEST=$(GUEST))
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEB_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra makedumpfile busybox-static \
-	dropbear-bin cpio zstd tgt e2fsprogs gcc-12 make gdb crash python3-pip
+	dropbear-bin cpio zstd tgt e2fsprogs gcc-12 make gdb crash python3-pip mtools
 STAMP := .cache/setup.stamp
 
 .PHONY: setup test test-unit test-vm guest-image dbg-vmlinux scenario scenarios regress fidelity bench bench-quick clean
@@ -31,8 +35,14 @@ $(STAMP): pyproject.toml Makefile
 	PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install -q -e '.[harness,test]'
 	@mkdir -p .cache && touch $(STAMP)
 
+# GUEST=linux builds the stand-in; GUEST=omnios fetches an official cloud image (OMNIOS_RELEASE),
+# SHA-256 checked, unless OMNIOS_IMAGE names one already.
 guest-image: setup
+ifeq ($(GUEST),omnios)
+	$(PYTHON) guest-images/omnios/fetch.py --release $(OMNIOS_RELEASE)
+else
 	$(PYTHON) guest-images/linux/build.py
+endif
 
 # test-only: the guest kernel's -dbg vmlinux, for drgn's own unwinder as a cross-check (optional)
 dbg-vmlinux: guest-image
@@ -47,8 +57,9 @@ test-unit: setup
 test-vm: setup guest-image dbg-vmlinux
 	$(PYTHON) -m pytest -ra tests/vm
 
-scenario: setup guest-image
-	$(PYTHON) -m harness.scenario run $(NAME)
+# the omnios image is never built here: without OMNIOS_IMAGE the harness refuses in one line
+scenario: setup $(if $(filter omnios,$(GUEST)),,guest-image)
+	$(GUEST_ENV) $(PYTHON) -m harness.scenario run $(NAME)
 
 scenarios: setup
 	@$(PYTHON) -m harness.scenario list

@@ -1,4 +1,7 @@
-"""``python -m harness boot|panic|capture|shell --guest linux``: the guest by hand.
+"""``python -m harness boot|panic|capture|shell|report --guest linux``: the guest by hand.
+
+``report --guest omnios FILE`` reads a recorded console log and prints one
+JSON object (panic cpu, thread, message, frames, dump progress); no QEMU.
 
 Each step prints its duration. ``capture --out core.elf`` writes the snapshot
 as an ELF core (what the Linux producer's tests read). ``--show-command``
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,11 +31,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("verb", choices=("boot", "panic", "capture", "shell"),
                     help="boot: boot to ready and quit; panic: boot, panic, report; capture: boot, panic, "
                          "capture (and --out); shell: boot and run commands typed on stdin")
-    ap.add_argument("--guest", default="linux")
+    ap.add_argument("--guest", default=os.environ.get("GUEST") or "linux", help="guest profile (default: $GUEST or linux)")
     ap.add_argument("--mem", type=int, default=512, help="guest RAM in MiB (default 512)")
     ap.add_argument("--smp", type=int, default=1)
     ap.add_argument("--accel", default="auto", choices=("auto", "tcg", "kvm"))
-    ap.add_argument("--trigger", default="sysrq", help="panic trigger (linux: sysrq, nmi, oops, hung-task, init-exit)")
+    ap.add_argument("--trigger", help="panic trigger (linux: sysrq, nmi, oops, hung-task, init-exit; "
+                                      "omnios: uadmin, dtrace, nmi); default: the guest's first")
     ap.add_argument("--method", default="auto", choices=("auto", "shared", "pmemsave", "elf"),
                     help="capture method (auto: zero-copy shared RAM)")
     ap.add_argument("--out", type=Path, help="capture: write the snapshot as an ELF core here")
@@ -51,6 +56,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from harness.consolereport.cli import report_main
+
+        return report_main(argv[1:])
     args = _parse(argv)
     from harness.controller import GuestSession
     from harness.qemu.argv import format_argv
@@ -66,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = GuestSession(args.guest, mem_mib=args.mem, smp=args.smp, dump_disk=args.dump_disk,
                                workdir=args.workdir, accel=args.accel, knobs=knobs, ssh=args.ssh, log=log)
+        args.trigger = args.trigger or session.profile.triggers[0]
         if args.verb in ("panic", "capture") and args.trigger not in session.profile.triggers:
             raise ValueError(f"unknown trigger {args.trigger!r} for {args.guest} "
                              f"(known: {', '.join(session.profile.triggers)})")
@@ -93,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _shell(s)
             if args.verb in ("panic", "capture"):
                 p = s.panic(args.trigger)
-                _say(f"panic ({p.trigger}): GUEST_PANICKED {p.event_latency_ms:.1f} ms after the trigger, "
+                seen = "GUEST_PANICKED" if session.profile.panic_detection == "event" else "panic line on the console"
+                _say(f"panic ({p.trigger}): {seen} {p.event_latency_ms:.1f} ms after the trigger, "
                      f"stopped {p.stop_ms:.1f} ms later, status {p.status}; "
                      f"\"{p.panic_string}\"; console complete: {p.console_complete}")
             if args.verb == "capture":

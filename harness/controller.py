@@ -232,7 +232,7 @@ class GuestSession:
         if self.machine is None:
             if self.accel is None:
                 self.accel, self.accel_reason = choose_accel(self.accel_request, self.profile, probe_kvm)
-                self.t = self._timeouts_override or timeouts_for(self.accel)
+                self.t = self._timeouts_override or timeouts_for(self.accel).scaled(self.profile.timeout_scale)
                 self.log(f"accelerator: {self.accel} ({self.accel_reason})")
                 self._step("accel_choice", t0)
                 t0 = time.monotonic()
@@ -285,6 +285,10 @@ class GuestSession:
                 raise GuestTimeout("the guest's command server did not say hello") from None
             if hello != boot_id:
                 raise BootError(f"command server of boot {hello} answered, expected {boot_id}")
+        better = await self.profile.after_ready(m)  # e.g. SSH up and host key pinned (omnios)
+        if better:
+            boot_id = better
+            seconds = time.monotonic() - t0
         self.markers = markers
         self.boot_id = boot_id
         return BootResult(boot_id, seconds, markers)
@@ -292,12 +296,10 @@ class GuestSession:
     def run(self, cmd: str, timeout: float | None = None, check: bool = False) -> CommandResult:
         """Run a shell command in the guest; ``check`` raises on a non-zero status."""
         m = self.m
-        if m.cmd is None:
-            raise HarnessError("this guest has no command channel")
         t0 = time.monotonic()
         limit = timeout or self.t.command
         try:
-            res = self.call(m.cmd.run(cmd, limit))
+            res = self.call(m.cmd.run(cmd, limit) if m.cmd is not None else self.profile.run_command(m, cmd, limit))
         except asyncio.TimeoutError:
             raise GuestTimeout(f"command did not finish within {limit:.0f} s: {cmd[:200]!r}") from None
         except (ConnectionError, OSError, ValueError) as e:
@@ -331,6 +333,8 @@ class GuestSession:
         start_pat, end_pat = self.profile.panic_patterns()
         await self.profile.prepare_trigger(trigger, m)
         cursor = m.console.cursor()
+        if self.profile.panic_detection == "console":
+            return await self._panic_console(trigger, m, cursor, start_pat, end_pat)
         async with m.listen("GUEST_PANICKED") as lst:
             trigger_ns = time.time_ns()
             t0 = time.monotonic()
@@ -361,6 +365,34 @@ class GuestSession:
             panic_string=hit.group(1) if hit else "", console_complete=complete, status=status,
         )
 
+    async def _panic_console(self, trigger: str, m: Machine, cursor: int, start_pat: Any, end_pat: Any) -> PanicResult:
+        """No pvpanic (illumos): stop the VM the moment the panic line is on the console.
+
+        The stop comes before the guest's own dump code can run; the panic's
+        later lines (stack, dump progress) are usually not printed yet, so
+        ``console_complete`` says whether the end pattern was already seen.
+        ``event_ns`` is the host clock when the line was read.
+        """
+        assert m.console is not None
+        trigger_ns = time.time_ns()
+        t0 = time.monotonic()
+        await self.profile.trigger(trigger, m)
+        try:
+            hit = await m.console.wait_for([start_pat], since=cursor, timeout=self.t.panic_event)
+        except (asyncio.TimeoutError, EOFError):
+            raise PanicError(f"trigger {trigger!r}: no panic line on the console within {self.t.panic_event:.0f} s; "
+                             f"console tail:\n{m.console.buffer.tail(2000).decode('utf-8', 'replace')}") from None
+        t_ev = time.monotonic()
+        event_ns = time.time_ns()
+        await m.stop()
+        t_stop = time.monotonic()
+        complete = first_match(m.console.buffer.lines_since(cursor), [end_pat]) is not None
+        return PanicResult(
+            trigger=trigger, trigger_ns=trigger_ns, event_ns=event_ns, event_latency_ms=(t_ev - t0) * 1000,
+            stop_ms=(t_stop - t_ev) * 1000, panic_string=hit.group(1), console_complete=complete,
+            status=await m.status(),
+        )
+
     def capture(self, method: str = "auto") -> Snapshot:
         """Snapshot of the stopped guest (zero-copy over guest RAM when shared).
 
@@ -385,6 +417,7 @@ class GuestSession:
                         panic_string=self.last_panic.panic_string)
         res = self.call(capture_state(m, self.workdir, method, m.console.buffer.tail(64 * 1024), meta))
         snap = res.snapshot
+        snap.notes.extend(self.profile.snapshot_notes())  # e.g. the illumos symbol manifest
         vmci = snap.vmcoreinfo or {}
         if vmci.get("OSRELEASE"):
             snap.metadata["release"] = vmci["OSRELEASE"]

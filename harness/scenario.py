@@ -79,9 +79,11 @@ class Scenario:
     path: str = ""
 
     def with_env(self, env: dict[str, str] | None = None) -> "Scenario":
-        """Apply ``TRIALS=`` / ``STATES=`` overrides (non-negative integers)."""
+        """Apply ``TRIALS=`` / ``STATES=`` overrides (non-negative integers) and ``GUEST=`` (a profile name)."""
         env = dict(os.environ if env is None else env)
         out = Scenario(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        if env.get("GUEST", "") != "":
+            out.guest = env["GUEST"]
         for var, attr in (("TRIALS", "real"), ("STATES", "states")):
             if env.get(var, "") != "":
                 try:
@@ -256,6 +258,17 @@ def cmd_list() -> int:
 
 def cmd_run(name: str, results_root: str | None = None) -> tuple[int, dict | None]:
     sc = find_scenario(name).with_env()
+    from harness.errors import HarnessError
+    from harness.guests import get_profile
+
+    try:  # refuse at once, in one line, when the guest cannot boot here (e.g. no OMNIOS_IMAGE)
+        prof = get_profile(sc.guest)
+        prof.check_image()
+    except HarnessError as e:
+        raise ScenarioError(f"{sc.name} (guest {sc.guest}): {e}") from None
+    if sc.trigger not in prof.triggers:
+        raise ScenarioError(f"{sc.name}: trigger {sc.trigger!r} is not one of guest {sc.guest}'s "
+                            f"({', '.join(prof.triggers)})")
     from harness.trials import run_scenario
 
     root = results_root or os.environ.get("RESULTS") or str(ROOT / "results")

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.errors import CommandError
+from harness.qemu.cmdchan import CommandResult
 from harness.qemu.console import Pattern
 from harness.qemu.machine import Machine
+from progdump.snapshot import Note
 
 __all__ = ["BootSpec", "GuestProfile", "SshCredentials", "parse_marker_json", "MAX_MARKER_JSON"]
 
@@ -62,8 +65,11 @@ class GuestProfile(ABC):
     name: str = "?"
     os: str = "unknown"
     triggers: tuple[str, ...] = ()
-    #: how the controller learns of a panic: "event" (QEMU's GUEST_PANICKED, pvpanic) or "console"
+    #: how the controller learns of a panic: ``event`` (QMP GUEST_PANICKED, pvpanic) or
+    #: ``console`` (the first panic pattern on the serial console; guests with no pvpanic driver)
     panic_detection: str = "event"
+    #: multiplies every timeout (a guest that boots far slower than the Linux stand-in)
+    timeout_scale: float = 1.0
 
     def image_identity(self) -> str:
         """A string that changes when the guest image changes (keys the KVM probe's cached verdict)."""
@@ -99,6 +105,18 @@ class GuestProfile(ABC):
     @abstractmethod
     async def trigger(self, name: str, machine: Machine) -> None:
         """Make the guest panic by way ``name`` (one of :attr:`triggers`); returns once sent."""
+
+    async def after_ready(self, machine: Machine) -> str | None:
+        """Called once the ready pattern matched (every boot and reset); may return a better boot id."""
+        return None
+
+    async def run_command(self, machine: Machine, cmd: str, timeout: float) -> CommandResult:
+        """Run ``cmd`` when the guest has no command channel (e.g. over SSH)."""
+        raise CommandError(f"guest {self.name} has no command channel")
+
+    def snapshot_notes(self) -> list[Note]:
+        """ELF notes the capture adds to the snapshot (e.g. a symbol manifest gathered at boot)."""
+        return []
 
     def workload_script(self, kind: str, amount: int) -> str:
         """Shell script that gives a dump layer content (pagecache, anon, slab)."""
