@@ -48,6 +48,7 @@ from typing import Any
 
 from harness.errors import BootError, CommandError, ImageMissing, PanicError
 from harness.guests import register_profile
+from harness.paths import repo_root
 from harness.guests.base import BootSpec, GuestProfile
 from harness.guests.nocloud import write_seed
 from harness.qemu.cmdchan import CommandResult
@@ -60,7 +61,7 @@ from progdump.snapshot import Note
 
 __all__ = ["OmniosGuest", "image_path", "qemu_extra_args", "make_overlay", "FETCHED_MANIFEST", "SshPin"]
 
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = repo_root()
 FETCHED_MANIFEST = REPO / ".cache" / "guest" / "omnios" / "manifest.json"
 MAX_OUTPUT = 1 << 20  # bytes kept of one SSH command's output
 MAX_KSYMS = 64 << 20

@@ -24,6 +24,8 @@ Everything here is pure and bounded: mdb output and ksyms are untrusted.
 
 from __future__ import annotations
 
+from progdump.errors import ProgdumpError
+
 import json
 import re
 import struct
@@ -104,7 +106,7 @@ _SIZEOF = re.compile(r"^sizeof \(([\w ]+)\) = (0x[0-9a-fA-F]+|\d+)\s*$")
 _NAME_RE = re.compile(r"^[\w .]{1,64}$")
 
 
-class ManifestError(ValueError):
+class ManifestError(ProgdumpError, ValueError):
     """The manifest (mdb output, ksyms, or the note) is malformed; the message says where."""
 
 

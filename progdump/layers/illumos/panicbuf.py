@@ -28,6 +28,8 @@ offsets are bounded by the buffer, names must be printable.
 
 from __future__ import annotations
 
+from progdump.errors import ProgdumpError
+
 import struct
 from dataclasses import dataclass, field
 
@@ -42,7 +44,7 @@ PANIC_NV_SIZE = PANICNVNAMELEN + 8
 SIZEOF_PANIC_DATA = PD_NVDATA_OFFSET + PANIC_NV_SIZE  # 72
 
 
-class PanicbufError(ValueError):
+class PanicbufError(ProgdumpError, ValueError):
     """panicbuf does not hold a panic_data_t this decoder understands."""
 
 
