@@ -80,6 +80,9 @@ class _Loop:
     def close(self) -> None:
         if self.loop.is_closed():
             return
+        # the default executor's worker threads (run_in_executor) would outlive the session otherwise
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.loop.shutdown_default_executor(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         if not self.thread.is_alive():
