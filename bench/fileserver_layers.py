@@ -50,8 +50,11 @@ def capture(mib: int, fill: float, path: Path) -> None:
             t0 = time.monotonic()
             s.boot()
             t1 = time.monotonic()
-            arc = s.run(f"insmod {extra['path']} && echo 'fill {round(fill * 100)}' > /proc/pdarc && head -1 /proc/pdarc",
-                        timeout=3600, check=True).text.strip()
+            arc = s.run(
+                f"insmod {extra['path']} && echo 'fill {round(fill * 100)}' > /proc/pdarc && head -1 /proc/pdarc",
+                timeout=3600,
+                check=True,
+            ).text.strip()
             t2 = time.monotonic()
             s.workload("pagecache", mib // 10, timeout=3600)
             s.workload("anon", mib // 32, timeout=3600)
@@ -62,8 +65,9 @@ def capture(mib: int, fill: float, path: Path) -> None:
             print(f"{mib} MiB guest: boot {t1 - t0:.1f} s, ARC fill {t2 - t1:.1f} s ({arc}), captured to {path}")
 
 
-def write_once(snap: Snapshot, plan: str, model: str, work: Path,
-               deadline: float | None = None) -> list[tuple[str, int, int, float | None]]:
+def write_once(
+    snap: Snapshot, plan: str, model: str, work: Path, deadline: float | None = None
+) -> list[tuple[str, int, int, float | None]]:
     img = work / "dev.img"
     with open(img, "wb") as f:
         f.truncate(snap.total_bytes + (snap.total_bytes >> 2) + (64 << 20))
@@ -89,8 +93,10 @@ def run(snap_path: Path, mib: int, models: list[str], repeat: int, deadlines: di
     # warm: the first pass over a fresh ELF's pages costs page faults that would land in one writer's times
     for r in snap.ranges:
         bytes(r.buffer[::4096])
-    print(f"\n== fileserver-panic, {mib} MiB guest ({snap.total_bytes >> 20} MiB in the snapshot), "
-          f"{repeat} writes per plan and device ==")
+    print(
+        f"\n== fileserver-panic, {mib} MiB guest ({snap.total_bytes >> 20} MiB in the snapshot), "
+        f"{repeat} writes per plan and device =="
+    )
     ready: dict[tuple[str, str], list[float]] = {}
     ready_bytes: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="pd-fsbench-", dir=str(snap_path.parent)) as d:
@@ -106,18 +112,22 @@ def run(snap_path: Path, mib: int, models: list[str], repeat: int, deadlines: di
                     if name == READY[plan]:
                         ready[(model, plan)] = times
                         if len(times) == len(runs):
-                            ready_bytes.setdefault(plan, sum(r[3] is not None and r[2] or 0 for r in runs[0][:i + 1]))
+                            ready_bytes.setdefault(plan, sum(r[3] is not None and r[2] or 0 for r in runs[0][: i + 1]))
     snap.close()
-    print(f"\ndebugger-ready dump durable at (s, median of {repeat}): fileserver kstruct / progressive kernel / "
-          "monolithic; how much sooner")
+    print(
+        f"\ndebugger-ready dump durable at (s, median of {repeat}): fileserver kstruct / progressive kernel / "
+        "monolithic; how much sooner"
+    )
     from progdump.devmodel import load_models
 
     for model in models:
         got = {x: ready[(model, x)] for x in PLANS}
         if all(len(v) == repeat for v in got.values()):
             f, p, m = (statistics.median(got[x]) for x in PLANS)
-            print(f"  {model:5s} {f:8.2f} / {p:8.2f} / {m:8.2f}   {p / f:5.1f}x sooner than progressive, "
-                  f"{m / f:5.1f}x sooner than monolithic")
+            print(
+                f"  {model:5s} {f:8.2f} / {p:8.2f} / {m:8.2f}   {p / f:5.1f}x sooner than progressive, "
+                f"{m / f:5.1f}x sooner than monolithic"
+            )
             continue
         bw = load_models()[model].bandwidth
         cells = []
@@ -126,8 +136,11 @@ def run(snap_path: Path, mib: int, models: list[str], repeat: int, deadlines: di
                 cells.append(f"{statistics.median(got[x]):.2f}")
             else:  # not durable before the deadline: what its bytes need at the model's bandwidth
                 b = ready_bytes.get(x)
-                cells.append(f">{deadlines[model]:.0f} (its {b / 2**20:.0f} MiB at {bw / 1e6:.0f} MB/s: ~{b / bw:.0f})"
-                             if b else f">{deadlines[model]:.0f}")
+                cells.append(
+                    f">{deadlines[model]:.0f} (its {b / 2**20:.0f} MiB at {bw / 1e6:.0f} MB/s: ~{b / bw:.0f})"
+                    if b
+                    else f">{deadlines[model]:.0f}"
+                )
         print(f"  {model:5s} " + " / ".join(cells))
 
 
@@ -138,9 +151,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--fill", type=float, default=0.6, help="share of RAM the ARC stand-in fills")
     ap.add_argument("--snapshot-dir", type=Path, help="keep captured snapshots here and reuse them")
-    ap.add_argument("--deadline", action="append", default=[], metavar="MODEL=SECONDS",
-                    help="stop the writer after SECONDS on MODEL (a 4 GiB dump takes ~12 min at 4 MB/s); "
-                         "layers not durable by then are shown as '>SECONDS' with their bytes at the model's bandwidth")
+    ap.add_argument(
+        "--deadline",
+        action="append",
+        default=[],
+        metavar="MODEL=SECONDS",
+        help="stop the writer after SECONDS on MODEL (a 4 GiB dump takes ~12 min at 4 MB/s); "
+        "layers not durable by then are shown as '>SECONDS' with their bytes at the model's bandwidth",
+    )
     a = ap.parse_args()
     sdir = a.snapshot_dir or Path(tempfile.mkdtemp(prefix="pd-fs-snap-"))
     sdir.mkdir(parents=True, exist_ok=True)

@@ -41,9 +41,20 @@ def spread(xs: list[float]) -> str:
 
 
 def measure(accel: str, mem: int, runs: int, trigger: str, baseline: bool, work: Path) -> dict[str, list[float]]:
-    r: dict[str, list[float]] = {k: [] for k in (
-        "boot", "reset", "event", "stop", "capture", "event_to_snapshot", "qemu_ts_to_snapshot", "elf_dump",
-        "pmemsave")}
+    r: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "boot",
+            "reset",
+            "event",
+            "stop",
+            "capture",
+            "event_to_snapshot",
+            "qemu_ts_to_snapshot",
+            "elf_dump",
+            "pmemsave",
+        )
+    }
     with GuestSession("linux", mem_mib=mem, accel=accel, workdir=work / f"{accel}-{mem}") as s:
         b = s.boot()
         r["boot"].append(b.seconds * 1000)
@@ -97,9 +108,11 @@ def main() -> int:
         return 0
     man = prof.manifest  # type: ignore[attr-defined]
     img = man["vmlinuz"]["size"] + man["initramfs"]["size"]
-    print(f"guest image: {man['kernel_package']['name']} {man['kernel_package']['version']}; "
-          f"vmlinuz {man['vmlinuz']['size'] / 2**20:.1f} MiB + initramfs {man['initramfs']['size'] / 2**20:.1f} MiB "
-          f"(uncompressed {man['initramfs']['uncompressed_size'] / 2**20:.1f} MiB) = {img / 2**20:.1f} MiB")
+    print(
+        f"guest image: {man['kernel_package']['name']} {man['kernel_package']['version']}; "
+        f"vmlinuz {man['vmlinuz']['size'] / 2**20:.1f} MiB + initramfs {man['initramfs']['size'] / 2**20:.1f} MiB "
+        f"(uncompressed {man['initramfs']['uncompressed_size'] / 2**20:.1f} MiB) = {img / 2**20:.1f} MiB"
+    )
     t0 = time.monotonic()
     accel, why = choose_accel("auto", prof)
     print(f"KVM probe: {'passed' if accel == 'kvm' else 'failed'} ({why}); probe step {time.monotonic() - t0:.1f} s")
@@ -110,21 +123,29 @@ def main() -> int:
         for acc in accels:
             for mem in sizes:
                 boots = fresh_boots(acc, args.runs, work, mem)
-                print(f"\n[{acc}] boot to ready (new QEMU, {mem} MiB, cont -> ready line), ms: "
-                      f"median {statistics.median(boots):.0f} (range {spread(boots)}, n={len(boots)})")
+                print(
+                    f"\n[{acc}] boot to ready (new QEMU, {mem} MiB, cont -> ready line), ms: "
+                    f"median {statistics.median(boots):.0f} (range {spread(boots)}, n={len(boots)})"
+                )
             print(f"\n[{acc}] trigger {args.trigger}, medians of {args.runs} (ms); baselines once per size")
-            print(f"{'RAM MiB':>8} {'reset->ready':>12} {'trig->event':>11} {'event->stop':>11} "
-                  f"{'capture':>8} {'event->Snapshot':>15} {'QEMU ts->Snap':>13} {'ELF dump':>9} {'pmemsave':>9}")
+            print(
+                f"{'RAM MiB':>8} {'reset->ready':>12} {'trig->event':>11} {'event->stop':>11} "
+                f"{'capture':>8} {'event->Snapshot':>15} {'QEMU ts->Snap':>13} {'ELF dump':>9} {'pmemsave':>9}"
+            )
             for mem in sizes:
                 r = measure(acc, mem, args.runs, args.trigger, not args.no_baseline, work)
-                print(f"{mem:>8} {med(r['reset']):>12} {med(r['event']):>11} {med(r['stop']):>11} "
-                      f"{med(r['capture']):>8} {med(r['event_to_snapshot']):>15} "
-                      f"{med(r['qemu_ts_to_snapshot']):>13} {med(r['elf_dump']):>9} "
-                      f"{med(r['pmemsave']):>9}")
-    print("\nevent->Snapshot = from GUEST_PANICKED received: wait for the panic's last console line + stop + "
-          "capture (registers, notes, layout, zero-copy RAM view).\nQEMU ts->Snap = from the event's QEMU "
-          "timestamp to the Snapshot (includes QMP delivery).\nELF dump / pmemsave: QEMU writing all RAM to a file (the baseline the "
-          "zero-copy capture avoids).")
+                print(
+                    f"{mem:>8} {med(r['reset']):>12} {med(r['event']):>11} {med(r['stop']):>11} "
+                    f"{med(r['capture']):>8} {med(r['event_to_snapshot']):>15} "
+                    f"{med(r['qemu_ts_to_snapshot']):>13} {med(r['elf_dump']):>9} "
+                    f"{med(r['pmemsave']):>9}"
+                )
+    print(
+        "\nevent->Snapshot = from GUEST_PANICKED received: wait for the panic's last console line + stop + "
+        "capture (registers, notes, layout, zero-copy RAM view).\nQEMU ts->Snap = from the event's QEMU "
+        "timestamp to the Snapshot (includes QMP delivery).\nELF dump / pmemsave: QEMU writing all RAM to a file (the baseline the "
+        "zero-copy capture avoids)."
+    )
     return 0
 
 

@@ -90,15 +90,19 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
         npages = sum(n for _, n in runs)
         raw = sum(len(a.data) for a in c.artifacts)
         comp = sum(len(z.compress(a.data)) for a in c.artifacts)
-        print(f"{spec.name:<8} {raw:>10} {comp:>9} {npages:>9} {npages * PAGE / 2**20:>9.1f}  page runs {dt * 1000:.0f} ms")
+        print(
+            f"{spec.name:<8} {raw:>10} {comp:>9} {npages:>9} {npages * PAGE / 2**20:>9.1f}  page runs {dt * 1000:.0f} ms"
+        )
         if spec.name == "kernel":
             classes = p.page_classes()  # cached object is internal to iter_layers: recompute for the comparison
     tm = p.timings
-    print(f"producer: init {t_init * 1000:.0f} ms, panic() {tm.get('panic_s', 0) * 1000:.0f} ms, "
-          f"tasks() {tm.get('tasks_s', 0) * 1000:.0f} ms, page_classes() {tm.get('pages_total_s', 0) * 1000:.0f} ms "
-          f"(struct pages {tm.get('pages_struct_pages_s', 0) * 1000:.0f}, buddy/tails "
-          f"{tm.get('pages_buddy_tail_s', 0) * 1000:.0f}) "
-          f"for {int(tm.get('pages_pages', 0))} pfns")
+    print(
+        f"producer: init {t_init * 1000:.0f} ms, panic() {tm.get('panic_s', 0) * 1000:.0f} ms, "
+        f"tasks() {tm.get('tasks_s', 0) * 1000:.0f} ms, page_classes() {tm.get('pages_total_s', 0) * 1000:.0f} ms "
+        f"(struct pages {tm.get('pages_struct_pages_s', 0) * 1000:.0f}, buddy/tails "
+        f"{tm.get('pages_buddy_tail_s', 0) * 1000:.0f}) "
+        f"for {int(tm.get('pages_pages', 0))} pfns"
+    )
     print(layer0_line(p, t_init))
     assert classes is not None
     counts = classes.counts()
@@ -113,22 +117,30 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
     snap.to_elf(core)
     print(f"baseline input: Snapshot.to_elf {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
-    r = subprocess.run(["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(core), str(out)],
-                       capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        ["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(core), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     t_mdf = time.perf_counter() - t
     if r.returncode:
         print(f"makedumpfile -d 31 failed: {r.stderr[-500:]}")
         return
     mc = message_counts(r.stdout + r.stderr)
-    print(f"makedumpfile -d 31 -l: {t_mdf:.2f} s wall; excluded zero {mc.get('Pages filled with zero')}, "
-          f"cache {mc.get('Non-private cache pages', 0) + mc.get('Private cache pages', 0)}, "
-          f"user {mc.get('User process data pages')}, free {mc.get('Free pages')}; remaining {mc.get('Remaining pages')}")
+    print(
+        f"makedumpfile -d 31 -l: {t_mdf:.2f} s wall; excluded zero {mc.get('Pages filled with zero')}, "
+        f"cache {mc.get('Non-private cache pages', 0) + mc.get('Private cache pages', 0)}, "
+        f"user {mc.get('User process data pages')}, free {mc.get('Free pages')}; remaining {mc.get('Remaining pages')}"
+    )
     cmp = compare_with_layer2(snap, classes, kdump_kept_pfns(out))
     cls, ours2, mdf_set = cmp.classes, cmp.ours, cmp.theirs
     zero2 = count_zero_pages(snap, np.nonzero(ours2)[0] + classes.base_pfn)
-    print(f"layer 2 (ours): {int(ours2.sum())} pages, of which {zero2} all-zero (the writer stores those as "
-          f"markers); makedumpfile -d 31 keeps {int(mdf_set.sum())} = {mc.get('Remaining pages')} written "
-          f"+ {mc.get('Pages filled with zero')} zero pages it writes as one shared page")
+    print(
+        f"layer 2 (ours): {int(ours2.sum())} pages, of which {zero2} all-zero (the writer stores those as "
+        f"markers); makedumpfile -d 31 keeps {int(mdf_set.sum())} = {mc.get('Remaining pages')} written "
+        f"+ {mc.get('Pages filled with zero')} zero pages it writes as one shared page"
+    )
     diff_a = ours2 & ~mdf_set
     diff_b = mdf_set & ~ours2
     print(f"pfn sets: ours only {int(diff_a.sum())}, makedumpfile only {int(diff_b.sum())}")
@@ -137,43 +149,63 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
         if idx.size:
             by = {PageClass(c).name.lower(): int((cls[idx] == c).sum()) for c in np.unique(cls[idx])}
             zero = count_zero_pages(snap, idx + classes.base_pfn)
-            print(f"  {name}: by our class {by}, {zero} of them all-zero; "
-                  f"pfns {int(idx[0]) + classes.base_pfn:#x}..{int(idx[-1]) + classes.base_pfn:#x}")
+            print(
+                f"  {name}: by our class {by}, {zero} of them all-zero; "
+                f"pfns {int(idx[0]) + classes.base_pfn:#x}..{int(idx[-1]) + classes.base_pfn:#x}"
+            )
     t = time.perf_counter()
     r = subprocess.run(["makedumpfile", "--dump-dmesg", str(core), str(dm)], capture_output=True, timeout=300)
     t_dm = time.perf_counter() - t
     ours = {a.name: a.data for a in layers[0][1].artifacts}["dmesg.txt"]
     same = r.returncode == 0 and dm.read_bytes() == ours
-    print(f"dmesg: ours {len(ours)} bytes ({tm.get('panic_s', 0) * 1000:.0f} ms for all of layer 0), "
-          f"makedumpfile --dump-dmesg {t_dm * 1000:.0f} ms wall: {'IDENTICAL' if same else 'DIFFERENT'}")
+    print(
+        f"dmesg: ours {len(ours)} bytes ({tm.get('panic_s', 0) * 1000:.0f} ms for all of layer 0), "
+        f"makedumpfile --dump-dmesg {t_dm * 1000:.0f} ms wall: {'IDENTICAL' if same else 'DIFFERENT'}"
+    )
     for f in (core, out, dm):
         f.unlink(missing_ok=True)
     # the real path: progdump's writer and reader
     res, out = write_and_recover(snap, work, None)
     print("progdump write (file device, unpaced) + recover:")
     for lay in res.layers:
-        print(f"  layer {lay.index} {lay.name:<7} {lay.bytes / 2**20:9.2f} MiB on the device, {lay.pages:>8} pages "
-              f"({lay.zero_pages} zero), durable at {lay.durable_s:.2f} s")
+        print(
+            f"  layer {lay.index} {lay.name:<7} {lay.bytes / 2**20:9.2f} MiB on the device, {lay.pages:>8} pages "
+            f"({lay.zero_pages} zero), durable at {lay.durable_s:.2f} s"
+        )
     res2, out2 = write_and_recover(snap, work, 2)
-    print(f"cut after layer 2: committed {[lay.committed for lay in res2.layers]}; recovered vmcore "
-          f"{(out2 / 'vmcore').stat().st_size / 2**20:.0f} MiB (the pages of layers 0-2)")
+    print(
+        f"cut after layer 2: committed {[lay.committed for lay in res2.layers]}; recovered vmcore "
+        f"{(out2 / 'vmcore').stat().st_size / 2**20:.0f} MiB (the pages of layers 0-2)"
+    )
     dm = work / "rec.dmesg"
     dm.unlink(missing_ok=True)
-    r = subprocess.run(["makedumpfile", "--dump-dmesg", str(out2 / "vmcore"), str(dm)], capture_output=True, timeout=300)
-    print(f"makedumpfile --dump-dmesg on the recovered layer-2 vmcore: "
-          f"{'IDENTICAL to dmesg.txt' if r.returncode == 0 and dm.read_bytes() == (out2 / 'dmesg.txt').read_bytes() else 'FAILED/DIFFERENT'}")
+    r = subprocess.run(
+        ["makedumpfile", "--dump-dmesg", str(out2 / "vmcore"), str(dm)], capture_output=True, timeout=300
+    )
+    print(
+        f"makedumpfile --dump-dmesg on the recovered layer-2 vmcore: "
+        f"{'IDENTICAL to dmesg.txt' if r.returncode == 0 and dm.read_bytes() == (out2 / 'dmesg.txt').read_bytes() else 'FAILED/DIFFERENT'}"
+    )
     k2 = work / "rec.kdump"
     k2.unlink(missing_ok=True)
-    r = subprocess.run(["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(out2 / "vmcore"), str(k2)],
-                       capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        ["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(out2 / "vmcore"), str(k2)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if r.returncode == 0:
         mc2 = message_counts(r.stdout + r.stderr)
-        print(f"makedumpfile -d 31 on the recovered layer-2 vmcore: keeps {mc2.get('Remaining pages')} "
-              f"(+ {mc2.get('Pages filled with zero')} zero) of {mc2.get('Original pages')}; "
-              f"on the full snapshot it kept {mc.get('Remaining pages')} (+ {mc.get('Pages filled with zero')} zero)")
+        print(
+            f"makedumpfile -d 31 on the recovered layer-2 vmcore: keeps {mc2.get('Remaining pages')} "
+            f"(+ {mc2.get('Pages filled with zero')} zero) of {mc2.get('Original pages')}; "
+            f"on the full snapshot it kept {mc.get('Remaining pages')} (+ {mc.get('Pages filled with zero')} zero)"
+        )
     else:
         said = [ln for ln in (r.stdout + r.stderr).splitlines() if "%]" not in ln and not ln.startswith("LOAD[")]
-        print(f"makedumpfile -d 31 on the recovered layer-2 vmcore failed (exit {r.returncode}): {' | '.join(said)[-600:]}")
+        print(
+            f"makedumpfile -d 31 on the recovered layer-2 vmcore failed (exit {r.returncode}): {' | '.join(said)[-600:]}"
+        )
     k2.unlink(missing_ok=True)
     drgn_check(out2 / "vmcore", out2)
     dbg_check(snap, out2 / "vmcore", out2)
@@ -218,12 +250,19 @@ def layer0_line(p: LinuxProducer, t_init: float) -> str:
     from progdump.layers.linux.kallsyms import decode_kallsyms
 
     k, vi = p.k, p.k.vi
-    a = {n: vi.symbol(f"kallsyms_{n}") for n in ("num_syms", "names", "token_table", "token_index", "offsets",
-                                                  "relative_base")}
+    a = {
+        n: vi.symbol(f"kallsyms_{n}")
+        for n in ("num_syms", "names", "token_table", "token_index", "offsets", "relative_base")
+    }
     num = k.mem.u32(a["num_syms"])
-    tables = (num, k.mem.read(a["names"], a["token_table"] - a["names"]),
-              k.mem.read(a["token_table"], a["token_index"] - a["token_table"]), k.mem.read(a["token_index"], 512),
-              k.mem.read(a["offsets"], 4 * num), k.mem.u64(a["relative_base"]))
+    tables = (
+        num,
+        k.mem.read(a["names"], a["token_table"] - a["names"]),
+        k.mem.read(a["token_table"], a["token_index"] - a["token_table"]),
+        k.mem.read(a["token_index"], 512),
+        k.mem.read(a["offsets"], 4 * num),
+        k.mem.u64(a["relative_base"]),
+    )
     t = time.perf_counter()
     decode_kallsyms(*tables)
     t_names = time.perf_counter() - t
@@ -233,9 +272,11 @@ def layer0_line(p: LinuxProducer, t_init: float) -> str:
     ntypes = len(Btf(blob))
     t_btf = time.perf_counter() - t
     panic_ms = p.timings.get("panic_s", 0) * 1000
-    return (f"layer 0 path: producer init {t_init * 1000:.0f} ms + panic() {panic_ms:.0f} ms; "
-            f"baseline, same run: every kallsyms name decoded ({num}) {t_names * 1000:.0f} ms, "
-            f"all of BTF walked ({ntypes} types) {t_btf * 1000:.0f} ms")
+    return (
+        f"layer 0 path: producer init {t_init * 1000:.0f} ms + panic() {panic_ms:.0f} ms; "
+        f"baseline, same run: every kallsyms name decoded ({num}) {t_names * 1000:.0f} ms, "
+        f"all of BTF walked ({ntypes} types) {t_btf * 1000:.0f} ms"
+    )
 
 
 def write_and_recover(snap, work: Path, cut_after: int | None):  # type: ignore[no-untyped-def]
@@ -280,7 +321,9 @@ def drgn_check(vmcore: Path, outdir: Path) -> None:
         import json
 
         pj = json.loads((outdir / "panic.json").read_bytes())
-        cpu = next(c for c in pj["cpus"] if c["panicking"]) if any(c["panicking"] for c in pj["cpus"]) else pj["cpus"][0]
+        cpu = (
+            next(c for c in pj["cpus"] if c["panicking"]) if any(c["panicking"] for c in pj["cpus"]) else pj["cpus"][0]
+        )
         rip = int(cpu["regs"]["rip"], 16)
         s = prog.symbol(rip)
         rip_ok = f"{s.name}+{rip - s.address:#x}" == cpu["rip_symbol"].split("/")[0]
@@ -290,9 +333,11 @@ def drgn_check(vmcore: Path, outdir: Path) -> None:
             w = struct.unpack("<Q", prog.read(int(f["stack_addr"], 16), 8))[0]
             s = prog.symbol(w - 1)  # a return address, looked up like printk's %pB
             agree += f"{s.name}+{w - s.address:#x}" == f["symbol"].split("/")[0]
-        print(f"drgn 0.3 on the recovered layer-2 vmcore: kallsyms loaded in {t_sym * 1000:.0f} ms; "
-              f"RIP {'agrees' if rip_ok else 'DISAGREES'}; stack-scan frames re-read and symbolized: "
-              f"{agree}/{len(frames)} agree")
+        print(
+            f"drgn 0.3 on the recovered layer-2 vmcore: kallsyms loaded in {t_sym * 1000:.0f} ms; "
+            f"RIP {'agrees' if rip_ok else 'DISAGREES'}; stack-scan frames re-read and symbolized: "
+            f"{agree}/{len(frames)} agree"
+        )
     finally:
         pass
 
@@ -302,7 +347,11 @@ def dbg_check(snap, vmcore: Path, outdir: Path) -> None:  # type: ignore[no-unty
 
     release = snap.vmcoreinfo["OSRELEASE"]
     env = os.environ.get("PROGDUMP_VMLINUX_DBG")
-    vmlinux = Path(env) if env else Path(__file__).resolve().parent.parent / ".cache/dbg/usr/lib/debug/boot" / f"vmlinux-{release}"
+    vmlinux = (
+        Path(env)
+        if env
+        else Path(__file__).resolve().parent.parent / ".cache/dbg/usr/lib/debug/boot" / f"vmlinux-{release}"
+    )
     if not vmlinux.is_file():
         print(f"drgn + -dbg vmlinux: skipped (no {vmlinux})")
         return
@@ -334,11 +383,16 @@ def dbg_check(snap, vmcore: Path, outdir: Path) -> None:  # type: ignore[no-unty
         pass
     tasks = json.loads((outdir / "tasks.json").read_bytes())["tasks"]
     both = [t for t in tasks if int(t["task"], 16) in theirs]
-    same = sum(1 for t in both if [int(f["address"], 16) for f in t["backtrace"] if f["method"] == "orc"]
-               == theirs[int(t["task"], 16)])
-    print(f"drgn + -dbg vmlinux on the recovered layer-2 vmcore: get_dmesg {'IDENTICAL to' if log_same else 'DIFFERS from'} our dmesg.txt; "
-          f"its own unwinder: {same}/{len(both)} task backtraces identical "
-          f"pc by pc ({len(tasks) - len(both)} idle tasks drgn does not list); drgn unwind {t_drgn * 1000:.0f} ms")
+    same = sum(
+        1
+        for t in both
+        if [int(f["address"], 16) for f in t["backtrace"] if f["method"] == "orc"] == theirs[int(t["task"], 16)]
+    )
+    print(
+        f"drgn + -dbg vmlinux on the recovered layer-2 vmcore: get_dmesg {'IDENTICAL to' if log_same else 'DIFFERS from'} our dmesg.txt; "
+        f"its own unwinder: {same}/{len(both)} task backtraces identical "
+        f"pc by pc ({len(tasks) - len(both)} idle tasks drgn does not list); drgn unwind {t_drgn * 1000:.0f} ms"
+    )
 
 
 def main() -> None:

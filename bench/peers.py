@@ -252,8 +252,15 @@ def run_resident(go: dict, elf: Path, work: Path, dev_size: int) -> Run:
     r = one(go, "none", "progressive-raw", work, dev_size)
     layers = {k: [v, v] for k, v in sorted(r["go_to_layer_s"].items())}
     last = max(v for v, _ in layers.values())
-    return Run(RESIDENT, last, 0.0, 0, 0, layers={f"{k}": v for k, v in layers.items()},
-               note="wall and layer times from the go line (registers + RAM file handed over); CPU/RSS not sampled")
+    return Run(
+        RESIDENT,
+        last,
+        0.0,
+        0,
+        0,
+        layers={f"{k}": v for k, v in layers.items()},
+        note="wall and layer times from the go line (registers + RAM file handed over); CPU/RSS not sampled",
+    )
 
 
 def combine(rs: list[Run]) -> Run:
@@ -276,7 +283,9 @@ def print_table(runs: list[Run], mem: int) -> None:
             if r.name == RESIDENT:
                 print(f"    layer {k:14} durable {d_open * 1e3:8.1f} ms from go")
             else:
-                print(f"    layer {k:14} durable {d_open * 1e3:8.1f} ms from device open, <= {d_start * 1e3:8.1f} ms from start")
+                print(
+                    f"    layer {k:14} durable {d_open * 1e3:8.1f} ms from device open, <= {d_start * 1e3:8.1f} ms from start"
+                )
 
 
 def main() -> int:
@@ -370,8 +379,12 @@ def main() -> int:
     result = {
         "bench": "peers",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
-                    "loadavg": os.getloadavg()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "loadavg": os.getloadavg(),
+        },  # fmt: skip
         "guest": info,
         "repeat": a.repeat,
         "runs": [asdict(r) for r in runs],

@@ -36,8 +36,9 @@ def main(argv: list[str]) -> int:
             with open(dev, "wb") as f:
                 f.truncate(200 << 20)
             t = time.monotonic()
-            p = subprocess.run([sys.executable, "-m", "progdump", "write", "-q", core, dev], cwd=ROOT,
-                               capture_output=True, text=True)
+            p = subprocess.run(
+                [sys.executable, "-m", "progdump", "write", "-q", core, dev], cwd=ROOT, capture_output=True, text=True
+            )
             print(f"{n} PT_LOADs: write {time.monotonic() - t:.2f} s (exit {p.returncode})", flush=True)
     return 0
 

@@ -45,7 +45,14 @@ def go_message(elf: Path) -> dict:
         cpus = [{"index": c.index, "regs": dict(c.regs)} for c in s.cpus]
         console = s.console_tail[-64 * 1024 :].decode("utf-8", "replace")
         meta = {k: v for k, v in s.metadata.items() if isinstance(v, (str, int, float))}
-    return {"ram": str(elf), "ranges": ranges, "cpus": cpus, "vmcoreinfo": vmci, "console_tail": console, "metadata": meta}
+    return {
+        "ram": str(elf),
+        "ranges": ranges,
+        "cpus": cpus,
+        "vmcoreinfo": vmci,
+        "console_tail": console,
+        "metadata": meta,
+    }
 
 
 def one(go: dict, model: str, plan: str, work: Path, size: int, extra: tuple[str, ...] = ()) -> dict:

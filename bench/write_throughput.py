@@ -298,8 +298,13 @@ def main() -> int:
     result = {
         "bench": "write_throughput",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
-                    "loadavg_before": load_before, "loadavg_after": load_after},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },  # fmt: skip
         "repeat": a.repeat,
         "snapshot": {k: desc[k] for k in ("size", "seed", "gen_version", "blend", "pages", "zero_fraction")},
         "runs": [asdict(r) | {"snapshot_MBps": size / MB / r.wall_s} for r in runs],

@@ -28,27 +28,50 @@ def _say(msg: str) -> None:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m harness", description=__doc__.split("\n\n")[0])
-    ap.add_argument("verb", choices=("boot", "panic", "capture", "shell"),
-                    help="boot: boot to ready and quit; panic: boot, panic, report; capture: boot, panic, "
-                         "capture (and --out); shell: boot and run commands typed on stdin")
-    ap.add_argument("--guest", default=os.environ.get("GUEST") or "linux", help="guest profile (default: $GUEST or linux)")
+    ap.add_argument(
+        "verb",
+        choices=("boot", "panic", "capture", "shell"),
+        help="boot: boot to ready and quit; panic: boot, panic, report; capture: boot, panic, "
+        "capture (and --out); shell: boot and run commands typed on stdin",
+    )
+    ap.add_argument(
+        "--guest", default=os.environ.get("GUEST") or "linux", help="guest profile (default: $GUEST or linux)"
+    )
     ap.add_argument("--mem", type=int, default=512, help="guest RAM in MiB (default 512)")
     ap.add_argument("--smp", type=int, default=1)
     ap.add_argument("--accel", default="auto", choices=("auto", "tcg", "kvm"))
-    ap.add_argument("--trigger", help="panic trigger (linux: sysrq, nmi, oops, hung-task, init-exit; "
-                                      "omnios: uadmin, dtrace, nmi); default: the guest's first")
-    ap.add_argument("--method", default="auto", choices=("auto", "shared", "pmemsave", "elf"),
-                    help="capture method (auto: zero-copy shared RAM)")
+    ap.add_argument(
+        "--trigger",
+        help="panic trigger (linux: sysrq, nmi, oops, hung-task, init-exit; "
+        "omnios: uadmin, dtrace, nmi); default: the guest's first",
+    )
+    ap.add_argument(
+        "--method",
+        default="auto",
+        choices=("auto", "shared", "pmemsave", "elf"),
+        help="capture method (auto: zero-copy shared RAM)",
+    )
     ap.add_argument("--out", type=Path, help="capture: write the snapshot as an ELF core here")
     ap.add_argument("--markers", type=Path, help="write the guest's ground-truth markers (JSON) here")
     ap.add_argument("--dump-disk", type=Path, help="raw image attached as the guest's dump disk")
     ap.add_argument("--workdir", type=Path, help="logs (console.log, qemu.log); default /tmp/progdump-<pid>")
-    ap.add_argument("--knob", action="append", default=[], metavar="K=V",
-                    help="guest setting, e.g. panic_print=0x1 (repeatable)")
-    ap.add_argument("--workload", action="append", default=[], metavar="CMD",
-                    help="shell command to run in the guest before the panic (repeatable)")
-    ap.add_argument("--load", action="append", default=[], metavar="KIND=N",
-                    help="workload before the panic: pagecache=MiB, anon=MiB, slab=entries (repeatable)")
+    ap.add_argument(
+        "--knob", action="append", default=[], metavar="K=V", help="guest setting, e.g. panic_print=0x1 (repeatable)"
+    )
+    ap.add_argument(
+        "--workload",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="shell command to run in the guest before the panic (repeatable)",
+    )
+    ap.add_argument(
+        "--load",
+        action="append",
+        default=[],
+        metavar="KIND=N",
+        help="workload before the panic: pagecache=MiB, anon=MiB, slab=entries (repeatable)",
+    )
     ap.add_argument("--ssh", action="store_true", help="forward a local port to the guest's dropbear")
     ap.add_argument("--show-command", action="store_true", help="print the QEMU command line and exit")
     ap.add_argument("-q", "--quiet", action="store_true")
@@ -74,12 +97,22 @@ def main(argv: list[str] | None = None) -> int:
         knobs[k] = v
     log = (lambda s: None) if args.quiet else _say
     try:
-        session = GuestSession(args.guest, mem_mib=args.mem, smp=args.smp, dump_disk=args.dump_disk,
-                               workdir=args.workdir, accel=args.accel, knobs=knobs, ssh=args.ssh, log=log)
+        session = GuestSession(
+            args.guest,
+            mem_mib=args.mem,
+            smp=args.smp,
+            dump_disk=args.dump_disk,
+            workdir=args.workdir,
+            accel=args.accel,
+            knobs=knobs,
+            ssh=args.ssh,
+            log=log,
+        )
         args.trigger = args.trigger or session.profile.triggers[0]
         if args.verb in ("panic", "capture") and args.trigger not in session.profile.triggers:
-            raise ValueError(f"unknown trigger {args.trigger!r} for {args.guest} "
-                             f"(known: {', '.join(session.profile.triggers)})")
+            raise ValueError(
+                f"unknown trigger {args.trigger!r} for {args.guest} (known: {', '.join(session.profile.triggers)})"
+            )
         if args.show_command:
             print(format_argv(session.command_line()))
             return 0
@@ -105,15 +138,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.verb in ("panic", "capture"):
                 p = s.panic(args.trigger)
                 seen = "GUEST_PANICKED" if session.profile.panic_detection == "event" else "panic line on the console"
-                _say(f"panic ({p.trigger}): {seen} {p.event_latency_ms:.1f} ms after the trigger, "
-                     f"stopped {p.stop_ms:.1f} ms later, status {p.status}; "
-                     f"\"{p.panic_string}\"; console complete: {p.console_complete}")
+                _say(
+                    f"panic ({p.trigger}): {seen} {p.event_latency_ms:.1f} ms after the trigger, "
+                    f"stopped {p.stop_ms:.1f} ms later, status {p.status}; "
+                    f'"{p.panic_string}"; console complete: {p.console_complete}'
+                )
             if args.verb == "capture":
                 snap = s.capture(args.method)
                 try:
-                    _say(f"snapshot: {snap.total_bytes / 2**20:.0f} MiB in {len(snap.ranges)} ranges, "
-                         f"{len(snap.cpus)} CPUs, VMCOREINFO {'yes' if snap.vmcoreinfo_raw else 'NO'}, "
-                         f"{snap.metadata.get('capture_method')}, {s.timings['capture'] * 1000:.1f} ms")
+                    _say(
+                        f"snapshot: {snap.total_bytes / 2**20:.0f} MiB in {len(snap.ranges)} ranges, "
+                        f"{len(snap.cpus)} CPUs, VMCOREINFO {'yes' if snap.vmcoreinfo_raw else 'NO'}, "
+                        f"{snap.metadata.get('capture_method')}, {s.timings['capture'] * 1000:.1f} ms"
+                    )
                     if args.out:
                         t1 = time.monotonic()
                         snap.to_elf(args.out)

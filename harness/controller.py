@@ -14,15 +14,15 @@ import asyncio
 import base64
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from harness.errors import BootError, CommandError, GuestTimeout, HarnessError, PanicError
 from harness.guests import get_profile
@@ -103,22 +103,35 @@ class GuestSession:
     ``extra_args``: more QEMU arguments, after the profile's (a scenario setup's devices).
     """
 
-    def __init__(self, guest: str = "linux", mem_mib: int = 512, dump_disk: Path | None = None,
-                 workdir: Path | None = None, *, smp: int = 1, disks: Sequence[Path | DiskSpec] = (),
-                 accel: str = "auto", knobs: dict[str, str] | None = None, shared_ram: bool = True,
-                 ssh: bool = False, log: Callable[[str], None] | None = None,
-                 profile: GuestProfile | None = None, timeouts: Timeouts | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        guest: str = "linux",
+        mem_mib: int = 512,
+        dump_disk: Path | None = None,
+        workdir: Path | None = None,
+        *,
+        smp: int = 1,
+        disks: Sequence[Path | DiskSpec] = (),
+        accel: str = "auto",
+        knobs: dict[str, str] | None = None,
+        shared_ram: bool = True,
+        ssh: bool = False,
+        log: Callable[[str], None] | None = None,
+        profile: GuestProfile | None = None,
+        timeouts: Timeouts | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.profile = profile or get_profile(guest)
         self.guest = self.profile.name
         self.mem_mib = mem_mib
         self.smp = smp
         self.dump_disk = Path(dump_disk) if dump_disk is not None else None
-        self.disks = [d if isinstance(d, DiskSpec) else DiskSpec(Path(d), f"disk{i}")
-                      for i, d in enumerate(disks)]
+        self.disks = [d if isinstance(d, DiskSpec) else DiskSpec(Path(d), f"disk{i}") for i, d in enumerate(disks)]
         # A private fresh directory (mkdtemp: 0700, a name nobody can predict or plant beforehand),
         # not /tmp/progdump-<pid>, which another user could create first and fill with links.
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"progdump-{self.guest}-"))
+        self.workdir = (
+            Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"progdump-{self.guest}-"))
+        )
         self.accel_request = accel
         self.knobs = dict(knobs or {})
         self.shared_ram = shared_ram
@@ -166,7 +179,7 @@ class GuestSession:
             raise HarnessError("the machine was closed")
         return self.machine
 
-    def __enter__(self) -> "GuestSession":
+    def __enter__(self) -> GuestSession:
         self.start()
         return self
 
@@ -211,12 +224,20 @@ class GuestSession:
             self.ssh_port = _free_port()
         assert self.accel is not None
         return MachineConfig(
-            qmp_socket=rundir.qmp, console_socket=rundir.console,
+            qmp_socket=rundir.qmp,
+            console_socket=rundir.console,
             cmd_socket=rundir.cmd if spec.cmd_channel else None,
-            mem_mib=self.mem_mib, smp=self.smp, accel=self.accel,
-            kernel=spec.kernel, initrd=spec.initrd, append=spec.append,
-            ram_file=rundir.ram, dump_disk=dump, disks=tuple(disks),
-            ssh_port=self.ssh_port, extra_args=tuple(spec.extra_args) + self.extra_args,
+            mem_mib=self.mem_mib,
+            smp=self.smp,
+            accel=self.accel,
+            kernel=spec.kernel,
+            initrd=spec.initrd,
+            append=spec.append,
+            ram_file=rundir.ram,
+            dump_disk=dump,
+            disks=tuple(disks),
+            ssh_port=self.ssh_port,
+            extra_args=tuple(spec.extra_args) + self.extra_args,
         )
 
     def command_line(self) -> list[str]:
@@ -245,8 +266,7 @@ class GuestSession:
             except BaseException:
                 rundir.remove()
                 raise
-            machine = Machine(cfg, rundir, self.t, self.workdir / "console.log",
-                              self.workdir / "qemu.log", self.log)
+            machine = Machine(cfg, rundir, self.t, self.workdir / "console.log", self.workdir / "qemu.log", self.log)
             self.call(machine.launch())  # kills QEMU and removes rundir itself on failure
             self.machine = machine
             self._step("launch", t0)
@@ -264,9 +284,11 @@ class GuestSession:
         limit = timeout or self.t.boot
         try:
             hit = await m.console.wait_for(self.profile.ready_patterns(), since=since, timeout=limit)
-        except asyncio.TimeoutError:
-            raise GuestTimeout(f"{self.guest}: no ready line within {limit:.0f} s; console tail:\n"
-                               f"{m.console.buffer.tail(2000).decode('utf-8', 'replace')}") from None
+        except TimeoutError:
+            raise GuestTimeout(
+                f"{self.guest}: no ready line within {limit:.0f} s; console tail:\n"
+                f"{m.console.buffer.tail(2000).decode('utf-8', 'replace')}"
+            ) from None
         except EOFError:
             m.check_alive("during boot")
             raise BootError("console closed during boot") from None
@@ -284,7 +306,7 @@ class GuestSession:
         if m.cmd is not None:
             try:
                 hello = await m.cmd.wait_hello(self.t.command)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise GuestTimeout("the guest's command server did not say hello") from None
             if hello != boot_id:
                 raise BootError(f"command server of boot {hello} answered, expected {boot_id}")
@@ -303,7 +325,7 @@ class GuestSession:
         limit = timeout or self.t.command
         try:
             res = self.call(m.cmd.run(cmd, limit) if m.cmd is not None else self.profile.run_command(m, cmd, limit))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise GuestTimeout(f"command did not finish within {limit:.0f} s: {cmd[:200]!r}") from None
         except (ConnectionError, OSError, ValueError) as e:
             if m.proc is not None:  # a dying QEMU closes its sockets a moment before it is reaped
@@ -323,7 +345,9 @@ class GuestSession:
     def panic(self, trigger: str = "sysrq") -> PanicResult:
         """Make the guest panic; return once GUEST_PANICKED arrived and the VM is stopped."""
         if trigger not in self.profile.triggers:
-            raise ValueError(f"unknown trigger {trigger!r} for {self.guest} (known: {', '.join(self.profile.triggers)})")
+            raise ValueError(
+                f"unknown trigger {trigger!r} for {self.guest} (known: {', '.join(self.profile.triggers)})"
+            )
         t0 = time.monotonic()
         res = self.call(self._panic(trigger))
         self._step("panic", t0)
@@ -344,9 +368,11 @@ class GuestSession:
             await self.profile.trigger(trigger, m)
             try:
                 ev = await m.next_event(lst, self.t.panic_event)
-            except asyncio.TimeoutError:
-                raise PanicError(f"trigger {trigger!r}: no GUEST_PANICKED within {self.t.panic_event:.0f} s; "
-                                 f"console tail:\n{m.console.buffer.tail(2000).decode('utf-8', 'replace')}") from None
+            except TimeoutError:
+                raise PanicError(
+                    f"trigger {trigger!r}: no GUEST_PANICKED within {self.t.panic_event:.0f} s; "
+                    f"console tail:\n{m.console.buffer.tail(2000).decode('utf-8', 'replace')}"
+                ) from None
         t_ev = time.monotonic()
         ts = ev.get("timestamp") or {}
         try:
@@ -356,16 +382,21 @@ class GuestSession:
         complete = True
         try:
             await m.console.wait_for([end_pat], since=cursor, timeout=self.t.panic_console)
-        except (asyncio.TimeoutError, EOFError):
+        except (TimeoutError, EOFError):
             complete = False
         await m.stop()
         t_stop = time.monotonic()
         hit = first_match(m.console.buffer.lines_since(cursor), [start_pat])
         status = await m.status()
         return PanicResult(
-            trigger=trigger, trigger_ns=trigger_ns, event_ns=event_ns,
-            event_latency_ms=(t_ev - t0) * 1000, stop_ms=(t_stop - t_ev) * 1000,
-            panic_string=hit.group(1) if hit else "", console_complete=complete, status=status,
+            trigger=trigger,
+            trigger_ns=trigger_ns,
+            event_ns=event_ns,
+            event_latency_ms=(t_ev - t0) * 1000,
+            stop_ms=(t_stop - t_ev) * 1000,
+            panic_string=hit.group(1) if hit else "",
+            console_complete=complete,
+            status=status,
         )
 
     async def _panic_console(self, trigger: str, m: Machine, cursor: int, start_pat: Any, end_pat: Any) -> PanicResult:
@@ -382,17 +413,24 @@ class GuestSession:
         await self.profile.trigger(trigger, m)
         try:
             hit = await m.console.wait_for([start_pat], since=cursor, timeout=self.t.panic_event)
-        except (asyncio.TimeoutError, EOFError):
-            raise PanicError(f"trigger {trigger!r}: no panic line on the console within {self.t.panic_event:.0f} s; "
-                             f"console tail:\n{m.console.buffer.tail(2000).decode('utf-8', 'replace')}") from None
+        except (TimeoutError, EOFError):
+            raise PanicError(
+                f"trigger {trigger!r}: no panic line on the console within {self.t.panic_event:.0f} s; "
+                f"console tail:\n{m.console.buffer.tail(2000).decode('utf-8', 'replace')}"
+            ) from None
         t_ev = time.monotonic()
         event_ns = time.time_ns()
         await m.stop()
         t_stop = time.monotonic()
         complete = first_match(m.console.buffer.lines_since(cursor), [end_pat]) is not None
         return PanicResult(
-            trigger=trigger, trigger_ns=trigger_ns, event_ns=event_ns, event_latency_ms=(t_ev - t0) * 1000,
-            stop_ms=(t_stop - t_ev) * 1000, panic_string=hit.group(1), console_complete=complete,
+            trigger=trigger,
+            trigger_ns=trigger_ns,
+            event_ns=event_ns,
+            event_latency_ms=(t_ev - t0) * 1000,
+            stop_ms=(t_stop - t_ev) * 1000,
+            panic_string=hit.group(1),
+            console_complete=complete,
             status=await m.status(),
         )
 
@@ -416,8 +454,11 @@ class GuestSession:
             "boot_id": self.boot_id,
         }
         if self.last_panic is not None:
-            meta.update(panic_event_ns=self.last_panic.event_ns, panic_trigger=self.last_panic.trigger,
-                        panic_string=self.last_panic.panic_string)
+            meta.update(
+                panic_event_ns=self.last_panic.event_ns,
+                panic_trigger=self.last_panic.trigger,
+                panic_string=self.last_panic.panic_string,
+            )
         res = self.call(capture_state(m, self.workdir, method, m.console.buffer.tail(64 * 1024), meta))
         snap = res.snapshot
         snap.notes.extend(self.profile.snapshot_notes())  # e.g. the illumos symbol manifest
@@ -500,8 +541,15 @@ class GuestSession:
         kt, kb = creds.host_key.split()[:2]
         client.get_host_keys().add(f"[127.0.0.1]:{self.ssh_port}", kt, paramiko.Ed25519Key(data=base64.b64decode(kb)))
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        client.connect("127.0.0.1", port=self.ssh_port, username=creds.user, pkey=key,
-                       timeout=timeout, allow_agent=False, look_for_keys=False)
+        client.connect(
+            "127.0.0.1",
+            port=self.ssh_port,
+            username=creds.user,
+            pkey=key,
+            timeout=timeout,
+            allow_agent=False,
+            look_for_keys=False,
+        )
         return client
 
     @property
@@ -511,22 +559,21 @@ class GuestSession:
         return self.machine.console.buffer.text()
 
 
-def probe_kvm(profile: "GuestProfile", seconds: float = PROBE_SECONDS) -> tuple[bool, str]:
+def probe_kvm(profile: GuestProfile, seconds: float = PROBE_SECONDS) -> tuple[bool, str]:
     """Boot ``profile`` under KVM once; (works, why)."""
     t = timeouts_for("kvm")
     t0 = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="progdump-kvm-probe-"))
     try:
-        with GuestSession(profile=profile, accel="kvm", mem_mib=256, shared_ram=False,
-                          workdir=work, timeouts=t) as s:
+        with GuestSession(profile=profile, accel="kvm", mem_mib=256, shared_ram=False, workdir=work, timeouts=t) as s:
             s.boot(timeout=seconds)
         shutil.rmtree(work, ignore_errors=True)
         return True, f"probe boot reached ready in {time.monotonic() - t0:.1f} s"
     except HarnessError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return False, (f"probe boot under KVM failed after {time.monotonic() - t0:.1f} s: {first[:200]} "
-                       f"(logs in {work})")
-
+        return False, (
+            f"probe boot under KVM failed after {time.monotonic() - t0:.1f} s: {first[:200]} (logs in {work})"
+        )
 
 
 def _free_port() -> int:

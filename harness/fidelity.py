@@ -12,7 +12,7 @@ without a VM.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from harness.report import Row
 
@@ -63,8 +63,17 @@ def fidelity_summary(rows: Iterable[Row]) -> dict[str, object]:
     out["per_model"] = {m: _block([r for r in ks if r.device_model == m]) for m in sorted({r.device_model for r in ks})}
     out["per_plan"] = {p: _block([r for r in ks if r.plan == p]) for p in sorted({r.plan for r in ks})}
     out["disagreements"] = [
-        {"scenario": r.scenario, "device_model": r.device_model, "plan": r.plan, "trial": r.trial,
-         "reset_ms": r.t_ms, "statuses": r.statuses, "trace": r.trace, "why": r.reasons}
-        for r in ks if r.agreement == "disagree"
+        {
+            "scenario": r.scenario,
+            "device_model": r.device_model,
+            "plan": r.plan,
+            "trial": r.trial,
+            "reset_ms": r.t_ms,
+            "statuses": r.statuses,
+            "trace": r.trace,
+            "why": r.reasons,
+        }
+        for r in ks
+        if r.agreement == "disagree"
     ]
     return out

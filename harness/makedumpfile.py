@@ -86,7 +86,7 @@ def compare_with_layer2(snapshot, page_classes, kept: np.ndarray) -> SetComparis
     present = np.zeros(n, dtype=bool)
     for first, cnt in snapshot.pfn_runs():
         lo = first - page_classes.base_pfn
-        present[max(lo, 0):min(lo + cnt, n)] = True
+        present[max(lo, 0) : min(lo + cnt, n)] = True
     cls = cls[:n]
     ours = present & ((cls == PageClass.KERNEL) | (cls == PageClass.UNKNOWN))
     return SetComparison(page_classes.base_pfn, cls, present, ours, present & kept[:n])

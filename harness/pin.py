@@ -59,12 +59,15 @@ def make_copy(mode: str, dst: Path, root: Path | None = None) -> dict[str, objec
             info["pin"] = "tree (no git HEAD: " + p.stderr.decode(errors="replace").strip()[:100] + ")"
     if not done:
         for pkg in PACKAGES:
-            shutil.copytree(root / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-                            dirs_exist_ok=True)
+            shutil.copytree(
+                root / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True
+            )
     r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
     if r.returncode == 0:
         info["commit"] = r.stdout.strip()
-        st = subprocess.run(["git", "-C", str(root), "status", "--porcelain", *PACKAGES], capture_output=True, text=True)
+        st = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", *PACKAGES], capture_output=True, text=True
+        )
         info["tree_dirty"] = bool(st.stdout.strip())
     return info
 

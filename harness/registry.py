@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, Generic, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 __all__ = ["PackageRegistry"]
 
@@ -20,8 +21,9 @@ C = TypeVar("C", bound=type)
 class PackageRegistry(Generic[C]):
     """``what`` names the kind in messages; ``error`` is raised for unknown, broken or doubly registered names."""
 
-    def __init__(self, package: str, path: Iterable[str], what: str, error: type[Exception],
-                 skip: tuple[str, ...] = ("base",)) -> None:
+    def __init__(
+        self, package: str, path: Iterable[str], what: str, error: type[Exception], skip: tuple[str, ...] = ("base",)
+    ) -> None:
         self.package, self.path, self.what, self.error, self.skip = package, list(path), what, error, skip
         self.classes: dict[str, C] = {}
         self.import_errors: dict[str, str] = {}

@@ -18,9 +18,9 @@ import csv
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable
 
 __all__ = [
     "Row",
@@ -143,15 +143,23 @@ def summarize(
             },
         }
 
-    def block(rs: list[Row], dur: dict[str, dict[str, list[float]]], aft: dict[str, dict[str, list[float]]]
-              ) -> dict[str, object]:
+    def block(
+        rs: list[Row], dur: dict[str, dict[str, list[float]]], aft: dict[str, dict[str, list[float]]]
+    ) -> dict[str, object]:
         out = counts(rs)
         by_plan: dict[str, object] = {}
         for plan, names in plans.items():
             d, a = dur.get(plan, {}), aft.get(plan, {})
             pb = counts([r for r in rs if r.plan == plan])
-            pb["layers"] = [{"index": i, "name": n, "durable_ms": percentiles(d.get(n, [])),
-                             "durable_after_event_ms": percentiles(a.get(n, []))} for i, n in enumerate(names)]
+            pb["layers"] = [
+                {
+                    "index": i,
+                    "name": n,
+                    "durable_ms": percentiles(d.get(n, [])),
+                    "durable_after_event_ms": percentiles(a.get(n, [])),
+                }
+                for i, n in enumerate(names)
+            ]
             by_plan[plan] = pb
         out["plans"] = by_plan
         head = plans.get(first, []) if first else []
@@ -167,8 +175,9 @@ def summarize(
                     merged.setdefault(plan, {}).setdefault(k, []).extend(v)
         return merged
 
-    per_model = {m: block([r for r in rows if r.device_model == m], durable_ms.get(m, {}), after.get(m, {}))
-                 for m in models}
+    per_model = {
+        m: block([r for r in rows if r.device_model == m], durable_ms.get(m, {}), after.get(m, {})) for m in models
+    }
     top: dict[str, object] = {"scenario": scenario, "guest": guest, "device_model": ",".join(models)}
     top.update(block(rows, merge(durable_ms), merge(after)))
     top["plan_names"] = list(plans)
@@ -255,15 +264,28 @@ def plot_curve(
             pr = [r for r in rs if r.plan == plan]
             rep = [r for r in pr if r.source == "replay"]
             if rep:
-                ax.scatter([max(XMIN_S, r.t_ms / 1e3) for r in rep],
-                           [r.layers_recovered / max(1, r.layers_total) + off for r in rep],
-                           s=6, alpha=0.25, color=color, linewidths=0, label=f"{plan}: replayed crash states")
+                ax.scatter(
+                    [max(XMIN_S, r.t_ms / 1e3) for r in rep],
+                    [r.layers_recovered / max(1, r.layers_total) + off for r in rep],
+                    s=6,
+                    alpha=0.25,
+                    color=color,
+                    linewidths=0,
+                    label=f"{plan}: replayed crash states",
+                )
             real = [r for r in pr if r.source == "real" and r.kind != "complete"]
             if real:
-                ax.scatter([max(XMIN_S, r.t_ms / 1e3) for r in real],
-                           [r.layers_recovered / max(1, r.layers_total) + off for r in real],
-                           s=60, marker=marker, facecolors=color, edgecolors="black", linewidths=0.8, zorder=5,
-                           label=f"{plan}: real resets (SIGKILL + system_reset)")
+                ax.scatter(
+                    [max(XMIN_S, r.t_ms / 1e3) for r in real],
+                    [r.layers_recovered / max(1, r.layers_total) + off for r in real],
+                    s=60,
+                    marker=marker,
+                    facecolors=color,
+                    edgecolors="black",
+                    linewidths=0.8,
+                    zorder=5,
+                    label=f"{plan}: real resets (SIGKILL + system_reset)",
+                )
             xs, ys = _staircase(durable_ms.get(model, {}).get(plan, {}), names)
             xs = [max(XMIN_S, x) for x in xs]
             if len(xs) > 1:
@@ -318,7 +340,8 @@ def format_table(summary: dict[str, object], plans: dict[str, list[str]]) -> str
     per = summary.get("per_model", {})
     width = max((len(v) for v in plans.values()), default=0)
     head = ["model", "plan", "real", "replayed", "false acc", "lost", "agree"] + [
-        f"L{i} p50/max ms" for i in range(width)]
+        f"L{i} p50/max ms" for i in range(width)
+    ]
     lines = [head]
     for m, b in per.items():  # type: ignore[union-attr]
         for plan in plans:
@@ -326,13 +349,22 @@ def format_table(summary: dict[str, object], plans: dict[str, list[str]]) -> str
             if pb is None:
                 continue
             ag = pb["agreement"]
-            cells = [m, plan, str(pb["real_trials"]), str(pb["replayed_states"]), str(pb["false_accepts"]),
-                     str(pb["committed_layers_lost"]), f"{ag['agree']}/{ag['agree'] + ag['disagree']}"]
+            cells = [
+                m,
+                plan,
+                str(pb["real_trials"]),
+                str(pb["replayed_states"]),
+                str(pb["false_accepts"]),
+                str(pb["committed_layers_lost"]),
+                f"{ag['agree']}/{ag['agree'] + ag['disagree']}",
+            ]
             for lay in pb["layers"]:
                 d = lay["durable_ms"]
                 ev = (lay.get("durable_after_event_ms") or {}).get("p50")
-                cells.append(f"{lay['name']} {_fmt(d.get('p50'))}/{_fmt(d.get('max'))}"
-                             + (f" ev {_fmt(ev)}" if ev is not None else ""))
+                cells.append(
+                    f"{lay['name']} {_fmt(d.get('p50'))}/{_fmt(d.get('max'))}"
+                    + (f" ev {_fmt(ev)}" if ev is not None else "")
+                )
             cells += [""] * (len(head) - len(cells))
             lines.append(cells)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
@@ -369,7 +401,12 @@ def write_report_md(
         "",
     ]
     md += list(extra_lines)
-    md += ["## Real trials", "", "| model | plan | reset at ms | layers | statuses | committed | lost | false accept | agreement |", "|---|---|---|---|---|---|---|---|---|"]
+    md += [
+        "## Real trials",
+        "",
+        "| model | plan | reset at ms | layers | statuses | committed | lost | false accept | agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in real:
         md.append(
             f"| {r.device_model} | {r.plan} | {'end' if r.kind == 'complete' else f'{r.t_ms:.1f}'} | {r.layers_recovered}/{r.layers_total} "
@@ -381,9 +418,16 @@ def write_report_md(
         md += [f"- {r.device_model} {r.plan} trial {r.trial} at {r.t_ms:.1f} ms: {r.reasons}" for r in dis]
         md.append("")
     if bad:
-        md += ["## Failures (false accepts, committed layers lost)", "", "Replay one exactly with the command in the row; narrow it with `python -m harness.crashsim narrow ...`.", ""]
+        md += [
+            "## Failures (false accepts, committed layers lost)",
+            "",
+            "Replay one exactly with the command in the row; narrow it with `python -m harness.crashsim narrow ...`.",
+            "",
+        ]
         for r in bad[:50]:
-            md.append(f"- {r.source} {r.device_model} {r.plan} kind={r.kind} t={r.t_ms:.3f} ms seed={r.seed} trace={r.trace}: {r.reasons}")
+            md.append(
+                f"- {r.source} {r.device_model} {r.plan} kind={r.kind} t={r.t_ms:.3f} ms seed={r.seed} trace={r.trace}: {r.reasons}"
+            )
         md.append("")
     Path(path).write_text("\n".join(md) + "\n")
 
@@ -419,7 +463,9 @@ class Progress:
         if sys.stderr.isatty():
             width = 30
             fill = int(width * self.done / max(1, self.total))
-            sys.stderr.write(f"\r{self.label:<28} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {note[:40]:<40}")
+            sys.stderr.write(
+                f"\r{self.label:<28} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {note[:40]:<40}"
+            )
             if self.done >= self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()

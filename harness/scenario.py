@@ -30,6 +30,7 @@ import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 
 from harness.errors import GuestFailure, HarnessError
@@ -49,8 +50,20 @@ BASELINE_DIR = SCENARIO_DIR / "baseline"
 REGRESS_TOLERANCE = {"ratio": 2.0, "floor_ms": 400.0}
 
 _KNOWN_KEYS = {
-    "description", "guest", "memory_mib", "trigger", "device_models", "plans", "seed", "ci",
-    "workload", "trials", "setup", "setup_params", "expect_holes", "knobs",
+    "description",
+    "guest",
+    "memory_mib",
+    "trigger",
+    "device_models",
+    "plans",
+    "seed",
+    "ci",
+    "workload",
+    "trials",
+    "setup",
+    "setup_params",
+    "expect_holes",
+    "knobs",
 }
 
 
@@ -78,7 +91,7 @@ class Scenario:
     knobs: dict[str, str] = field(default_factory=dict)
     path: str = ""
 
-    def with_env(self, env: dict[str, str] | None = None) -> "Scenario":
+    def with_env(self, env: dict[str, str] | None = None) -> Scenario:
         """Apply ``TRIALS=`` / ``STATES=`` overrides (non-negative integers) and ``GUEST=`` (a profile name)."""
         env = dict(os.environ if env is None else env)
         out = Scenario(**{k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -239,7 +252,12 @@ def compare(summary: dict, baseline: dict, tolerance: dict = REGRESS_TOLERANCE) 
         line(key, baseline.get(key), summary.get(key), True)
     ag = summary.get("agreement", {})
     bag = baseline.get("agreement", {})
-    line("agreement agree/disagree", f"{bag.get('agree')}/{bag.get('disagree')}", f"{ag.get('agree')}/{ag.get('disagree')}", True)
+    line(
+        "agreement agree/disagree",
+        f"{bag.get('agree')}/{bag.get('disagree')}",
+        f"{ag.get('agree')}/{ag.get('disagree')}",
+        True,
+    )
     lines.append(
         f"tolerance: layer-0 p95 may exceed the baseline by x{tolerance['ratio']} or +{tolerance['floor_ms']:.0f} ms, whichever is larger"
     )
@@ -252,7 +270,9 @@ def compare(summary: dict, baseline: dict, tolerance: dict = REGRESS_TOLERANCE) 
 def cmd_list() -> int:
     for s in list_scenarios():
         tag = " [ci]" if s.ci else ""
-        print(f"{s.name:<22} {s.guest} {s.memory_mib} MiB, {s.trigger}, {'/'.join(s.device_models)}: {s.description}{tag}")
+        print(
+            f"{s.name:<22} {s.guest} {s.memory_mib} MiB, {s.trigger}, {'/'.join(s.device_models)}: {s.description}{tag}"
+        )
     return 0
 
 
@@ -267,8 +287,9 @@ def cmd_run(name: str, results_root: str | None = None) -> tuple[int, dict | Non
     except HarnessError as e:
         raise ScenarioError(f"{sc.name} (guest {sc.guest}): {e}") from None
     if sc.trigger not in prof.triggers:
-        raise ScenarioError(f"{sc.name}: trigger {sc.trigger!r} is not one of guest {sc.guest}'s "
-                            f"({', '.join(prof.triggers)})")
+        raise ScenarioError(
+            f"{sc.name}: trigger {sc.trigger!r} is not one of guest {sc.guest}'s ({', '.join(prof.triggers)})"
+        )
     from harness.trials import run_scenario
 
     root = results_root or os.environ.get("RESULTS") or str(ROOT / "results")
@@ -281,7 +302,7 @@ def cmd_run(name: str, results_root: str | None = None) -> tuple[int, dict | Non
     return (1 if bad else 0), summary
 
 
-def holes_problem(sc: "Scenario", summary: dict) -> str:
+def holes_problem(sc: Scenario, summary: dict) -> str:
     """'' unless the scenario expects holes (write errors) and no reference recovery reported one."""
     if not sc.expect_holes:
         return ""
@@ -323,19 +344,30 @@ def regress_totals(summaries: dict[str, dict], rows: list) -> dict:
         "agreement": {"agree": fid["agree"], "disagree": fid["disagree"]},
         "agreement_95ci": fid["agreement_95ci"],
         "disagreements": fid["disagreements"],
-        "per_scenario": {n: {k: s.get(k) for k in ("real_trials", "replayed_states", "false_accepts",
-                                                    "committed_layers_lost", "agreement", "results_dir")}
-                         for n, s in summaries.items()},
+        "per_scenario": {
+            n: {
+                k: s.get(k)
+                for k in (
+                    "real_trials",
+                    "replayed_states",
+                    "false_accepts",
+                    "committed_layers_lost",
+                    "agreement",
+                    "results_dir",
+                )
+            }
+            for n, s in summaries.items()
+        },
     }
 
 
 def _write_run_summary(kind: str, doc: dict) -> Path:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from harness.report import new_results_dir, write_summary
 
     root = os.environ.get("RESULTS") or str(ROOT / "results")
-    d = new_results_dir(root, kind, datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    d = new_results_dir(root, kind, datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
     write_summary(doc, d / "summary.json")
     return d
 
@@ -374,10 +406,12 @@ def cmd_regress(update: bool = False) -> int:
     d = _write_run_summary("regress", totals)
     print("\n".join(report))
     ag = totals["agreement"]
-    print(f"regress totals: {len(summaries)} scenarios, {totals['replayed_states']} replayed crash states, "
-          f"{totals['real_resets']} real killed resets, false accepts {totals['false_accepts']}, committed layers lost "
-          f"{totals['committed_layers_lost']}, agreement {ag['agree']} agree / {ag['disagree']} disagree "
-          f"(summary: {d / 'summary.json'})")
+    print(
+        f"regress totals: {len(summaries)} scenarios, {totals['replayed_states']} replayed crash states, "
+        f"{totals['real_resets']} real killed resets, false accepts {totals['false_accepts']}, committed layers lost "
+        f"{totals['committed_layers_lost']}, agreement {ag['agree']} agree / {ag['disagree']} disagree "
+        f"(summary: {d / 'summary.json'})"
+    )
     print("regress:", "PASS" if ok_all else "FAIL")
     return 0 if ok_all else 1
 
@@ -390,22 +424,35 @@ def cmd_fidelity(name: str = "fidelity") -> int:
     rc, summary = cmd_run(name)
     assert summary is not None
     fid = fidelity_summary(_rows_of(summary))
-    summary.update({"fidelity": fid, "real_resets": fid["real_resets"], "agree": fid["agree"],
-                    "disagree": fid["disagree"], "agreement_95ci": fid["agreement_95ci"]})
+    summary.update(
+        {
+            "fidelity": fid,
+            "real_resets": fid["real_resets"],
+            "agree": fid["agree"],
+            "disagree": fid["disagree"],
+            "agreement_95ci": fid["agreement_95ci"],
+        }
+    )
     write_summary(summary, Path(str(summary["results_dir"])) / "summary.json")
     n = fid["agree"] + fid["disagree"]
     rate = fid["agreement_rate"]
-    print(f"fidelity: {fid['real_resets']} real killed resets, {fid['agree']} agree / {fid['disagree']} disagree"
-          f" ({'-' if rate is None else f'{rate:.2%}'}, 95 % interval {fid['agreement_95ci']}), "
-          f"false accepts {fid['false_accepts']}, committed layers lost {fid['committed_layers_lost']}")
+    print(
+        f"fidelity: {fid['real_resets']} real killed resets, {fid['agree']} agree / {fid['disagree']} disagree"
+        f" ({'-' if rate is None else f'{rate:.2%}'}, 95 % interval {fid['agreement_95ci']}), "
+        f"false accepts {fid['false_accepts']}, committed layers lost {fid['committed_layers_lost']}"
+    )
     for m, b in fid["per_model"].items():  # type: ignore[union-attr]
         print(f"  {m:<10} {b['agree']}/{b['agree'] + b['disagree']} agree, 95 % interval {b['agreement_95ci']}")
     for d in fid["disagreements"]:  # type: ignore[union-attr]
-        print(f"  disagree: {d['device_model']} {d['plan']} trial {d['trial']} at {d['reset_ms']} ms: {d['why']} "
-              f"(trace {d['trace']})")
+        print(
+            f"  disagree: {d['device_model']} {d['plan']} trial {d['trial']} at {d['reset_ms']} ms: {d['why']} "
+            f"(trace {d['trace']})"
+        )
     ok = rc == 0 and n > 0 and (rate or 0) >= FIDELITY_GOAL
-    print(f"fidelity: {'PASS' if ok else 'FAIL'} (goal: {FIDELITY_GOAL:.0%} agreement; summary "
-          f"{summary['results_dir']}/summary.json)")
+    print(
+        f"fidelity: {'PASS' if ok else 'FAIL'} (goal: {FIDELITY_GOAL:.0%} agreement; summary "
+        f"{summary['results_dir']}/summary.json)"
+    )
     return 0 if ok else 1
 
 

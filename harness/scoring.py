@@ -141,7 +141,7 @@ def vmcore_loads(path: str) -> list[tuple[int, int, int]]:
             size = os.fstat(f.fileno()).st_size
             if len(hdr) < 64 or hdr[:4] != b"\x7fELF" or hdr[4] != 2 or hdr[5] != 1:
                 raise ScoringError(f"{path}: not a little-endian ELF64 file")
-            phoff, = struct.unpack_from("<Q", hdr, 32)
+            (phoff,) = struct.unpack_from("<Q", hdr, 32)
             phentsize, phnum = struct.unpack_from("<HH", hdr, 54)
             if phentsize < 56 or phnum > MAX_PHDRS or phoff + phentsize * phnum > size:
                 raise ScoringError(f"{path}: program headers out of bounds")
@@ -279,7 +279,9 @@ def score_recovery(
         if status == "complete":
             if ls.artifacts_missing:
                 ls.verified = False
-                reasons.append(f"layer {e.index} {e.name}: claimed complete but artifacts missing: {', '.join(ls.artifacts_missing)}")
+                reasons.append(
+                    f"layer {e.index} {e.name}: claimed complete but artifacts missing: {', '.join(ls.artifacts_missing)}"
+                )
             if ls.pages_recovered < ls.expected_pages:
                 ls.verified = False
                 reasons.append(

@@ -29,7 +29,7 @@ class Timeouts:
     quit: float = 10.0  # quit to process exit
     dump: float = 600.0  # a full dump-guest-memory or pmemsave of a big guest
 
-    def scaled(self, factor: float) -> "Timeouts":
+    def scaled(self, factor: float) -> Timeouts:
         return replace(self, **{f.name: getattr(self, f.name) * factor for f in fields(self)})
 
 

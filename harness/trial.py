@@ -130,11 +130,17 @@ def committed_layers(trace: Trace, t: float) -> list[int]:
     return sorted({k for m in committed_marks(trace, t) if (k := mark_layer(m.label)) is not None})
 
 
-def count_lost(committed: list[int], score: Score, n_layers: int, holes: set[int],
-               reported: dict[int, list[int]]) -> int:
+def count_lost(
+    committed: list[int], score: Score, n_layers: int, holes: set[int], reported: dict[int, list[int]]
+) -> int:
     """Committed layers not recovered complete, unless a failed write explains the hole (R-WR-7)."""
-    return sum(1 for k in committed if k < n_layers and score.layers[k].status != "complete"
-               and not hole_excused(k, score.layers[k].status, holes, reported))
+    return sum(
+        1
+        for k in committed
+        if k < n_layers
+        and score.layers[k].status != "complete"
+        and not hole_excused(k, score.layers[k].status, holes, reported)
+    )
 
 
 def warm_file(path: str, chunk: int = 4 * MIB) -> None:
@@ -195,8 +201,9 @@ def recover_argv(device: str, outdir: str) -> list[str]:
     return [sys.executable, "-m", "progdump", "recover", device, outdir]
 
 
-def agreement(real_statuses: list[str], trace: Trace, base: BaseImage, names: list[str], dump_id: str | None,
-              older_ids: set[str]) -> tuple[str, str]:
+def agreement(
+    real_statuses: list[str], trace: Trace, base: BaseImage, names: list[str], dump_id: str | None, older_ids: set[str]
+) -> tuple[str, str]:
     """Does the replay of the cut trace at the kill predict the real outcome?
 
     The replayed state is the ``model`` state at the end of the cut trace:
@@ -242,7 +249,7 @@ def manifest_dump_id(outdir: str) -> str | None:
 # -- the guest side ------------------------------------------------------------------
 
 
-def guest_sees_disk(g: "GuestSession", image: str) -> tuple[bool, str]:
+def guest_sees_disk(g: GuestSession, image: str) -> tuple[bool, str]:
     """The rebooted guest reads the dump disk: its first 64 KiB hash matches the host's."""
     size = os.path.getsize(image)
     out = g.run("for b in /sys/block/*; do [ -e $b/device ] && echo ${b##*/} $(cat $b/size); done").text
@@ -294,7 +301,7 @@ class TrialContext:
     """What every trial of a run shares: the scenario, the guest, the disk images, the older dump."""
 
     scenario: Any  # harness.scenario.Scenario
-    session: "GuestSession | None"  # None: reference runs of a unit test, no VM to reset
+    session: GuestSession | None  # None: reference runs of a unit test, no VM to reset
     work: Path
     image: str
     base: str
@@ -331,13 +338,28 @@ class TrialOutcome:
 
     def row(self, sc_name: str, guest: str, seed: int) -> Row:
         return Row(
-            scenario=sc_name, guest=guest, device_model=self.spec.model, plan=self.spec.plan, source="real",
-            trial=self.spec.trial, index=-1, kind="killed" if self.killed else "complete", seed=seed,
-            t_ms=round(self.t_s * 1e3, 3), layers_total=len(self.names),
-            layers_recovered=self.score.layers_recovered, statuses="/".join(self.score.statuses()),
-            committed=len(self.committed), committed_lost=self.lost, false_accept=int(self.score.false_accept),
-            bytes_recovered=self.score.bytes_recovered, verified="full", agreement=self.agreement,
-            trace=self.trace_path, reasons=" | ".join(self.reasons)[:2000], t_s=self.t_s,
+            scenario=sc_name,
+            guest=guest,
+            device_model=self.spec.model,
+            plan=self.spec.plan,
+            source="real",
+            trial=self.spec.trial,
+            index=-1,
+            kind="killed" if self.killed else "complete",
+            seed=seed,
+            t_ms=round(self.t_s * 1e3, 3),
+            layers_total=len(self.names),
+            layers_recovered=self.score.layers_recovered,
+            statuses="/".join(self.score.statuses()),
+            committed=len(self.committed),
+            committed_lost=self.lost,
+            false_accept=int(self.score.false_accept),
+            bytes_recovered=self.score.bytes_recovered,
+            verified="full",
+            agreement=self.agreement,
+            trace=self.trace_path,
+            reasons=" | ".join(self.reasons)[:2000],
+            t_s=self.t_s,
         )
 
 
@@ -371,8 +393,9 @@ def _run_writer(argv: list[str], trace: str, kill_after_s: float | None) -> tupl
         except subprocess.TimeoutExpired:
             raise TrialError(f"the writer did not finish within {WRITER_TIMEOUT_S:.0f} s: {' '.join(argv)}") from None
         return p.returncode, p.stderr.strip()[-300:], None
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=child_env())
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=child_env()
+    )
     try:
         open_ns = _wait_trace_open(trace, proc, 120.0)
         kill_ns = None
@@ -431,8 +454,9 @@ def run_trial(ctx: TrialContext, cap: Captured, spec: TrialSpec) -> TrialOutcome
     quiesce_host_io()
     trace = str(ctx.work / "traces" / f"{spec.name}.trace")
     os.makedirs(os.path.dirname(trace), exist_ok=True)
-    rc, err, t_kill = _run_writer(writer_argv(cap.elf, ctx.image, spec.plan, spec.model, trace), trace,
-                                  spec.kill_after_s)
+    rc, err, t_kill = _run_writer(
+        writer_argv(cap.elf, ctx.image, spec.plan, spec.model, trace), trace, spec.kill_after_s
+    )
     reasons: list[str] = []
     if spec.kill_after_s is not None and ctx.session is not None:
         ctx.session.reset()
@@ -471,9 +495,24 @@ def run_trial(ctx: TrialContext, cap: Captured, spec: TrialSpec) -> TrialOutcome
         reasons.append("the older dump was returned: nothing of this dump was durable")
     if rrc not in (0, 2) or (rrc == 2 and spec.kill_after_s is None):
         reasons.append(f"recover exit {rrc}: {msg[-200:]}")
-    out = TrialOutcome(spec=spec, names=names, trace_path=trace, outdir=outdir, killed=killed, t_s=t_s,
-                       score=score, older_returned=older, committed=committed, lost=lost, durable=durable,
-                       durable_after_event=after_event,
-                       failed_writes=failed, reported_holes=reported, agreement=ag, reasons=reasons,
-                       writer_rc=rc, writer_err=err)
+    out = TrialOutcome(
+        spec=spec,
+        names=names,
+        trace_path=trace,
+        outdir=outdir,
+        killed=killed,
+        t_s=t_s,
+        score=score,
+        older_returned=older,
+        committed=committed,
+        lost=lost,
+        durable=durable,
+        durable_after_event=after_event,
+        failed_writes=failed,
+        reported_holes=reported,
+        agreement=ag,
+        reasons=reasons,
+        writer_rc=rc,
+        writer_err=err,
+    )
     return out

@@ -25,10 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from harness.crashsim.overlay import BaseImage, OverlaySource
 from harness.crashsim.replay import ReplayContext, StateResult, evaluate, hole_excused
@@ -37,7 +38,6 @@ from harness.crashsim.trace import read_trace
 from harness.errors import TrialError
 from harness.paths import repo_root
 from harness.pin import pin_info
-from harness.setups import get_setup
 from harness.report import (
     Progress,
     Row,
@@ -50,6 +50,7 @@ from harness.report import (
     write_summary,
 )
 from harness.scoring import expected_layers, score_recovery
+from harness.setups import get_setup
 from harness.trial import (
     Captured,
     TrialContext,
@@ -61,7 +62,6 @@ from harness.trial import (
     guest_sees_disk,
     layer_names,
     manifest_dump_id,
-    quiesce_host_io,
     recover,
     run_trial,
     warm_file,
@@ -77,7 +77,7 @@ Durable = dict[str, dict[str, dict[str, list[float]]]]
 
 
 def log(msg: str) -> None:
-    print(f"[{datetime.now(timezone.utc).strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[{datetime.now(UTC).strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -115,10 +115,16 @@ class RealPhase:
         """Add a trial's row and durable times; keep the newest full recovery as the sample."""
         self.rows.append(out.row(sc.name, sc.guest, sc.seed))
         for name, v in out.durable.items():
-            self.durable_ms.setdefault(out.spec.model, {}).setdefault(out.spec.plan, {}).setdefault(name, []).append(v * 1e3)
+            self.durable_ms.setdefault(out.spec.model, {}).setdefault(out.spec.plan, {}).setdefault(name, []).append(
+                v * 1e3
+            )
         for name, v in out.durable_after_event.items():
-            (self.durable_after_event_ms.setdefault(out.spec.model, {}).setdefault(out.spec.plan, {})
-             .setdefault(name, []).append(v * 1e3))
+            (
+                self.durable_after_event_ms.setdefault(out.spec.model, {})
+                .setdefault(out.spec.plan, {})
+                .setdefault(name, [])
+                .append(v * 1e3)
+            )
         full = out.complete and out.score.layers_recovered == len(out.names) and not out.score.false_accept
         if full:
             if self.sample_from and self.sample_from != out.outdir:
@@ -192,8 +198,9 @@ class RealRun:
         elf = str(self.work / "older.elf")
         cap = self.panic_capture(elf)
         cap.snapshot.close()
-        p = subprocess.run(writer_argv(elf, self.image, "progressive", "none", None), capture_output=True, text=True,
-                           env=child_env())
+        p = subprocess.run(
+            writer_argv(elf, self.image, "progressive", "none", None), capture_output=True, text=True, env=child_env()
+        )
         if p.returncode != 0:
             raise TrialError(f"writing the older dump failed ({p.returncode}): {p.stderr.strip()[-500:]}")
         shutil.copyfile(self.image, self.base)
@@ -217,7 +224,8 @@ class RealRun:
                 self.ph.notes.append(f"reference writer {model}/{plan} exited {out.writer_rc}: {out.writer_err}")
             self.ph.holes[f"{model}/{plan}"] = {
                 "failed_writes": out.failed_writes,
-                "reported": {str(k): len(v) for k, v in sorted(out.reported_holes.items())}}
+                "reported": {str(k): len(v) for k, v in sorted(out.reported_holes.items())},
+            }
             self.ph.record(self.sc, out)
             self.ph.refs.append(RefRun(model, plan, out.trace_path, cap.elf, out.durable, out.score.dump_id, out.t_s))
             self.progress.step(1, f"{model} {plan} reference: {out.score.layers_recovered}/{len(out.names)} layers")
@@ -238,14 +246,16 @@ class RealRun:
                 cap = self.panic_capture(str(self.work / "trial.elf"))
                 t = time.monotonic()
                 try:
-                    out = run_trial(self.ctx(), cap, TrialSpec(model, plan, f"trial{trial_no:03d}-{model}-{plan}",
-                                                               trial_no, delay))
+                    out = run_trial(
+                        self.ctx(), cap, TrialSpec(model, plan, f"trial{trial_no:03d}-{model}-{plan}", trial_no, delay)
+                    )
                 finally:
                     cap.snapshot.close()
                 self.ph.timed("killed_trial_s", t)
                 self.ph.record(self.sc, out)
-                self.progress.step(1, f"{model} {plan} reset at {out.t_s * 1e3:.0f} ms: "
-                                      f"{out.score.layers_recovered}/{len(out.names)}")
+                self.progress.step(
+                    1, f"{model} {plan} reset at {out.t_s * 1e3:.0f} ms: {out.score.layers_recovered}/{len(out.names)}"
+                )
         return trial_no
 
 
@@ -269,11 +279,17 @@ def run_real_phase(sc: Any, work: Path, progress: Progress) -> RealPhase:
             ov = run.setup.start()
             ph.notes += ov.notes
         knobs = dict(sc.knobs) | (ov.knobs if ov is not None else {})
-        run.g = stack.enter_context(GuestSession(
-            guest=sc.guest, mem_mib=sc.memory_mib,
-            dump_disk=Path(ov.dump_disk) if ov is not None and ov.dump_disk else Path(run.image),
-            workdir=work / "guest", knobs=knobs, log=lambda s: None,
-            extra_args=tuple(ov.extra_args) if ov is not None else ()))
+        run.g = stack.enter_context(
+            GuestSession(
+                guest=sc.guest,
+                mem_mib=sc.memory_mib,
+                dump_disk=Path(ov.dump_disk) if ov is not None and ov.dump_disk else Path(run.image),
+                workdir=work / "guest",
+                knobs=knobs,
+                log=lambda s: None,
+                extra_args=tuple(ov.extra_args) if ov is not None else (),
+            )
+        )
         t0 = time.monotonic()
         run.g.boot()
         ph.timed("boot_s", t0)
@@ -305,8 +321,9 @@ def _verifier(ref: RefRun, plan: str) -> Callable[[OverlaySource], tuple[bool, l
                 export(reader.scan(ov), d)
             except Exception as e:  # the reader must not raise on device content: a finding, reported
                 return True, [f"recover raised {type(e).__name__}: {e}"]
-            s = score_recovery(d if os.path.exists(os.path.join(d, "manifest.json")) else None,
-                               cache["snap"], cache["exp"])
+            s = score_recovery(
+                d if os.path.exists(os.path.join(d, "manifest.json")) else None, cache["snap"], cache["exp"]
+            )
             return s.false_accept, s.reasons
         finally:
             shutil.rmtree(d, ignore_errors=True)
@@ -321,8 +338,9 @@ def _replay_ref(sc: Any, ref: RefRun, base_image: str, older_ids: set[str]) -> t
     with BaseImage(base_image, os.path.getsize(base_image)) as bi:
         tr = read_trace(ref.trace)
         try:
-            ctx = ReplayContext(tr, bi, names, dump_id=ref.dump_id, older_ids=set(older_ids),
-                                verify=_verifier(ref, ref.plan))
+            ctx = ReplayContext(
+                tr, bi, names, dump_id=ref.dump_id, older_ids=set(older_ids), verify=_verifier(ref, ref.plan)
+            )
             ctx.prepare()
             holes = failed_offsets(tr)
             t0 = time.monotonic()
@@ -334,12 +352,32 @@ def _replay_ref(sc: Any, ref: RefRun, base_image: str, older_ids: set[str]) -> t
                 lost = sum(1 for k in r.lost_layers if not hole_excused(k, r.statuses[k], holes, r.outcome.holes))
                 if r.older_dump_returned:
                     reasons.append("older dump returned")
-                rows.append(Row(
-                    scenario=sc.name, guest=sc.guest, device_model=ref.model, plan=ref.plan, source="replay",
-                    trial=-1, index=idx, kind=st.kind, seed=st.seed, t_ms=round(st.t * 1e3, 3),
-                    layers_total=len(names), layers_recovered=r.layers_recovered, statuses="/".join(r.statuses),
-                    committed=r.committed, committed_lost=lost, false_accept=int(r.false_accept), bytes_recovered=0,
-                    verified=r.verified, agreement="", trace=ref.trace, reasons=" | ".join(reasons)[:2000], t_s=st.t))
+                rows.append(
+                    Row(
+                        scenario=sc.name,
+                        guest=sc.guest,
+                        device_model=ref.model,
+                        plan=ref.plan,
+                        source="replay",
+                        trial=-1,
+                        index=idx,
+                        kind=st.kind,
+                        seed=st.seed,
+                        t_ms=round(st.t * 1e3, 3),
+                        layers_total=len(names),
+                        layers_recovered=r.layers_recovered,
+                        statuses="/".join(r.statuses),
+                        committed=r.committed,
+                        committed_lost=lost,
+                        false_accept=int(r.false_accept),
+                        bytes_recovered=0,
+                        verified=r.verified,
+                        agreement="",
+                        trace=ref.trace,
+                        reasons=" | ".join(reasons)[:2000],
+                        t_s=st.t,
+                    )
+                )
             dt = time.monotonic() - t0
         finally:
             tr.close()
@@ -389,15 +427,17 @@ def run_replay_phase(sc: Any, ph: RealPhase, progress: Progress) -> tuple[list[R
 
 
 def run_scenario(sc: Any, results_root: str) -> dict:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = new_results_dir(results_root, sc.name, stamp)
     work = repo_root() / ".cache" / "scenarios" / sc.name / stamp
     work.mkdir(parents=True, exist_ok=True)
     for old in sorted((work.parent).iterdir())[:-2]:  # keep the two newest work dirs (traces for replaying rows)
         shutil.rmtree(old, ignore_errors=True)
     log(f"scenario {sc.name}: {sc.description}")
-    log(f"models {', '.join(sc.device_models)}; plans {', '.join(sc.plans)}; {sc.real} killed trials and "
-        f"{sc.states} replayed states per (model, plan); results {run_dir}")
+    log(
+        f"models {', '.join(sc.device_models)}; plans {', '.join(sc.plans)}; {sc.real} killed trials and "
+        f"{sc.states} replayed states per (model, plan); results {run_dir}"
+    )
     n_real = 1 + len(sc.device_models) * len(sc.plans) * (1 + sc.real)
     t0 = time.monotonic()
     ph = run_real_phase(sc, work, Progress("real trials", n_real))
@@ -407,36 +447,54 @@ def run_scenario(sc: Any, results_root: str) -> dict:
     replay_s = time.monotonic() - t1
     rows = ph.rows + rrows
     plans = {p: layer_names(p) for p in sc.plans}
-    summary = summarize(rows, scenario=sc.name, guest=sc.guest, plans=plans, durable_ms=ph.durable_ms,
-                        durable_after_event_ms=ph.durable_after_event_ms, extra={
-        "memory_mib": sc.memory_mib,
-        "trigger": sc.trigger,
-        "seed": sc.seed,
-        "replay_states_per_minute": rate,
-        "real_phase_s": round(real_s, 1),
-        "replay_phase_s": round(replay_s, 1),
-        "timings_s": {k: [round(x, 3) for x in v] for k, v in ph.timings.items()},
-        "base_image": ph.base_image,
-        "code": pin_info(),
-        "notes": ph.notes,
-        "holes": ph.holes,
-        "results_dir": str(run_dir),
-    })
+    summary = summarize(
+        rows,
+        scenario=sc.name,
+        guest=sc.guest,
+        plans=plans,
+        durable_ms=ph.durable_ms,
+        durable_after_event_ms=ph.durable_after_event_ms,
+        extra={
+            "memory_mib": sc.memory_mib,
+            "trigger": sc.trigger,
+            "seed": sc.seed,
+            "replay_states_per_minute": rate,
+            "real_phase_s": round(real_s, 1),
+            "replay_phase_s": round(replay_s, 1),
+            "timings_s": {k: [round(x, 3) for x in v] for k, v in ph.timings.items()},
+            "base_image": ph.base_image,
+            "code": pin_info(),
+            "notes": ph.notes,
+            "holes": ph.holes,
+            "results_dir": str(run_dir),
+        },
+    )
     write_csv(rows, run_dir / "trials.csv")
     write_summary(summary, run_dir / "summary.json")
-    plot_curve(rows, ph.durable_ms, plans, run_dir / "curve.png",
-               f"{sc.name}: layers recovered vs reset time ({sc.guest}, {sc.memory_mib} MiB)")
+    plot_curve(
+        rows,
+        ph.durable_ms,
+        plans,
+        run_dir / "curve.png",
+        f"{sc.name}: layers recovered vs reset time ({sc.guest}, {sc.memory_mib} MiB)",
+    )
     if ph.sample_from and os.path.isdir(ph.sample_from):
         shutil.copytree(ph.sample_from, run_dir / "sample")
-    extra = [f"- replay rate (states/minute): {rate}", f"- real phase {real_s:.0f} s, replay phase {replay_s:.0f} s", ""]
+    extra = [
+        f"- replay rate (states/minute): {rate}",
+        f"- real phase {real_s:.0f} s, replay phase {replay_s:.0f} s",
+        "",
+    ]
     if ph.notes:
         extra += ["## Notes", ""] + [f"- {n}" for n in ph.notes] + [""]
     write_report_md(run_dir / "report.md", summary, rows, plans, sc.description, extra)
     print()
     print(format_table(summary, plans))
-    print(f"real trials {summary['real_trials']}, replayed states {summary['replayed_states']}, "
-          f"false accepts {summary['false_accepts']}, committed layers lost {summary['committed_layers_lost']}, "
-          f"agreement {summary['agreement']['agree']} agree / {summary['agreement']['disagree']} disagree")
+    print(
+        f"real trials {summary['real_trials']}, replayed states {summary['replayed_states']}, "
+        f"false accepts {summary['false_accepts']}, committed layers lost {summary['committed_layers_lost']}, "
+        f"agreement {summary['agreement']['agree']} agree / {summary['agreement']['disagree']} disagree"
+    )
     print(f"curve: {run_dir / 'curve.png'}")
     print(f"report: {run_dir / 'report.md'}")
     return summary

@@ -33,8 +33,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+
 from progdump.errors import EXIT_ERROR, EXIT_NO_DUMP, EXIT_OK, ProgdumpError
 
 __all__ = ["main", "register", "Subcommand", "SUBCOMMANDS", "PLUGIN_MODULES"]
@@ -53,7 +54,9 @@ class Subcommand:
 SUBCOMMANDS: dict[str, Subcommand] = {}
 
 
-def register(name: str, help: str, setup: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int]) -> None:
+def register(
+    name: str, help: str, setup: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int]
+) -> None:
     """Add (or replace) a subcommand: ``setup`` adds its arguments, ``run`` returns the exit status."""
     SUBCOMMANDS[name] = Subcommand(name, help, setup, run)
 
@@ -67,12 +70,24 @@ class CliError(ProgdumpError):
 
 
 def _setup_write(p: argparse.ArgumentParser) -> None:
-    p.add_argument("snapshot", metavar="SNAPSHOT", help="ELF core of the machine (QEMU dump-guest-memory, /proc/vmcore)")
+    p.add_argument(
+        "snapshot", metavar="SNAPSHOT", help="ELF core of the machine (QEMU dump-guest-memory, /proc/vmcore)"
+    )
     p.add_argument("device", metavar="DEVICE", help="existing file or block device to write the dump to")
     p.add_argument("--plan", default="progressive", help="layer plan: progressive (default) or monolithic")
-    p.add_argument("--device-model", default="none", metavar="NAME", help="pace as this device model (progdump/device-models.toml) or none")
+    p.add_argument(
+        "--device-model",
+        default="none",
+        metavar="NAME",
+        help="pace as this device model (progdump/device-models.toml) or none",
+    )
     p.add_argument("--trace", metavar="FILE", help="keep a write trace (needs --device-model)")
-    p.add_argument("--deadline", type=float, metavar="SECONDS", help="stop cleanly after this many seconds; committed layers stay valid")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="stop cleanly after this many seconds; committed layers stay valid",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON at the end")
 
 
@@ -123,8 +138,10 @@ def _run_write(a: argparse.Namespace) -> int:
     for w in snap.load_warnings[:8]:
         print(f"progdump: warning: {a.snapshot}: {w}", file=sys.stderr)
     if len(snap.load_warnings) > 8:
-        print(f"progdump: warning: {a.snapshot}: {len(snap.load_warnings) - 8} more adjustments of its PT_LOADs",
-              file=sys.stderr)
+        print(
+            f"progdump: warning: {a.snapshot}: {len(snap.load_warnings) - 8} more adjustments of its PT_LOADs",
+            file=sys.stderr,
+        )
     model = None if a.device_model in (None, "none") else a.device_model
     try:
         dev = open_device(a.device, model, a.trace)
@@ -170,8 +187,11 @@ def _run_write(a: argparse.Namespace) -> int:
         )
     if res.failed_writes and not quiet:
         holey = [f"{lay.index} {lay.name}" for lay in res.layers if lay.holes]
-        retry = (f"{res.pages_lost} of their pages are in no layer" if res.pages_lost
-                 else "every lost page was written again by a later layer")
+        retry = (
+            f"{res.pages_lost} of their pages are in no layer"
+            if res.pages_lost
+            else "every lost page was written again by a later layer"
+        )
         print(
             f"progdump: {res.failed_writes} writes failed on the medium; layers with a hole: {', '.join(holey) or 'none'}"
             f" ({retry}; recover reports the holes)",
@@ -253,11 +273,16 @@ def _no_dump(device: str, res) -> int:  # type: ignore[no-untyped-def]
         # R-VER-1: the newest dump needs what this reader lacks; exit 1 naming the format it is in
         ver = res.unsupported_version
         fmt = f"format version {ver}" if ver and ver != 1 else "a format this version does not support"
-        print(f"progdump: {device}: the newest dump is in {fmt} (this progdump reads format version 1); "
-              f"upgrade progdump to read it: {res.unsupported}", file=sys.stderr)
+        print(
+            f"progdump: {device}: the newest dump is in {fmt} (this progdump reads format version 1); "
+            f"upgrade progdump to read it: {res.unsupported}",
+            file=sys.stderr,
+        )
         if res.other_dumps:
-            print(f"progdump: older dumps on the device (not read in its place): {', '.join(res.other_dumps)}",
-                  file=sys.stderr)
+            print(
+                f"progdump: older dumps on the device (not read in its place): {', '.join(res.other_dumps)}",
+                file=sys.stderr,
+            )
         return EXIT_ERROR
     why = f" ({res.error})" if res.error else ""
     print(f"progdump: {device}: no progdump dump found{why}", file=sys.stderr)

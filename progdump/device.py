@@ -28,6 +28,7 @@ import os as _os
 import stat as _stat
 import time as _time
 from abc import ABC, abstractmethod
+
 from progdump.errors import ProgdumpError
 
 __all__ = ["DeviceError", "MediaError", "DumpDevice", "FileDevice", "open_device", "MIN_DEVICE_SIZE"]
@@ -52,7 +53,9 @@ class MediaError(DeviceError):
 
 
 #: errnos of a write that mean "this extent failed", not "the device is gone"
-MEDIA_ERRNOS = frozenset({_errno.EIO, _errno.EILSEQ, getattr(_errno, "EBADMSG", _errno.EIO), getattr(_errno, "ENODATA", _errno.EIO)})
+MEDIA_ERRNOS = frozenset(
+    {_errno.EIO, _errno.EILSEQ, getattr(_errno, "EBADMSG", _errno.EIO), getattr(_errno, "ENODATA", _errno.EIO)}
+)
 
 
 class DumpDevice(ABC):
@@ -75,7 +78,7 @@ class DumpDevice(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> "DumpDevice":
+    def __enter__(self) -> DumpDevice:
         return self
 
     def __exit__(self, *exc: object) -> None:

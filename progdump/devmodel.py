@@ -59,9 +59,9 @@ import os
 import struct
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Callable
 
 import xxhash
 
@@ -233,7 +233,9 @@ class TraceWriter:
         x = xxhash.xxh64(h)
         x.update(payload)
         pad = b"\0" * (-len(payload) % 8)
-        parts = [h + struct.pack("<Q", x.intdigest()), payload, pad] if payload else [h + struct.pack("<Q", x.intdigest())]
+        parts = (
+            [h + struct.pack("<Q", x.intdigest()), payload, pad] if payload else [h + struct.pack("<Q", x.intdigest())]
+        )
         total = sum(len(p) for p in parts)
         n = os.writev(self._fd, parts)
         while n < total:  # short writes on a regular file are rare; finish them
@@ -373,7 +375,9 @@ class ModelledDevice(DumpDevice):
             self.stats.device_cpu_s += self._host() - h_in
             self._pace(done)
             raise MediaError(
-                f"{self.path}: I/O error writing {length} bytes at offset {offset:#x} (modelled bad region)", offset, length
+                f"{self.path}: I/O error writing {length} bytes at offset {offset:#x} (modelled bad region)",
+                offset,
+                length,
             )
         done = start + self.model.write_cost(length, sequential)
         blob = bytes(data)

@@ -77,8 +77,9 @@ import mmap
 import os
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from progdump.snapshot import (
     NT_PROGDUMP_CONSOLE,
@@ -566,7 +567,9 @@ def _memory_plan(phdrs: list[_Phdr], fsize: int, name: str, warnings: list[str])
             warnings.append(f"PT_LOAD[{ph.index}] {start:#x}-{end:#x} lies inside earlier segments; ignored")
             continue
         if start < covered:
-            warnings.append(f"PT_LOAD[{ph.index}] {start:#x}-{end:#x} overlaps earlier segments; clipped to {covered:#x}")
+            warnings.append(
+                f"PT_LOAD[{ph.index}] {start:#x}-{end:#x} overlaps earlier segments; clipped to {covered:#x}"
+            )
             start = covered
         file_end = ph.paddr + ph.filesz  # physical address where file bytes stop
         fend = min(end, max(start, file_end // PAGE_SIZE * PAGE_SIZE))
@@ -839,7 +842,7 @@ class ElfCoreWriter:
             except OSError:
                 pass
 
-    def __enter__(self) -> "ElfCoreWriter":
+    def __enter__(self) -> ElfCoreWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:

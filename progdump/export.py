@@ -23,11 +23,11 @@ import stat
 import tempfile
 
 from progdump.elfcore import ElfCoreWriter, ElfSegment, parse_prstatus, snapshot_notes
-from progdump.layers.generic import decode_notes
+from progdump.errors import ProgdumpError
 from progdump.format import ARTIFACT_NAME_RE, RecordHeader
+from progdump.layers.generic import decode_notes
 from progdump.reader import ScanResult, iter_recovered_pages
 from progdump.snapshot import PAGE_SIZE, CpuState, Note
-from progdump.errors import ProgdumpError
 
 __all__ = ["export", "check_outdir", "ExportError", "RESERVED_NAMES", "vmcore_notes"]
 
@@ -93,7 +93,9 @@ def vmcore_notes(res: ScanResult, warnings: list[str]) -> list[Note]:
                 continue
             regs = {str(k)[:32]: v for k, v in ent["regs"].items() if isinstance(v, int) and 0 <= v <= U64}
             idx = ent.get("cpu", pos)
-            cpus.append(CpuState(idx if isinstance(idx, int) else pos, regs, prstatus[pos] if pos < len(prstatus) else None))
+            cpus.append(
+                CpuState(idx if isinstance(idx, int) else pos, regs, prstatus[pos] if pos < len(prstatus) else None)
+            )
     elif prstatus:
         for pos, desc in enumerate(prstatus):
             try:
@@ -170,8 +172,13 @@ def _write_vmcore(res: ScanResult, path: str, warnings: list[str], zero_by_layer
         w.abort()
         raise
     st = os.stat(path)
-    return {"segments": len(segments), "pages": pages, "zero_pages": zero, "file_bytes": st.st_size,
-            "disk_bytes": st.st_blocks * 512}
+    return {
+        "segments": len(segments),
+        "pages": pages,
+        "zero_pages": zero,
+        "file_bytes": st.st_size,
+        "disk_bytes": st.st_blocks * 512,
+    }
 
 
 def check_outdir(outdir: str) -> str:
@@ -264,13 +271,17 @@ def _export_into(res: ScanResult, outdir: str) -> dict[str, object]:
                 warnings.append(f"page record {b.h.seq} rejected at export; vmcore rebuilt without it")
                 zero_by_layer.clear()
         else:
-            raise ExportError(f"more than {MAX_REJECTS} page records failed on re-read: the device is changing under us")
+            raise ExportError(
+                f"more than {MAX_REJECTS} page records failed on re-read: the device is changing under us"
+            )
         from progdump.render_at_recovery import render_missing  # noqa: PLC0415 - issue 13: a raw layer 0
 
         written.update(render_missing(vm_path, outdir, written, warnings))
         for lay in res.layers:
             lay.zero_pages += zero_by_layer.get(lay.index, 0)
-            _write_file(os.path.join(outdir, "layers", f"{lay.index}.json"), json.dumps(lay.to_json(), indent=1).encode())
+            _write_file(
+                os.path.join(outdir, "layers", f"{lay.index}.json"), json.dumps(lay.to_json(), indent=1).encode()
+            )
         manifest = {
             "dump_id": res.dump_id,
             "format_version": res.format_version,

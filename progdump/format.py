@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 import xxhash
+
 from progdump.errors import ProgdumpError
 
 __all__ = [
@@ -356,7 +357,9 @@ def parse_record_header(buf: bytes | memoryview, at_offset: int) -> RecordHeader
         raise bad(f"payload lengths {stored}/{rawlen} exceed the limits")
     if comp == Compression.NONE and stored != rawlen:
         raise bad("uncompressed payload with stored != raw length")
-    return RecordHeader(rtype, layer, bytes(dump_id), t_ns, seq, offset, stored, rawlen, aux0, aux1, comp, bytes(psum), raw)
+    return RecordHeader(
+        rtype, layer, bytes(dump_id), t_ns, seq, offset, stored, rawlen, aux0, aux1, comp, bytes(psum), raw
+    )
 
 
 def log_end(device_size: int) -> int:
@@ -396,9 +399,10 @@ class CommitInfo:
 
 
 def pack_commit(c: CommitInfo) -> bytes:
-    return _COMMIT.pack(c.first_seq, c.count, c.digest, c.payload_bytes, c.t_flushed, bytes(16)) + json.dumps(
-        c.stats, sort_keys=True, separators=(",", ":")
-    ).encode()
+    return (
+        _COMMIT.pack(c.first_seq, c.count, c.digest, c.payload_bytes, c.t_flushed, bytes(16))
+        + json.dumps(c.stats, sort_keys=True, separators=(",", ":")).encode()
+    )
 
 
 def parse_commit(payload: bytes) -> CommitInfo:

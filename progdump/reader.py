@@ -17,35 +17,39 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import xxhash
 import zstandard
 
+from progdump.errors import ProgdumpError
 from progdump.format import (
-    ARTIFACT_NAME_RE,
-    LAYER_NAME_RE,
-    MAX_ARTIFACT,
-    MAX_LAYERS,
-    MAX_PFN_END,
-    MAX_ZERO_PAGES,
-    UnsupportedError,
     ARTIFACT_NAME_FIELD,
+    ARTIFACT_NAME_RE,
     HEADER_BLOCK,
     LANDING,
+    LAYER_NAME_RE,
     LOG_START,
+    MAX_ARTIFACT,
     MAX_HOLE,
+    MAX_LAYERS,
     MAX_PAGES_PER_RECORD,
-    RESYNC_WINDOW,
+    MAX_PFN_END,
+    MAX_ZERO_PAGES,
     RECORD_ALIGN,
     RECORD_HEADER_SIZE,
     RECORD_MAGIC,
+    RESYNC_WINDOW,
+    CommitInfo,
+    Compression,
+    DumpHeader,
     FormatError,
     RecordHeader,
     RecordType,
     RecordVersionError,
-    Compression,
+    UnsupportedError,
     log_end,
     pages_map_len,
     parse_commit,
@@ -53,11 +57,8 @@ from progdump.format import (
     parse_record_header,
     payload_checksum,
     record_span,
-    DumpHeader,
-    CommitInfo,
 )
 from progdump.snapshot import PAGE_SIZE
-from progdump.errors import ProgdumpError
 
 __all__ = ["Source", "ScanResult", "LayerStatus", "ReaderError", "scan", "recover", "open_source", "RESYNC_WINDOW"]
 
@@ -232,7 +233,7 @@ class ScanResult:
             self._src.close()  # type: ignore[attr-defined]
         self._owned = False
 
-    def __enter__(self) -> "ScanResult":
+    def __enter__(self) -> ScanResult:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -435,7 +436,9 @@ class _Scanner:
         r.checked = True
         h = r.h
         if h.rtype == RecordType.ZERO:
-            r.verified = h.stored_len == 0 and h.raw_len == 0 and 0 < h.aux1 <= MAX_ZERO_PAGES and h.aux0 + h.aux1 <= MAX_PFN_END
+            r.verified = (
+                h.stored_len == 0 and h.raw_len == 0 and 0 < h.aux1 <= MAX_ZERO_PAGES and h.aux0 + h.aux1 <= MAX_PFN_END
+            )
             return
         if h.rtype == RecordType.PAGES:
             if not (0 < h.aux1 <= MAX_PAGES_PER_RECORD and h.aux0 + h.aux1 <= MAX_PFN_END):
@@ -598,7 +601,9 @@ def _scan(src: Source, resync_window: int) -> ScanResult:
     res.other_dumps = others
     if sc.unsupported:
         where, why, _ = next(iter(sc.unsupported.values()))
-        res.warnings.append(f"older dumps this reader cannot read ignored ({len(sc.unsupported)}), first: {where}: {why}")
+        res.warnings.append(
+            f"older dumps this reader cannot read ignored ({len(sc.unsupported)}), first: {where}: {why}"
+        )
     hdrs = [h for h in sc.headers.get(did, []) if h.dump_time_ns == t]
     res.headers = ["primary" if h.copy == 0 else "backup" for h in hdrs]
     recs = [r for r in sc.recs.get(did, []) if r.h.dump_time_ns == t]
@@ -718,7 +723,9 @@ def _holes(lay: LayerStatus, commits: list[_Rec]) -> None:
         if lay.holes:
             lost = sum(h["records"][1] - h["records"][0] + 1 for h in lay.holes)
             where = ", ".join(f"{h['length']} bytes at {h['offset']:#x}" for h in lay.holes[:4])
-            lay.reasons.insert(0, f"hole: the writer reported {len(lay.holes)} failed writes ({where}), {lost} records lost")
+            lay.reasons.insert(
+                0, f"hole: the writer reported {len(lay.holes)} failed writes ({where}), {lost} records lost"
+            )
             return
 
 
@@ -760,7 +767,9 @@ def _artifacts(res: ScanResult, lay: LayerStatus, lrecs: list[_Rec]) -> None:
             pos += r.art_len
         if ok and pos == total and (chain or total == 0):
             if name in res._artifacts:
-                res.warnings.append(f"artifact {name} appears in layers {res._artifacts[name][0]} and {lay.index}; first kept")
+                res.warnings.append(
+                    f"artifact {name} appears in layers {res._artifacts[name][0]} and {lay.index}; first kept"
+                )
                 continue
             res._artifacts[name] = (lay.index, chain)
             lay.artifacts.append(name)

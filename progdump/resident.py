@@ -42,9 +42,9 @@ import json
 import os
 import sys
 import time
+from typing import IO, Any
 
 from progdump.errors import ProgdumpError
-from typing import IO, Any
 
 MAX_GO_LINE = 1 << 20
 MAX_RANGES = 4096
@@ -126,7 +126,10 @@ def snapshot_from_go(msg: dict[str, Any]):  # type: ignore[no-untyped-def]
             notes = list(small.notes)
             cpus = [CpuState(c.index, dict(c.regs), c.prstatus) for c in small.cpus]
     if msg.get("cpus"):
-        cpus = [CpuState(int(c.get("index", i)), {k: int(v) for k, v in c["regs"].items()}) for i, c in enumerate(msg["cpus"])]
+        cpus = [
+            CpuState(int(c.get("index", i)), {k: int(v) for k, v in c["regs"].items()})
+            for i, c in enumerate(msg["cpus"])
+        ]
     if "vmcoreinfo" in msg:
         notes = [n for n in notes if n.name != "VMCOREINFO"] + [Note("VMCOREINFO", 0, msg["vmcoreinfo"].encode())]
     ranges = [tuple(r) for r in msg["ranges"]]

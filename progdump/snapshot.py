@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+
 from progdump.errors import ProgdumpError
 
 __all__ = [
@@ -265,7 +266,7 @@ class Snapshot:
         path: str | os.PathLike[str],
         ranges: list[tuple[int, int, int]],
         **kwargs: object,
-    ) -> "Snapshot":
+    ) -> Snapshot:
         """Map ``path`` read-only and build ranges ``(phys_start, file_offset, size)``.
 
         This is how the harness wraps QEMU's shared memory-backend file and
@@ -299,7 +300,7 @@ class Snapshot:
         return snap
 
     @classmethod
-    def from_elf(cls, path: str | os.PathLike[str]) -> "Snapshot":
+    def from_elf(cls, path: str | os.PathLike[str]) -> Snapshot:
         """Load an ELF core (QEMU dump-guest-memory, /proc/vmcore, progdump export)."""
         from progdump.elfcore import load_elf_snapshot
 
@@ -353,7 +354,7 @@ class Snapshot:
         _release(self.ranges, self._owned)
         self._owned = []
 
-    def __enter__(self) -> "Snapshot":
+    def __enter__(self) -> Snapshot:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,12 +27,13 @@ import threading
 import time
 from bisect import bisect_right
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 import xxhash
 import zstandard
+
 from progdump.errors import ProgdumpError
 
 try:  # optional: finds zero pages without the GIL and without a copy; bytes compares otherwise
@@ -42,12 +43,12 @@ except ImportError:  # pragma: no cover - numpy is present wherever matplotlib i
 
 from progdump.device import DeviceError, DumpDevice, MediaError
 from progdump.format import (
-    MAX_ARTIFACT,
     ARTIFACT_NAME_FIELD,
     FORMAT_VERSION,
     HEADER_BLOCK,
-    LOG_START,
     LANDING,
+    LOG_START,
+    MAX_ARTIFACT,
     MAX_HOLE,
     MAX_PAGES_PER_RECORD,
     CommitInfo,
@@ -192,7 +193,12 @@ class _Failure:
         self.pages.extend(pages)
 
     def to_json(self) -> dict[str, object]:
-        return {"offset": self.offset, "length": self.length, "records": [self.seq_lo, self.seq_hi - 1], "error": self.error[:200]}
+        return {
+            "offset": self.offset,
+            "length": self.length,
+            "records": [self.seq_lo, self.seq_hi - 1],
+            "error": self.error[:200],
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -630,8 +636,12 @@ def write_dump(
                     pages_done, lambda: emit("pages", lay),
                 )  # fmt: skip
                 for h in lay.holes:
-                    emit("write-error", lay, f"layer {lay.index} {lay.name}: write of {h['length']} bytes at {h['offset']:#x} failed"
-                         f" ({h['records'][1] - h['records'][0] + 1} records lost): {h['error']}")
+                    emit(
+                        "write-error",
+                        lay,
+                        f"layer {lay.index} {lay.name}: write of {h['length']} bytes at {h['offset']:#x} failed"
+                        f" ({h['records'][1] - h['records'][0] + 1} records lost): {h['error']}",
+                    )
                 if lay.committed:
                     committed.append(spec.index)
                     emit("layer-durable", lay)
@@ -681,7 +691,7 @@ def _write_layer(
     producer: Producer, snapshot: Snapshot,
     written: _Written, pool: ThreadPoolExecutor, nthreads: int, past_deadline: Callable[[], bool],
     pages_done: list[int], tick: Callable[[], None],
-) -> "_PendingCommit | None":  # fmt: skip
+) -> _PendingCommit | None:  # fmt: skip
     """Write one layer's records, flush, commit, flush (R-COM-1); the commit if the medium refused it."""
     first_seq = log.seq
     digest = xxhash.xxh3_128()
@@ -791,7 +801,12 @@ def _write_layer(
     count = log.seq - first_seq
     log.barrier()  # R-COM-1: the layer's records are durable before its commit is written
     t_flushed = log.dev.clock() - log.t0
-    stats: dict[str, object] = {"pages": lay.pages, "zero_pages": lay.zero_pages, "artifacts": lay.artifacts, "records": count}
+    stats: dict[str, object] = {
+        "pages": lay.pages,
+        "zero_pages": lay.zero_pages,
+        "artifacts": lay.artifacts,
+        "records": count,
+    }
     failed = log.failures_since(first_seq)
     if failed:
         # R-WR-7: the layer has a hole. Its commit still says what it held (the reader then

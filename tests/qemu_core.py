@@ -145,9 +145,7 @@ async def _dump(
         finally:
             os.close(fd)
         await asyncio.wait_for(
-            client.execute(
-                "dump-guest-memory", {"paging": False, "protocol": f"file:{core}", "format": "elf"}
-            ),
+            client.execute("dump-guest-memory", {"paging": False, "protocol": f"file:{core}", "format": "elf"}),
             timeout=max(1.0, deadline - time.monotonic()),
         )
         return version

@@ -208,8 +208,9 @@ def build_module(src: Path, headers_root: Path, release: str, work: Path) -> tup
 EXTRA_MODULES = ("pdarc",)
 
 
-def build_extra_modules(hroot: Path, release: str, tmp: Path, have_headers: bool,
-                        hdr_note: str) -> dict[str, tuple[Path | None, str]]:
+def build_extra_modules(
+    hroot: Path, release: str, tmp: Path, have_headers: bool, hdr_note: str
+) -> dict[str, tuple[Path | None, str]]:
     """Build every module of :data:`EXTRA_MODULES`: name -> (.ko or None, note)."""
     out: dict[str, tuple[Path | None, str]] = {}
     for name in EXTRA_MODULES:
@@ -244,9 +245,7 @@ def fetch_deb(pkg: DebPackage, debdir: Path) -> Path:
             raise BuildError(f"apt-get download {pkg.name}={pkg.version} failed: {r.stderr.strip()[-400:]}")
         digest = sha256_file(got[0])
         if digest != pkg.sha256:
-            raise BuildError(
-                f"{got[0].name}: sha256 {digest} does not match the index's {pkg.sha256}"
-            )
+            raise BuildError(f"{got[0].name}: sha256 {digest} does not match the index's {pkg.sha256}")
         os.chmod(got[0], 0o644)
         os.replace(got[0], path)
     return path
@@ -265,7 +264,7 @@ def modinfo(path: Path) -> dict[str, str]:
     data = path.read_bytes()
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise BuildError(f"{path}: not an ELF64 little-endian module")
-    e_shoff, = struct.unpack_from("<Q", data, 0x28)
+    (e_shoff,) = struct.unpack_from("<Q", data, 0x28)
     e_shentsize, e_shnum, e_shstrndx = struct.unpack_from("<HHH", data, 0x3A)
     if e_shentsize != 64 or e_shoff + e_shnum * 64 > len(data) or e_shstrndx >= e_shnum:
         raise BuildError(f"{path}: bad section header table")
@@ -359,8 +358,7 @@ class Cpio:
     def _entry(self, name: str, mode: int, data: bytes = b"", nlink: int = 1) -> None:
         name_b = name.encode() + b"\0"
         hdr = "070701" + "".join(
-            f"{v:08x}"
-            for v in (self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(name_b), 0)
+            f"{v:08x}" for v in (self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(name_b), 0)
         )
         self.ino += 1
         self.buf.write(hdr.encode() + name_b)
@@ -410,8 +408,17 @@ def make_keys(root: Path, out: Path) -> tuple[bytes, str, str]:
     hostkey.unlink(missing_ok=True)
     loader = root / "lib64" / "ld-linux-x86-64.so.2"
     r = subprocess.run(
-        [str(loader), "--inhibit-cache", "--library-path", lib_path(root), str(root / "usr/bin/dropbearkey"),
-         "-t", "ed25519", "-f", str(hostkey)],
+        [
+            str(loader),
+            "--inhibit-cache",
+            "--library-path",
+            lib_path(root),
+            str(root / "usr/bin/dropbearkey"),
+            "-t",
+            "ed25519",
+            "-f",
+            str(hostkey),
+        ],
         capture_output=True,
         text=True,
     )
@@ -424,9 +431,7 @@ def make_keys(root: Path, out: Path) -> tuple[bytes, str, str]:
     priv = client.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
-    pub = client.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    ).decode()
+    pub = client.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     keyfile = sshdir / "id_ed25519"
     keyfile.unlink(missing_ok=True)
     fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -507,22 +512,35 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
         hroot = Path(tmp) / "headers"
         for p in hdr_pkgs:
             extract(debs[p.name], hroot)
-        oops_ko, oops_note = (build_module(HERE / "pdoops", hroot, release, Path(tmp)) if hdr_pkgs
-                              else (None, hdr_note))
+        oops_ko, oops_note = build_module(HERE / "pdoops", hroot, release, Path(tmp)) if hdr_pkgs else (None, hdr_note)
         log(f"pdoops module: {oops_note}")
         extra = build_extra_modules(hroot, release, Path(tmp), bool(hdr_pkgs), hdr_note)
 
         cpio = Cpio()
-        for d in ("dev", "proc", "sys", "tmp", "run", "root", "etc", "var", "mnt",
-                  "bin", "sbin", "usr/bin", "usr/sbin", "usr/local/bin", "lib/modules"):
+        for d in (
+            "dev",
+            "proc",
+            "sys",
+            "tmp",
+            "run",
+            "root",
+            "etc",
+            "var",
+            "mnt",
+            "bin",
+            "sbin",
+            "usr/bin",
+            "usr/sbin",
+            "usr/local/bin",
+            "lib/modules",
+        ):
             cpio.dir(d, 0o1777 if d == "tmp" else 0o755)
         cpio.dir("root/.ssh", 0o700)
         cpio.symlink("var/run", "/run")
         # busybox and one link per applet it offers
         bb = root / "bin" / "busybox"
         cpio.file("bin/busybox", bb.read_bytes(), 0o755)
-        applets = subprocess.run([str(bb), "--list-full"], check=True, capture_output=True,
-                                 text=True).stdout.split()
+        applets = subprocess.run([str(bb), "--list-full"], check=True, capture_output=True, text=True).stdout.split()
         for a in applets:
             if a.strip("/") != "bin/busybox":
                 cpio.symlink(a, "/bin/busybox")
@@ -580,19 +598,22 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
         "build_seconds": round(time.monotonic() - t0, 2),
         "release": release,
         "kernel_package": {"name": kernel.name, "version": kernel.version, "sha256": kernel.sha256},
-        "packages": [
-            {"name": p.name, "version": p.version, "sha256": p.sha256, "filename": p.filename}
-            for p in pkgs
-        ],
+        "packages": [{"name": p.name, "version": p.version, "sha256": p.sha256, "filename": p.filename} for p in pkgs],
         "modules": [name for name, _ in mods],
         "header_packages": [{"name": p.name, "version": p.version, "sha256": p.sha256} for p in hdr_pkgs],
         "oops_module": {"path": "/lib/modules/extra/pdoops.ko" if oops_ko else None, "note": oops_note},
-        "extra_modules": {name: {"path": f"/lib/modules/extra/{name}.ko" if ko else None, "note": note}
-                          for name, (ko, note) in extra.items()},
+        "extra_modules": {
+            name: {"path": f"/lib/modules/extra/{name}.ko" if ko else None, "note": note}
+            for name, (ko, note) in extra.items()
+        },
         "cmdline": KERNEL_CMDLINE,
         "vmlinuz": {"path": "vmlinuz", "size": vmlinuz.stat().st_size, "sha256": sha256_file(vmlinuz)},
-        "initramfs": {"path": "initramfs.cpio.gz", "size": initrd.stat().st_size,
-                      "sha256": sha256_file(initrd), "uncompressed_size": len(raw)},
+        "initramfs": {
+            "path": "initramfs.cpio.gz",
+            "size": initrd.stat().st_size,
+            "sha256": sha256_file(initrd),
+            "uncompressed_size": len(raw),
+        },
         "ssh": {"user": "root", "key": "ssh/id_ed25519", "host_key": host_pub},
     }
     tmpm = out / "manifest.json.tmp"

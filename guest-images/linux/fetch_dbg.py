@@ -49,8 +49,10 @@ def main() -> int:
     r = subprocess.run(["apt-get", "download", pkg], cwd=DBG, capture_output=True, text=True, timeout=1800)
     debs = sorted(DBG.glob(f"{pkg}_*.deb"))
     if r.returncode != 0 or not debs:
-        say(f"not available ({(r.stderr or r.stdout).strip().splitlines()[-1:] or ['apt-get failed']}); "
-            "the drgn debug-info cross-checks will skip")
+        say(
+            f"not available ({(r.stderr or r.stdout).strip().splitlines()[-1:] or ['apt-get failed']}); "
+            "the drgn debug-info cross-checks will skip"
+        )
         return 0
     if shutil.which("dpkg-deb") is None:
         say("dpkg-deb not found; skipped")

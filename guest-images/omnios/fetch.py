@@ -74,8 +74,13 @@ def _get(url: str, timeout: float = 60.0) -> urllib.request.addinfourl:
         raise FetchError(f"cannot fetch {url}: {getattr(e, 'reason', e)}") from None
 
 
-def fetch(release: str, out: Path = OUT, base: str = BASE_URL, directory: str | None = None,
-          log=lambda s: print(s, file=sys.stderr)) -> Path:
+def fetch(
+    release: str,
+    out: Path = OUT,
+    base: str = BASE_URL,
+    directory: str | None = None,
+    log=lambda s: print(s, file=sys.stderr),
+) -> Path:
     url = image_url(release, base, directory)
     name = url.rsplit("/", 1)[1]
     out.mkdir(parents=True, exist_ok=True)
@@ -105,9 +110,19 @@ def fetch(release: str, out: Path = OUT, base: str = BASE_URL, directory: str | 
             raise FetchError(f"{url}: SHA-256 {got} does not match the published {want}")
         os.replace(part, dest)
         log(f"fetched {url}: {n} bytes in {time.monotonic() - t0:.0f} s, SHA-256 verified")
-    (out / "manifest.json").write_text(json.dumps({
-        "release": release, "url": url, "sha256": want, "path": name, "size": dest.stat().st_size,
-    }, indent=2) + "\n")
+    (out / "manifest.json").write_text(
+        json.dumps(
+            {
+                "release": release,
+                "url": url,
+                "sha256": want,
+                "path": name,
+                "size": dest.stat().st_size,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return dest
 
 

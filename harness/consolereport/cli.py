@@ -28,8 +28,9 @@ def _read_tail(path: Path) -> bytes:
 
 
 def report_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m harness report",
-                                 description="Parse a recorded console log; print one JSON object.")
+    ap = argparse.ArgumentParser(
+        prog="python -m harness report", description="Parse a recorded console log; print one JSON object."
+    )
     ap.add_argument("--guest", required=True, choices=sorted(PARSERS))
     ap.add_argument("--full", action="store_true", help="also the trap, dump device and progress, notes")
     ap.add_argument("file", type=Path)

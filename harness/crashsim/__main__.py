@@ -51,13 +51,25 @@ def add_state_args(p: argparse.ArgumentParser, replay: bool) -> None:
 
 def run_info(a: argparse.Namespace) -> int:
     tr = read_trace(a.trace)
-    print(json.dumps({
-        "model": tr.model_name, "device_size": tr.device_size, "sector_size": tr.sector_size,
-        "writes": len(tr.writes), "failed_writes": len(tr.failed_writes), "flushes": len(tr.flushes),
-        "bytes": sum(w.length for w in tr.writes), "destaged_writes": len(tr.destages),
-        "marks": [(m.label, round(m.t_complete * 1e3, 3)) for m in tr.marks],
-        "end_ms": round(tr.end_time * 1e3, 3), "closed": tr.closed, "truncated": tr.truncated,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": tr.model_name,
+                "device_size": tr.device_size,
+                "sector_size": tr.sector_size,
+                "writes": len(tr.writes),
+                "failed_writes": len(tr.failed_writes),
+                "flushes": len(tr.flushes),
+                "bytes": sum(w.length for w in tr.writes),
+                "destaged_writes": len(tr.destages),
+                "marks": [(m.label, round(m.t_complete * 1e3, 3)) for m in tr.marks],
+                "end_ms": round(tr.end_time * 1e3, 3),
+                "closed": tr.closed,
+                "truncated": tr.truncated,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -65,9 +77,20 @@ def run_replay(a: argparse.Namespace) -> int:
     ctx, st = _ctx(a)
     r = evaluate(ctx, st)
     print(st.describe())
-    print(json.dumps({"dump_id": r.outcome.dump_id, "statuses": r.statuses, "layers_recovered": r.layers_recovered,
-                      "committed": r.committed, "committed_lost": r.committed_lost,
-                      "false_accept": r.false_accept, "reasons": r.reasons}, indent=2))
+    print(
+        json.dumps(
+            {
+                "dump_id": r.outcome.dump_id,
+                "statuses": r.statuses,
+                "layers_recovered": r.layers_recovered,
+                "committed": r.committed,
+                "committed_lost": r.committed_lost,
+                "false_accept": r.false_accept,
+                "reasons": r.reasons,
+            },
+            indent=2,
+        )
+    )
     if a.snapshot:
         from harness.crashsim.overlay import OverlaySource
         from harness.scoring import expected_layers, score_recovery
@@ -79,8 +102,12 @@ def run_replay(a: argparse.Namespace) -> int:
         export(reader.scan(OverlaySource(ctx.base, ctx.trace, st)), out)
         with Snapshot.from_elf(a.snapshot) as snap:
             s = score_recovery(out, snap, expected_layers(snap, a.plan))
-        print(json.dumps({"recovered_to": out, "scored": s.statuses(), "false_accept": s.false_accept,
-                          "reasons": s.reasons}, indent=2))
+        print(
+            json.dumps(
+                {"recovered_to": out, "scored": s.statuses(), "false_accept": s.false_accept, "reasons": s.reasons},
+                indent=2,
+            )
+        )
         if s.false_accept:
             return 1
     return 1 if (r.false_accept or r.committed_lost) else 0

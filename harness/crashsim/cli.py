@@ -8,14 +8,22 @@ so ``progdump`` itself never imports the harness. The same commands run as
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def register_cli(register: Callable[..., None]) -> None:
     from harness.crashsim.__main__ import _guard, add_state_args, run_info, run_narrow, run_replay
 
-    register("replay", "replay one crash state of a write trace exactly (trace, t, kind, seed)",
-             lambda p: add_state_args(p, True), _guard(run_replay))
-    register("narrow", "narrow a failing crash state to the write that breaks it",
-             lambda p: add_state_args(p, False), _guard(run_narrow))
+    register(
+        "replay",
+        "replay one crash state of a write trace exactly (trace, t, kind, seed)",
+        lambda p: add_state_args(p, True),
+        _guard(run_replay),
+    )
+    register(
+        "narrow",
+        "narrow a failing crash state to the write that breaks it",
+        lambda p: add_state_args(p, False),
+        _guard(run_narrow),
+    )
     register("trace-info", "summarise a write trace", lambda p: p.add_argument("trace"), _guard(run_info))

@@ -92,7 +92,7 @@ class BaseImage:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "BaseImage":
+    def __enter__(self) -> BaseImage:
         return self
 
     def __exit__(self, *exc: object) -> None:

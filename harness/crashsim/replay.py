@@ -20,14 +20,23 @@ the write that breaks it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from harness.crashsim.overlay import BaseImage, OverlaySource
 from harness.crashsim.states import CrashState, committed_marks, crash_state
 from harness.crashsim.trace import Rec, Trace
 
-__all__ = ["Outcome", "read_outcome", "ReplayContext", "StateResult", "evaluate", "narrow", "mark_layer", "hole_excused"]
+__all__ = [
+    "Outcome",
+    "read_outcome",
+    "ReplayContext",
+    "StateResult",
+    "evaluate",
+    "narrow",
+    "mark_layer",
+    "hole_excused",
+]
 
 
 @dataclass
@@ -222,7 +231,9 @@ def evaluate(ctx: ReplayContext, state: CrashState) -> StateResult:
         if st != "complete":
             break
         rec += 1
-    return StateResult(state, out, statuses, rec, len(committed), len(lost), fa, suspect, verified, reasons, older, lost)
+    return StateResult(
+        state, out, statuses, rec, len(committed), len(lost), fa, suspect, verified, reasons, older, lost
+    )
 
 
 def failing(r: StateResult) -> bool:
@@ -249,8 +260,12 @@ def narrow(ctx: ReplayContext, state: CrashState) -> dict[str, object]:
         return CrashState(state.t, "narrow", state.seed, frozenset(keep), torn, state.flushed_seq)
 
     if failing(evaluate(ctx, floor)):
-        return {"culprit": None, "note": "the flushed prefix alone fails: the fault is in durable data or the reader",
-                "floor": floor.describe(), "result": evaluate(ctx, floor).reasons}
+        return {
+            "culprit": None,
+            "note": "the flushed prefix alone fails: the fault is in durable data or the reader",
+            "floor": floor.describe(),
+            "result": evaluate(ctx, floor).reasons,
+        }
     if not failing(evaluate(ctx, with_first(len(extra)))):
         return {"culprit": None, "note": "the state does not fail"}
     lo, hi = 0, len(extra)  # with_first(lo) passes, with_first(hi) fails

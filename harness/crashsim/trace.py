@@ -110,7 +110,7 @@ class Trace:
                 pass
             self._mm = None
 
-    def __enter__(self) -> "Trace":
+    def __enter__(self) -> Trace:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,7 +8,8 @@ its guest is asked for.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from harness.errors import HarnessError
 from harness.guests.base import GuestProfile

@@ -22,8 +22,8 @@ from typing import Any
 
 from harness.errors import ImageMissing, PanicError
 from harness.guests import register_profile
-from harness.paths import repo_root
 from harness.guests.base import BootSpec, GuestProfile, SshCredentials
+from harness.paths import repo_root
 from harness.qemu.console import Pattern
 from harness.qemu.machine import Machine
 
@@ -58,14 +58,18 @@ c=/run/pdfill.$1
 """
 WORKLOADS = {
     # page cache: a ramfs file (ramfs pages are page cache, never swapped), read back
-    "pagecache": "set -- cache \"$1\"\n" + _CHUNK + """\
+    "pagecache": 'set -- cache "$1"\n'
+    + _CHUNK
+    + """\
 mkdir -p /pdcache/fill; f=/pdcache/fill/pc.$$
 i=0; while [ $i -lt $2 ]; do echo "pagecache chunk $i"; cat $c; i=$((i+1)); done > $f
 cat $f > /dev/null
 """,
     # anonymous memory: dd holds one block of $1 MiB in its heap, blocked on a pipe
     # nobody reads; the source file is gone once dd has read it
-    "anon": "set -- anon \"$1\"\n" + _CHUNK + """\
+    "anon": 'set -- anon "$1"\n'
+    + _CHUNK
+    + """\
 src=/run/pdanon.$$
 i=0; while [ $i -lt $2 ]; do echo "anon chunk $i"; cat $c; i=$((i+1)); done > $src
 cat $src | dd bs=$(( $2 * 1048576 + 65536 )) count=1 iflag=fullblock 2>/dev/null | sleep 2000000000 &
@@ -148,7 +152,9 @@ class LinuxGuest(GuestProfile):
                 if not (self.image_dir / doc[key]["path"]).is_file():
                     raise ImageMissing(f"{self.image_dir / doc[key]['path']} missing; run `make guest-image`")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ImageMissing(f"no usable Linux guest image in {self.image_dir} ({e}); run `make guest-image`") from None
+            raise ImageMissing(
+                f"no usable Linux guest image in {self.image_dir} ({e}); run `make guest-image`"
+            ) from None
         self._manifest = doc
 
     def boot_spec(self, knobs: dict[str, str]) -> BootSpec:

@@ -53,7 +53,7 @@ def _lfn_checksum(short: bytes) -> int:
 def _lfn_entries(name: str, short: bytes) -> list[bytes]:
     chars = [ord(c) for c in name] + [0]
     chars += [0xFFFF] * (-len(chars) % 13)
-    parts = [chars[i:i + 13] for i in range(0, len(chars), 13)]
+    parts = [chars[i : i + 13] for i in range(0, len(chars), 13)]
     if len(parts) > 20:
         raise FatError(f"name {name!r} too long")
     out = []
@@ -87,16 +87,17 @@ def fat12_image(files: dict[str, bytes], label: str = SEED_LABEL, volume_id: int
         raise FatError(f"bad volume label {label!r}")
     img = bytearray(TOTAL_SECTORS * SECTOR)
     bs = bytearray(SECTOR)
-    bs[0:3] = b"\xEB\x3C\x90"
+    bs[0:3] = b"\xeb\x3c\x90"
     bs[3:11] = b"PROGDUMP"
-    struct.pack_into("<HBHBHHBHHHII", bs, 11, SECTOR, 1, 1, 2, ROOT_ENTRIES, TOTAL_SECTORS, 0xF0, FAT_SECTORS,
-                     18, 2, 0, 0)
+    struct.pack_into(
+        "<HBHBHHBHHHII", bs, 11, SECTOR, 1, 1, 2, ROOT_ENTRIES, TOTAL_SECTORS, 0xF0, FAT_SECTORS, 18, 2, 0, 0
+    )
     bs[36] = 0x00  # drive number
     bs[38] = 0x29  # extended boot signature: volume id, label and type follow
     struct.pack_into("<I", bs, 39, volume_id)
     bs[43:54] = label.upper().ljust(11).encode("ascii")
     bs[54:62] = b"FAT12   "
-    bs[510:512] = b"\x55\xAA"
+    bs[510:512] = b"\x55\xaa"
     img[0:SECTOR] = bs
     fat = bytearray(FAT_SECTORS * SECTOR)
     _set_fat(fat, 0, 0xFF0)
@@ -118,7 +119,7 @@ def fat12_image(files: dict[str, bytes], label: str = SEED_LABEL, volume_id: int
             for k in range(need):
                 _set_fat(fat, cluster + k, cluster + k + 1 if k + 1 < need else 0xFFF)
             off = (DATA_SECTOR + cluster - 2) * SECTOR
-            img[off:off + len(data)] = data
+            img[off : off + len(data)] = data
             cluster += need
         short = _short_name(name, i)
         for e in _lfn_entries(name, short):
@@ -135,8 +136,8 @@ def fat12_image(files: dict[str, bytes], label: str = SEED_LABEL, volume_id: int
         raise FatError("too many directory entries")
     for k in range(2):
         off = (1 + k * FAT_SECTORS) * SECTOR
-        img[off:off + len(fat)] = fat
-    img[ROOT_SECTOR * SECTOR:ROOT_SECTOR * SECTOR + len(root)] = root
+        img[off : off + len(fat)] = fat
+    img[ROOT_SECTOR * SECTOR : ROOT_SECTOR * SECTOR + len(root)] = root
     return bytes(img)
 
 
@@ -164,6 +165,7 @@ def user_data(authorized_key: str, nmi_panic: bool = True) -> bytes:
 
 
 def write_seed(path: Path, authorized_key: str, instance_id: str, hostname: str = "omnios") -> Path:
-    path.write_bytes(fat12_image({"meta-data": meta_data(instance_id, hostname),
-                                  "user-data": user_data(authorized_key)}))
+    path.write_bytes(
+        fat12_image({"meta-data": meta_data(instance_id, hostname), "user-data": user_data(authorized_key)})
+    )
     return path

@@ -48,14 +48,19 @@ from typing import Any
 
 from harness.errors import BootError, CommandError, ImageMissing, PanicError
 from harness.guests import register_profile
-from harness.paths import repo_root
 from harness.guests.base import BootSpec, GuestProfile
 from harness.guests.nocloud import write_seed
+from harness.paths import repo_root
 from harness.qemu.cmdchan import CommandResult
 from harness.qemu.console import Pattern
 from harness.qemu.machine import Machine
 from progdump.layers.illumos.manifest import (
-    Manifest, ManifestError, ksyms_symbols, manifest_note, mdb_script, parse_mdb_output,
+    Manifest,
+    ManifestError,
+    ksyms_symbols,
+    manifest_note,
+    mdb_script,
+    parse_mdb_output,
 )
 from progdump.snapshot import Note
 
@@ -84,8 +89,10 @@ def image_path(env: dict[str, str] | None = None) -> Path:
             return p
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    raise ImageMissing("no OmniOS image: set OMNIOS_IMAGE=/path/to/omnios-rNNNNNN.cloud.qcow2 "
-                       "(or run `make guest-image GUEST=omnios` where downloads.omnios.org is reachable)")
+    raise ImageMissing(
+        "no OmniOS image: set OMNIOS_IMAGE=/path/to/omnios-rNNNNNN.cloud.qcow2 "
+        "(or run `make guest-image GUEST=omnios` where downloads.omnios.org is reachable)"
+    )
 
 
 def image_format(path: Path) -> str:
@@ -96,8 +103,12 @@ def image_format(path: Path) -> str:
 def make_overlay(base: Path, overlay: Path) -> Path:
     """``qemu-img create`` a qcow2 overlay whose backing file is ``base`` (never written)."""
     fmt = image_format(base)
-    r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base.resolve()), str(overlay)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base.resolve()), str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if r.returncode != 0:
         raise ImageMissing(f"qemu-img could not create an overlay on {base}: {r.stderr.strip()[:300]}")
     return overlay
@@ -111,14 +122,22 @@ def qemu_extra_args(overlay: Path, seed: Path, ssh_port: int) -> list[str]:
     if not 1 <= ssh_port <= 65535:
         raise ValueError(f"ssh port {ssh_port}")
     return [
-        "-blockdev", f"driver=file,node-name=omroot-file,filename={overlay}",
-        "-blockdev", "driver=qcow2,node-name=omroot,file=omroot-file",
-        "-device", "virtio-blk-pci,drive=omroot,id=omroot,bootindex=0",
-        "-blockdev", f"driver=file,node-name=omseed-file,filename={seed},read-only=on",
-        "-blockdev", "driver=raw,node-name=omseed,file=omseed-file,read-only=on",
-        "-device", "virtio-blk-pci,drive=omseed,id=omseed",
-        "-netdev", f"user,id=omnet,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-        "-device", "virtio-net-pci,netdev=omnet",
+        "-blockdev",
+        f"driver=file,node-name=omroot-file,filename={overlay}",
+        "-blockdev",
+        "driver=qcow2,node-name=omroot,file=omroot-file",
+        "-device",
+        "virtio-blk-pci,drive=omroot,id=omroot,bootindex=0",
+        "-blockdev",
+        f"driver=file,node-name=omseed-file,filename={seed},read-only=on",
+        "-blockdev",
+        "driver=raw,node-name=omseed,file=omseed-file,read-only=on",
+        "-device",
+        "virtio-blk-pci,drive=omseed,id=omseed",
+        "-netdev",
+        f"user,id=omnet,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-device",
+        "virtio-net-pci,netdev=omnet",
     ]
 
 
@@ -134,8 +153,9 @@ def _new_key(path: Path) -> str:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     k = Ed25519PrivateKey.generate()
-    path.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                     serialization.NoEncryption()))
+    path.write_bytes(
+        k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
     path.chmod(0o600)
     pub = k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     (path.parent / (path.name + ".pub")).write_text(pub + " progdump-controller\n")
@@ -159,8 +179,10 @@ class SshPin:
         seen = (key_type, key_b64)
         if self.pinned is not None:
             if seen != self.pinned:
-                raise BootError(f"guest SSH host key changed: pinned {self.pinned[0]} {self.pinned[1][:24]}..., "
-                                f"now {key_type} {key_b64[:24]}... ({self.pin_file})")
+                raise BootError(
+                    f"guest SSH host key changed: pinned {self.pinned[0]} {self.pinned[1][:24]}..., "
+                    f"now {key_type} {key_b64[:24]}... ({self.pin_file})"
+                )
             return True
         self.streak = self.streak + 1 if seen == self.candidate else 1
         self.candidate = seen
@@ -239,8 +261,10 @@ class OmniosGuest(GuestProfile):
         return Pattern.of("markers", rb"^PROGDUMP-MARKERS (\{.*\})")  # not printed by this guest: no markers
 
     def panic_patterns(self) -> tuple[Pattern, Pattern]:
-        return (Pattern.of("panic", rb"panic\[cpu\d+\]/thread=[0-9a-fA-F]+: ?(.*?)\s*$"),
-                Pattern.of("panic-end", rb"(skipping system dump|dump succeeded|dump failed|rebooting\.\.\.)"))
+        return (
+            Pattern.of("panic", rb"panic\[cpu\d+\]/thread=[0-9a-fA-F]+: ?(.*?)\s*$"),
+            Pattern.of("panic-end", rb"(skipping system dump|dump succeeded|dump failed|rebooting\.\.\.)"),
+        )
 
     # -- SSH ----------------------------------------------------------------------------
     def _connect(self, timeout: float = 30.0) -> Any:
@@ -251,13 +275,25 @@ class OmniosGuest(GuestProfile):
         client = paramiko.SSHClient()
         if pin.pinned is not None:
             kt, kb = pin.pinned
-            client.get_host_keys().add(f"[127.0.0.1]:{self.ssh_port}", kt, paramiko.PKey.from_type_string(kt, __import__("base64").b64decode(kb)))
+            client.get_host_keys().add(
+                f"[127.0.0.1]:{self.ssh_port}",
+                kt,
+                paramiko.PKey.from_type_string(kt, __import__("base64").b64decode(kb)),
+            )
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         else:
             client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # recorded below, pinned after SSH_STABLE
-        client.connect("127.0.0.1", port=self.ssh_port, username="root", key_filename=str(self.run_dir / "id_ed25519"),
-                       timeout=timeout, banner_timeout=timeout, auth_timeout=timeout, allow_agent=False,
-                       look_for_keys=False)
+        client.connect(
+            "127.0.0.1",
+            port=self.ssh_port,
+            username="root",
+            key_filename=str(self.run_dir / "id_ed25519"),
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            allow_agent=False,
+            look_for_keys=False,
+        )
         key = client.get_transport().get_remote_server_key()
         pin.observe(key.get_name(), key.get_base64())
         return client
@@ -305,8 +341,9 @@ class OmniosGuest(GuestProfile):
             except Exception as e:  # noqa: BLE001 - sshd not up yet, key not stable yet
                 last = f"{type(e).__name__}: {e}"
             if time.monotonic() > deadline:
-                raise BootError(f"omnios: login prompt seen but no stable SSH session within {machine.t.boot:.0f} s "
-                                f"(last: {last})")
+                raise BootError(
+                    f"omnios: login prompt seen but no stable SSH session within {machine.t.boot:.0f} s (last: {last})"
+                )
             await asyncio.sleep(5.0)
         self.boot_count += 1
         await asyncio.to_thread(self._read_manifest, machine.t.command)
@@ -344,7 +381,7 @@ class OmniosGuest(GuestProfile):
             return await asyncio.wait_for(asyncio.to_thread(self._exec, cmd, timeout), timeout + 30)
         except BootError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise
         except Exception as e:  # noqa: BLE001 - paramiko and socket errors
             raise CommandError(f"omnios: SSH command failed: {type(e).__name__}: {e}") from None
@@ -360,8 +397,10 @@ class OmniosGuest(GuestProfile):
         if name == "nmi":
             res = await self.run_command(machine, "cat /boot/conf.d/nmi", machine.t.command)
             if "nmi=panic" not in res.text:
-                raise PanicError("nmi trigger: /boot/conf.d/nmi does not say nmi=panic (the seed writes it on the "
-                                 "first boot; it takes effect after a reboot)")
+                raise PanicError(
+                    "nmi trigger: /boot/conf.d/nmi does not say nmi=panic (the seed writes it on the "
+                    "first boot; it takes effect after a reboot)"
+                )
 
     async def trigger(self, name: str, machine: Machine) -> None:
         if name == "nmi":

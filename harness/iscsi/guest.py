@@ -21,8 +21,19 @@ from typing import Any
 
 from harness.iscsi.target import PORTALS, iqn_for
 
-__all__ = ["CONTROLLER", "node_name", "scsi_id", "blockdev_node", "scsi_block_device", "boot_args",
-           "controller_args", "GUEST_FUNCS", "assemble_script", "start_io_script", "wait_paths_script"]
+__all__ = [
+    "CONTROLLER",
+    "node_name",
+    "scsi_id",
+    "blockdev_node",
+    "scsi_block_device",
+    "boot_args",
+    "controller_args",
+    "GUEST_FUNCS",
+    "assemble_script",
+    "start_io_script",
+    "wait_paths_script",
+]
 
 CONTROLLER = "pdiscsi"
 
@@ -44,16 +55,26 @@ def blockdev_node(iqn: str, port: int, lun: int, path: int) -> dict[str, Any]:
     would make tgtd reinstate (drop) the first session when the second logs in.
     """
     return {
-        "driver": "iscsi", "node-name": node_name(lun, path), "transport": "tcp",
-        "portal": f"{PORTALS[path]}:{port}", "target": iqn, "lun": lun,
+        "driver": "iscsi",
+        "node-name": node_name(lun, path),
+        "transport": "tcp",
+        "portal": f"{PORTALS[path]}:{port}",
+        "target": iqn,
+        "lun": lun,
         "initiator-name": iqn_for(f"initiator-p{path}"),
         "cache": {"direct": True, "no-flush": False},
     }
 
 
 def scsi_block_device(lun: int, path: int) -> dict[str, Any]:
-    return {"driver": "scsi-block", "bus": f"{CONTROLLER}.0", "drive": node_name(lun, path),
-            "id": node_name(lun, path), "scsi-id": scsi_id(lun, path), "lun": 0}
+    return {
+        "driver": "scsi-block",
+        "bus": f"{CONTROLLER}.0",
+        "drive": node_name(lun, path),
+        "id": node_name(lun, path),
+        "scsi-id": scsi_id(lun, path),
+        "lun": 0,
+    }
 
 
 def controller_args() -> list[str]:
@@ -89,7 +110,9 @@ pd_wwid() { cat "/sys/block/$1/device/wwid" 2>/dev/null | tr -s ' ' | tr ' ' '_'
 
 def wait_paths_script(lun: int, timeout_s: int) -> str:
     """Rescan the LUN's SCSI targets and wait until both paths are block devices."""
-    return GUEST_FUNCS + f"""
+    return (
+        GUEST_FUNCS
+        + f"""
 for h in /sys/class/scsi_host/host*; do echo "- - -" > $h/scan 2>/dev/null; done
 i=0
 while [ $(pd_paths {lun} | wc -l) -lt 2 ]; do
@@ -98,6 +121,7 @@ while [ $(pd_paths {lun} | wc -l) -lt 2 ]; do
 done
 pd_paths {lun} | tr '\\n' ' '; echo
 """
+    )
 
 
 def assemble_script(lun: int, queue_if_no_path: bool) -> str:
@@ -107,7 +131,9 @@ def assemble_script(lun: int, queue_if_no_path: bool) -> str:
     multipathd. ``queue_if_no_path``: I/O waits for a path rather than failing.
     """
     feat = "1 queue_if_no_path" if queue_if_no_path else "0"
-    return GUEST_FUNCS + f"""
+    return (
+        GUEST_FUNCS
+        + f"""
 set -- $(pd_paths {lun})
 [ $# -eq 2 ] || {{ echo "LUN {lun}: want 2 paths, have $*"; exit 1; }}
 w1=$(pd_wwid $1); w2=$(pd_wwid $2)
@@ -120,6 +146,7 @@ dmsetup mknodes mpath{lun}  # no udev in this guest: dmsetup makes /dev/mapper/m
 [ -b /dev/mapper/mpath{lun} ] || {{ echo "no /dev/mapper/mpath{lun}"; exit 1; }}
 dmsetup status mpath{lun}
 """
+    )
 
 
 def mkfs_mount_script(lun: int) -> str:
@@ -159,12 +186,15 @@ while :; do
 done
 """
     # multipathd's "directio" path checker, by hand: one O_DIRECT sector read per path every 2 s
-    checker = GUEST_FUNCS + f"""
+    checker = (
+        GUEST_FUNCS
+        + f"""
 while :; do
     for p in $(pd_paths {lun}); do dd if=/dev/$p of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; done
     sleep 2
 done
 """
+    )
     # a log appender (comm pdlog-mp{lun}): one 512-byte record + fsync every 0.5 s, like a
     # journal; it is never in a direct-I/O wait, so a stall always leaves it in D state
     logger = f"""

@@ -32,9 +32,23 @@ from harness.errors import MissingTool, SetupError
 from harness.qemu.machine import set_pdeathsig
 
 __all__ = [
-    "TGT_IPC_DIR", "PORTALS", "Lun", "tgtd_argv", "tgtadm_argv", "new_target_argv", "new_lun_argv",
-    "bind_all_argv", "new_portal_argv", "delete_lun_argv", "delete_target_argv", "stop_system_argv", "show_target_argv",
-    "parse_show_target", "check_tools", "Target", "iqn_for",
+    "TGT_IPC_DIR",
+    "PORTALS",
+    "Lun",
+    "tgtd_argv",
+    "tgtadm_argv",
+    "new_target_argv",
+    "new_lun_argv",
+    "bind_all_argv",
+    "new_portal_argv",
+    "delete_lun_argv",
+    "delete_target_argv",
+    "stop_system_argv",
+    "show_target_argv",
+    "parse_show_target",
+    "check_tools",
+    "Target",
+    "iqn_for",
 ]
 
 TGT_IPC_DIR = Path("/var/run/tgtd")
@@ -68,8 +82,9 @@ def new_target_argv(cp: int, tid: int, iqn: str) -> list[str]:
 
 
 def new_lun_argv(cp: int, tid: int, lun: int, backing: Path) -> list[str]:
-    return tgtadm_argv(cp, "--op", "new", "--mode", "logicalunit", "--tid", str(tid), "--lun", str(lun),
-                       "-b", str(backing))
+    return tgtadm_argv(
+        cp, "--op", "new", "--mode", "logicalunit", "--tid", str(tid), "--lun", str(lun), "-b", str(backing)
+    )
 
 
 def bind_all_argv(cp: int, tid: int) -> list[str]:
@@ -130,8 +145,9 @@ def parse_show_target(text: str) -> dict[int, dict[str, str]]:
 QEMU_MODULE_DIRS = ("/usr/lib/x86_64-linux-gnu/qemu", "/usr/lib/qemu", "/usr/lib64/qemu")
 
 
-def check_tools(path: str | None = None, qemu_module_dirs: tuple[str, ...] = QEMU_MODULE_DIRS,
-                euid: int | None = None) -> None:
+def check_tools(
+    path: str | None = None, qemu_module_dirs: tuple[str, ...] = QEMU_MODULE_DIRS, euid: int | None = None
+) -> None:
     """Raise :class:`MissingTool` naming the first missing host piece (never starts anything).
 
     ``path``: where to look for tgtd/tgtadm (default: $PATH plus /usr/sbin and /sbin,
@@ -231,10 +247,14 @@ class Target:
             self.port = free_port(rng)
             logf = open(self.workdir / "tgtd.log", "ab")
             try:
-                self.proc = subprocess.Popen(tgtd_argv(self.control_port, PORTALS[0], self.port),
-                                             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                             start_new_session=True,  # Ctrl-C reaches us (we stop tgtd), not tgtd
-                                             preexec_fn=set_pdeathsig)  # and if we are killed outright, tgtd dies too
+                self.proc = subprocess.Popen(
+                    tgtd_argv(self.control_port, PORTALS[0], self.port),
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    start_new_session=True,  # Ctrl-C reaches us (we stop tgtd), not tgtd
+                    preexec_fn=set_pdeathsig,
+                )  # and if we are killed outright, tgtd dies too
             finally:
                 logf.close()
             if self._wait_ready(10.0):
@@ -255,8 +275,12 @@ class Target:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
-            p = subprocess.run(tgtadm_argv(self.control_port, "--op", "show", "--mode", "sys"),
-                               capture_output=True, text=True, timeout=10)
+            p = subprocess.run(
+                tgtadm_argv(self.control_port, "--op", "show", "--mode", "sys"),
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             if p.returncode == 0:
                 with contextlib.suppress(OSError), socket.create_connection((PORTALS[0], self.port), 1.0):
                     return True
@@ -328,7 +352,7 @@ class Target:
             with contextlib.suppress(OSError):
                 (TGT_IPC_DIR / f"socket.{self.control_port}{suffix}").unlink()
 
-    def __enter__(self) -> "Target":
+    def __enter__(self) -> Target:
         return self
 
     def __exit__(self, *exc: object) -> None:

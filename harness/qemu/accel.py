@@ -18,7 +18,8 @@ import os
 import platform
 import subprocess
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from harness.paths import repo_root
 
@@ -31,18 +32,20 @@ PROBE_SECONDS = 20.0
 CACHE = repo_root() / ".cache" / "guest" / "accel-probe.json"
 
 
-def _key(profile: "GuestProfile") -> str:
+def _key(profile: GuestProfile) -> str:
     try:
-        qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True,
-                            timeout=10).stdout.splitlines()[0]
+        qv = subprocess.run(
+            ["qemu-system-x86_64", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.splitlines()[0]
     except (OSError, IndexError, subprocess.SubprocessError):
         qv = "?"
     raw = f"{qv}|{platform.release()}|{profile.name}|{profile.image_identity()}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def choose_accel(request: str, profile: "GuestProfile",
-                 probe: Callable[["GuestProfile"], tuple[bool, str]] | None = None) -> tuple[str, str]:
+def choose_accel(
+    request: str, profile: GuestProfile, probe: Callable[[GuestProfile], tuple[bool, str]] | None = None
+) -> tuple[str, str]:
     """(accel, reason) for ``request`` in auto|tcg|kvm.
 
     ``probe(profile)`` boots the guest once under KVM and says whether that
@@ -71,8 +74,10 @@ def choose_accel(request: str, profile: "GuestProfile",
     ok, why = probe(profile)
     try:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
-        CACHE.write_text(json.dumps({"key": key, "kvm": ok, "why": why,
-                                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        CACHE.write_text(
+            json.dumps({"key": key, "kvm": ok, "why": why, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            + "\n"
+        )
     except OSError:
         pass
     return ("kvm" if ok else "tcg"), why

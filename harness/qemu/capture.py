@@ -37,9 +37,34 @@ __all__ = ["CaptureResult", "capture_state", "RAM_BACKEND_ID", "COMPARED_REGS"]
 RAM_BACKEND_ID = "pdram"  # the memory-backend id harness.qemu.argv uses
 ANON_RAM_REGION = "pc.ram"  # QEMU's region name without a memory backend
 # Registers present both in HMP output and in QEMU's ELF CPU notes.
-COMPARED_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-                 "r12", "r13", "r14", "r15", "rip", "rflags", "cr0", "cr2", "cr3", "cr4",
-                 "cs", "ss", "fs_base", "gs_base")
+COMPARED_REGS = (
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rsp",
+    "rbp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+    "rip",
+    "rflags",
+    "cr0",
+    "cr2",
+    "cr3",
+    "cr4",
+    "cs",
+    "ss",
+    "fs_base",
+    "gs_base",
+)
 
 
 @dataclass
@@ -64,8 +89,9 @@ async def read_layout(m: Machine) -> list[RamBlock]:
         raise CaptureError(f"memory layout: {e}") from e
 
 
-async def dump_elf(m: Machine, path: Path, begin: int | None = None, length: int | None = None,
-                   timeout: float | None = None) -> None:
+async def dump_elf(
+    m: Machine, path: Path, begin: int | None = None, length: int | None = None, timeout: float | None = None
+) -> None:
     """``dump-guest-memory`` (ELF, no paging) of all RAM or of ``[begin, begin+length)``."""
     args: dict[str, Any] = {"paging": False, "protocol": f"file:{path}"}
     if begin is not None and length is not None:
@@ -107,8 +133,7 @@ async def _pmemsave_file(m: Machine, blocks: list[RamBlock], workdir: Path) -> t
     with open(out, "wb") as dst:
         for b in blocks:
             part = workdir / f"{out.name}.part"
-            await m.execute("pmemsave", {"val": b.phys_start, "size": b.size, "filename": str(part)},
-                            timeout=m.t.dump)
+            await m.execute("pmemsave", {"val": b.phys_start, "size": b.size, "filename": str(part)}, timeout=m.t.dump)
             try:
                 with open(part, "rb") as src:
                     n = os.fstat(src.fileno()).st_size
@@ -127,8 +152,9 @@ async def _pmemsave_file(m: Machine, blocks: list[RamBlock], workdir: Path) -> t
     return out, ranges
 
 
-async def capture_state(m: Machine, workdir: Path, method: str = "auto",
-                        console_tail: bytes = b"", metadata: dict[str, Any] | None = None) -> CaptureResult:
+async def capture_state(
+    m: Machine, workdir: Path, method: str = "auto", console_tail: bytes = b"", metadata: dict[str, Any] | None = None
+) -> CaptureResult:
     """Snapshot of the paused machine ``m``.
 
     ``method``: ``shared`` (zero-copy view of the memory-backend file),
@@ -161,26 +187,34 @@ async def capture_state(m: Machine, workdir: Path, method: str = "auto",
 
     if method == "auto":
         method = "shared" if m.ram_fd is not None else "pmemsave"
-    cpus = [CpuState(i, r, note_cpus[i].prstatus if i < len(note_cpus) else None)
-            for i, r in enumerate(hmp_regs)]
-    keep = [n for n in notes if not (n.name in ("CORE", "QEMU"))]
+    cpus = [CpuState(i, r, note_cpus[i].prstatus if i < len(note_cpus) else None) for i, r in enumerate(hmp_regs)]
+    keep = [n for n in notes if n.name not in ("CORE", "QEMU")]
     meta = dict(metadata or {})
-    meta["capture_method"] = {"shared": "shared-memory-backend", "pmemsave": "qmp-pmemsave",
-                              "elf": "qmp-dump-guest-memory"}.get(method, method)
+    meta["capture_method"] = {
+        "shared": "shared-memory-backend",
+        "pmemsave": "qmp-pmemsave",
+        "elf": "qmp-dump-guest-memory",
+    }.get(method, method)
     meta.setdefault("ram_bytes", sum(b.size for b in blocks))
     meta["capture_warnings"] = warnings
     try:
         if method == "shared":
             if m.ram_fd is None:
                 raise CaptureError("no shared memory backend on this machine; use pmemsave or elf")
-            snap = Snapshot.from_file_ranges(f"/proc/self/fd/{m.ram_fd}",
-                                             [(b.phys_start, b.offset, b.size) for b in blocks],
-                                             cpus=cpus, notes=keep, console_tail=console_tail, metadata=meta)
+            snap = Snapshot.from_file_ranges(
+                f"/proc/self/fd/{m.ram_fd}",
+                [(b.phys_start, b.offset, b.size) for b in blocks],
+                cpus=cpus,
+                notes=keep,
+                console_tail=console_tail,
+                metadata=meta,
+            )
         elif method == "pmemsave":
             path, ranges = await _pmemsave_file(m, blocks, workdir)
             try:
-                snap = Snapshot.from_file_ranges(path, ranges, cpus=cpus, notes=keep,
-                                                 console_tail=console_tail, metadata=meta)
+                snap = Snapshot.from_file_ranges(
+                    path, ranges, cpus=cpus, notes=keep, console_tail=console_tail, metadata=meta
+                )
             finally:
                 path.unlink(missing_ok=True)
         elif method == "elf":

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 __all__ = [
     "MAX_LINE",
@@ -44,7 +45,7 @@ class Pattern:
     failure: bool = False
 
     @classmethod
-    def of(cls, name: str, regex: str | bytes, failure: bool = False) -> "Pattern":
+    def of(cls, name: str, regex: str | bytes, failure: bool = False) -> Pattern:
         rx = regex.encode() if isinstance(regex, str) else regex
         return cls(name, re.compile(rx), failure)
 
@@ -154,8 +155,9 @@ class ConsoleReader:
     and :class:`EOFError` if the stream ends first.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, log: BinaryIO | None = None,
-                 buffer: ConsoleBuffer | None = None) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, log: BinaryIO | None = None, buffer: ConsoleBuffer | None = None
+    ) -> None:
         self.reader = reader
         self.log = log
         self.buffer = buffer or ConsoleBuffer()
@@ -189,8 +191,7 @@ class ConsoleReader:
         """Line number the next complete line will get: pass as ``since``."""
         return self.buffer.next_lineno
 
-    async def wait_for(self, patterns: Iterable[Pattern], since: int = 0,
-                       timeout: float | None = None) -> PatternMatch:
+    async def wait_for(self, patterns: Iterable[Pattern], since: int = 0, timeout: float | None = None) -> PatternMatch:
         pats = list(patterns)
         checked = since
 

@@ -23,16 +23,34 @@ class HmpParseError(ValueError):
 
 _CPU_RE = re.compile(r"^CPU#(\d+)\s*$", re.M)
 _GPR = {
-    "RAX": "rax", "RBX": "rbx", "RCX": "rcx", "RDX": "rdx", "RSI": "rsi", "RDI": "rdi",
-    "RBP": "rbp", "RSP": "rsp", "R8": "r8", "R9": "r9", "R10": "r10", "R11": "r11",
-    "R12": "r12", "R13": "r13", "R14": "r14", "R15": "r15", "RIP": "rip", "RFL": "rflags",
-    "CR0": "cr0", "CR2": "cr2", "CR3": "cr3", "CR4": "cr4", "EFER": "efer",
-    "DR6": "dr6", "DR7": "dr7",
+    "RAX": "rax",
+    "RBX": "rbx",
+    "RCX": "rcx",
+    "RDX": "rdx",
+    "RSI": "rsi",
+    "RDI": "rdi",
+    "RBP": "rbp",
+    "RSP": "rsp",
+    "R8": "r8",
+    "R9": "r9",
+    "R10": "r10",
+    "R11": "r11",
+    "R12": "r12",
+    "R13": "r13",
+    "R14": "r14",
+    "R15": "r15",
+    "RIP": "rip",
+    "RFL": "rflags",
+    "CR0": "cr0",
+    "CR2": "cr2",
+    "CR3": "cr3",
+    "CR4": "cr4",
+    "EFER": "efer",
+    "DR6": "dr6",
+    "DR7": "dr7",
 }
 _KV_RE = re.compile(r"\b(R[A-Z0-9]{1,2}|CR[0-4]|EFER|DR[67])\s*=([0-9a-fA-F]{1,16})\b")
-_SEG_RE = re.compile(
-    r"^(ES|CS|SS|DS|FS|GS|LDT|TR)\s*=([0-9a-f]{4}) ([0-9a-f]{8,16}) ([0-9a-f]{8}) ([0-9a-f]{8})", re.M
-)
+_SEG_RE = re.compile(r"^(ES|CS|SS|DS|FS|GS|LDT|TR)\s*=([0-9a-f]{4}) ([0-9a-f]{8,16}) ([0-9a-f]{8}) ([0-9a-f]{8})", re.M)
 _DT_RE = re.compile(r"^(GDT|IDT)=\s+([0-9a-f]{8,16}) ([0-9a-f]{8})", re.M)
 _HLT_RE = re.compile(r"\bHLT=(\d)")
 _REQUIRED = ("rip", "rsp", "rflags", "cr0", "cr3", "cr4", "cs")

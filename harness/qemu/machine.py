@@ -28,8 +28,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
@@ -68,7 +69,7 @@ class RunDir:
             os.chmod(self.shm_dir, 0o700)
 
     @classmethod
-    def placeholder(cls, shm: bool) -> "RunDir":
+    def placeholder(cls, shm: bool) -> RunDir:
         """Paths of the right shape, nothing created (for ``--show-command``)."""
         rd = cls.__new__(cls)
         rd.sock_dir = Path("/tmp/pd-qemu-XXXXXXXX")
@@ -97,7 +98,6 @@ class RunDir:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-
 def _open_log(path: Path) -> Any:
     """Open a log for appending, never through a symbolic link (O_NOFOLLOW) and private (0600).
 
@@ -107,6 +107,7 @@ def _open_log(path: Path) -> Any:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     return os.fdopen(fd, "ab")
 
+
 class Machine:
     """One QEMU process and its QMP, console and command connections.
 
@@ -115,8 +116,15 @@ class Machine:
     ``log`` receives one human-readable line per step.
     """
 
-    def __init__(self, config: MachineConfig, rundir: RunDir, timeouts: Timeouts,
-                 console_log: Path, qemu_log: Path, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: MachineConfig,
+        rundir: RunDir,
+        timeouts: Timeouts,
+        console_log: Path,
+        qemu_log: Path,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
         self.rundir = rundir
         self.t = timeouts
@@ -143,8 +151,12 @@ class Machine:
             self._console_file = _open_log(self.console_log_path)
             self.log(f"launch: {self.config.accel}, {self.config.mem_mib} MiB, {self.config.smp} vCPU")
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=self._qemu_log_file,
-                stderr=subprocess.STDOUT, preexec_fn=set_pdeathsig, close_fds=True,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._qemu_log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=set_pdeathsig,
+                close_fds=True,
             )
             await self._connect_qmp()
             r, w = await asyncio.open_unix_connection(str(self.config.console_socket))
@@ -175,7 +187,7 @@ class Machine:
                     await asyncio.wait_for(qmp.connect(str(self.config.qmp_socket)), self.t.qmp_connect)
                     self.qmp = qmp
                     return
-                except (QMPError, OSError, asyncio.TimeoutError):
+                except (TimeoutError, QMPError, OSError):
                     with contextlib.suppress(Exception):
                         await qmp.disconnect()
             if time.monotonic() > deadline:
@@ -192,8 +204,9 @@ class Machine:
 
     def check_alive(self, when: str) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise QemuExited(f"QEMU exited with status {self.proc.returncode} {when}",
-                             self.proc.returncode, self._log_tail())
+            raise QemuExited(
+                f"QEMU exited with status {self.proc.returncode} {when}", self.proc.returncode, self._log_tail()
+            )
 
     @property
     def pid(self) -> int | None:
@@ -209,7 +222,7 @@ class Machine:
                 await asyncio.wait_for(self.qmp.execute("quit"), 2.0)
             try:
                 await asyncio.wait_for(asyncio.to_thread(self.proc.wait), self.t.quit)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         await self.kill()
 
@@ -249,7 +262,7 @@ class Machine:
             raise QemuError(f"{cmd}: QMP is not connected")
         try:
             return await asyncio.wait_for(self.qmp.execute(cmd, args), timeout or self.t.qmp_command)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise QemuError(f"QMP {cmd} got no answer in {timeout or self.t.qmp_command:.0f} s") from None
         except QMPError as e:
             self.check_alive(f"during {cmd}")
@@ -274,17 +287,18 @@ class Machine:
         with self.qmp.listen(listener):
             yield listener
 
-    async def next_event(self, listener: EventListener, timeout: float,
-                         pred: Callable[[dict[str, Any]], bool] = lambda e: True) -> dict[str, Any]:
+    async def next_event(
+        self, listener: EventListener, timeout: float, pred: Callable[[dict[str, Any]], bool] = lambda e: True
+    ) -> dict[str, Any]:
         """The next event on ``listener`` satisfying ``pred``; QemuExited if QEMU dies."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             try:
                 ev = await asyncio.wait_for(listener.get(), min(left, 0.5))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.check_alive("while waiting for an event")
                 continue
             if pred(ev):
@@ -343,9 +357,10 @@ class Machine:
             await self.execute("device_del", {"id": device_id})
             try:
                 await self.next_event(lst, limit, lambda e: e.get("data", {}).get("device") == device_id)
-            except asyncio.TimeoutError:
-                raise QemuError(f"no DEVICE_DELETED for {device_id} within {limit:.0f} s "
-                                "(the guest did not release it)") from None
+            except TimeoutError:
+                raise QemuError(
+                    f"no DEVICE_DELETED for {device_id} within {limit:.0f} s (the guest did not release it)"
+                ) from None
         self._root_port_of.pop(device_id, None)
         for name in reversed(self._nodes_of.pop(device_id, [])):
             with contextlib.suppress(QemuError):

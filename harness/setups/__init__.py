@@ -7,7 +7,8 @@ first lookup, so a setup whose module fails to import is reported by name.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from harness.errors import SetupError
 from harness.registry import PackageRegistry

@@ -27,9 +27,10 @@ own module under ``harness/setups/``; a scenario names it with
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # pragma: no cover - typing only (the runner imports QEMU lazily)
     from harness.controller import GuestSession, PanicResult
@@ -67,8 +68,9 @@ class ScenarioSetup:
     #: triggers this setup performs itself in :meth:`panic` (beyond the guest profile's own)
     triggers: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, scenario: Any, workdir: Path, params: Mapping[str, Any],
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, scenario: Any, workdir: Path, params: Mapping[str, Any], log: Callable[[str], None] = print
+    ) -> None:
         self.scenario = scenario
         self.workdir = Path(workdir)
         self.params = dict(params)
@@ -81,10 +83,10 @@ class ScenarioSetup:
         """Bring the host side up (before QEMU starts); return what the session needs."""
         return SessionOverrides()
 
-    def after_boot(self, session: "GuestSession") -> None:
+    def after_boot(self, session: GuestSession) -> None:
         """After every boot and every reset, before the workload: bring the guest side up."""
 
-    def panic(self, session: "GuestSession", trigger: str, rng: random.Random) -> "PanicResult | None":
+    def panic(self, session: GuestSession, trigger: str, rng: random.Random) -> PanicResult | None:
         """Make the guest panic the setup's own way; None: the runner calls ``session.panic(trigger)``."""
         return None
 
@@ -96,7 +98,7 @@ class ScenarioSetup:
         """Tear everything down. Called on every exit path; must be idempotent and never raise."""
 
     # context-manager sugar for tests and one-off use
-    def __enter__(self) -> "ScenarioSetup":
+    def __enter__(self) -> ScenarioSetup:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -23,12 +23,12 @@ Params (``[setup_params]``): ``mode``, ``boot_luns`` (1-4), ``hotadd_luns``
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from harness.errors import MissingTool, PanicError, SetupError
 from harness.iscsi import guest as G
@@ -58,13 +58,24 @@ def _int_param(params: Mapping[str, Any], key: str, default: int, lo: int, hi: i
 class IscsiSetup(ScenarioSetup):
     triggers = ("stall",)
 
-    def __init__(self, scenario: Any, workdir: Path, params: Mapping[str, Any],
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, scenario: Any, workdir: Path, params: Mapping[str, Any], log: Callable[[str], None] = print
+    ) -> None:
         super().__init__(scenario, workdir, params, log)
-        known = {"mode", "boot_luns", "hotadd_luns", "lun_mib", "hung_task_timeout", "queue_if_no_path", "guest_timeout"}
+        known = {
+            "mode",
+            "boot_luns",
+            "hotadd_luns",
+            "lun_mib",
+            "hung_task_timeout",
+            "queue_if_no_path",
+            "guest_timeout",
+        }
         unknown = set(self.params) - known
         if unknown:
-            raise SetupError(f"[setup_params]: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+            raise SetupError(
+                f"[setup_params]: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})"
+            )
         self.mode = self.params.get("mode", "sysrq")
         if self.mode not in ("sysrq", "stall"):
             raise SetupError(f"[setup_params] mode = {self.mode!r}: want 'sysrq' or 'stall'")
@@ -103,11 +114,15 @@ class IscsiSetup(ScenarioSetup):
         for _ in range(self.boot_luns):
             self.target.add_lun(self.lun_mib)
         t = self.target
-        self.log(f"iscsi: tgtd pid {t.proc.pid if t.proc else '?'} control port {t.control_port}, "
-                 f"portals 127.0.0.1:{t.port} 127.0.0.2:{t.port}, {self.boot_luns} LUNs")
-        notes = [f"iSCSI target {t.iqn}: private tgtd (-C {t.control_port}), portals 127.0.0.1:{t.port} and "
-                 f"127.0.0.2:{t.port}; {self.boot_luns} boot LUNs + {self.hotadd_luns} hot-added, {self.lun_mib} MiB each, "
-                 f"mode {self.mode}"]
+        self.log(
+            f"iscsi: tgtd pid {t.proc.pid if t.proc else '?'} control port {t.control_port}, "
+            f"portals 127.0.0.1:{t.port} 127.0.0.2:{t.port}, {self.boot_luns} LUNs"
+        )
+        notes = [
+            f"iSCSI target {t.iqn}: private tgtd (-C {t.control_port}), portals 127.0.0.1:{t.port} and "
+            f"127.0.0.2:{t.port}; {self.boot_luns} boot LUNs + {self.hotadd_luns} hot-added, {self.lun_mib} MiB each, "
+            f"mode {self.mode}"
+        ]
         return SessionOverrides(extra_args=G.boot_args(t.iqn, t.port, [lu.lun for lu in t.luns]), notes=notes)
 
     def _run(self, session: Any, script: str, what: str, timeout: float | None = None) -> str:
@@ -161,8 +176,10 @@ class IscsiSetup(ScenarioSetup):
             self._step(session, *steps[i])
         t_steps = time.monotonic() - t0
         how = "sysrq" if self.mode == "sysrq" else f"tgtd stopped, hung_task_timeout {self.hung_timeout} s"
-        self._notes = [f"iscsi: panic after hot-add step {at + 1}/{len(steps)} (LUN {lun}: {kind}), "
-                       f"{t_steps:.1f} s into the hot-add; {how}"]
+        self._notes = [
+            f"iscsi: panic after hot-add step {at + 1}/{len(steps)} (LUN {lun}: {kind}), "
+            f"{t_steps:.1f} s into the hot-add; {how}"
+        ]
         self.log(self._notes[0])
         if self.mode == "sysrq":
             return session.panic("sysrq")
@@ -173,8 +190,11 @@ class IscsiSetup(ScenarioSetup):
         from harness.qemu.console import first_match
 
         assert self.target is not None
-        self._run(session, f"sysctl -qw kernel.hung_task_timeout_secs={self.hung_timeout}; "
-                           "sysctl -qw kernel.hung_task_panic=1", "hung-task settings")
+        self._run(
+            session,
+            f"sysctl -qw kernel.hung_task_timeout_secs={self.hung_timeout}; sysctl -qw kernel.hung_task_panic=1",
+            "hung-task settings",
+        )
         start_pat, end_pat = session.profile.panic_patterns()
         limit = self.hung_timeout * 3 + 60.0  # TCG: the detector's period plus slack
 
@@ -187,10 +207,12 @@ class IscsiSetup(ScenarioSetup):
                 self.target.stall()
                 try:
                     ev = await m.next_event(lst, limit)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self.target.resume()
-                    raise PanicError(f"tgtd stalled: no hung-task panic within {limit:.0f} s; console tail:\n"
-                                     f"{m.console.buffer.tail(2000).decode('utf-8', 'replace')}") from None
+                    raise PanicError(
+                        f"tgtd stalled: no hung-task panic within {limit:.0f} s; console tail:\n"
+                        f"{m.console.buffer.tail(2000).decode('utf-8', 'replace')}"
+                    ) from None
                 finally:
                     t_ev = time.monotonic()
             self.target.resume()  # before `stop`: QEMU drains in-flight I/O
@@ -202,23 +224,30 @@ class IscsiSetup(ScenarioSetup):
             complete = True
             try:
                 await m.console.wait_for([end_pat], since=cursor, timeout=session.t.panic_console)
-            except (asyncio.TimeoutError, EOFError):
+            except (TimeoutError, EOFError):
                 complete = False
             await m.stop()
             t_stop = time.monotonic()
             hit = first_match(m.console.buffer.lines_since(cursor), [start_pat])
-            return PanicResult(trigger="stall", trigger_ns=trigger_ns, event_ns=event_ns,
-                               event_latency_ms=(t_ev - t0) * 1000, stop_ms=(t_stop - t_ev) * 1000,
-                               panic_string=hit.group(1) if hit else "", console_complete=complete,
-                               status=await m.status())
+            return PanicResult(
+                trigger="stall",
+                trigger_ns=trigger_ns,
+                event_ns=event_ns,
+                event_latency_ms=(t_ev - t0) * 1000,
+                stop_ms=(t_stop - t_ev) * 1000,
+                panic_string=hit.group(1) if hit else "",
+                console_complete=complete,
+                status=await m.status(),
+            )
 
         try:
             res = session.call(go(), limit + 120)
         finally:
             self.target.resume()
         session.last_panic = res
-        self._notes.append(f"iscsi: stall to GUEST_PANICKED {res.event_latency_ms / 1000:.1f} s; "
-                           f"panic: {res.panic_string[:120]}")
+        self._notes.append(
+            f"iscsi: stall to GUEST_PANICKED {res.event_latency_ms / 1000:.1f} s; panic: {res.panic_string[:120]}"
+        )
         return res
 
     def notes(self) -> list[str]:

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 from progdump.layers.base import Artifact, LayerContent, PageClass, PageClassMap, Producer
 from progdump.layers.generic import GenericProducer, core_artifacts
-from progdump.layers.plan import (DEFAULT_BULK, KERNEL_SPLIT_PARTS, PART_PAGE_CLASSES, PLANS, BULK_MARK, LayerSpec,
-                                  get_plan, split_kernel)
+from progdump.layers.plan import (
+    BULK_MARK,
+    DEFAULT_BULK,
+    KERNEL_SPLIT_PARTS,
+    PART_PAGE_CLASSES,
+    PLANS,
+    LayerSpec,
+    get_plan,
+    split_kernel,
+)
 from progdump.layers.registry import ProducerEntry, producers, register_producer
 from progdump.snapshot import Snapshot
 
@@ -172,7 +180,9 @@ def iter_layers(
     """Yield ``(spec, content)`` per layer of ``plan``, computing each on demand."""
     specs = get_plan(plan) if isinstance(plan, str) else plan
     if producer is None:
-        producer = LazyProducer(snapshot) if specs and specs[0].parts[:1] == ("panic-raw",) else select_producer(snapshot)
+        producer = (
+            LazyProducer(snapshot) if specs and specs[0].parts[:1] == ("panic-raw",) else select_producer(snapshot)
+        )
     classes: list[PageClassMap | None] = []  # computed once, lazily
 
     def page_classes() -> PageClassMap | None:
@@ -229,7 +239,9 @@ def iter_layers(
                 pcm = page_classes()
                 split, snotes = kernel_split(spec.bulk or DEFAULT_BULK)
                 if pcm is None:
-                    notes.append(f"{part}: no page classification ({producer.name} producer); pages go to the last layer")
+                    notes.append(
+                        f"{part}: no page classification ({producer.name} producer); pages go to the last layer"
+                    )
                 elif split is None:
                     if part == "kstruct":
                         notes.append(f"kstruct: no kernel map ({producer.name} producer): every kernel page")
@@ -247,7 +259,9 @@ def iter_layers(
             elif part in PART_PAGE_CLASSES:
                 pcm = page_classes()
                 if pcm is None:
-                    notes.append(f"{part}: no page classification ({producer.name} producer); pages go to the last layer")
+                    notes.append(
+                        f"{part}: no page classification ({producer.name} producer); pages go to the last layer"
+                    )
                 else:
                     wanted = PART_PAGE_CLASSES[part]
                     runs.append(lambda pcm=pcm, wanted=wanted: pcm.runs(wanted, snapshot))

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable, Iterator
 
 from progdump.format import ARTIFACT_NAME_RE  # the format's rule (R-TYP-2), re-exported
 from progdump.snapshot import Snapshot
@@ -193,8 +193,7 @@ class PageClassMap:
     def counts(self) -> dict[str, int]:
         return {c.name.lower(): self.classes.count(int(c)) for c in PageClass}
 
-    def runs_of_values(self, values: frozenset[int], snapshot: Snapshot,
-                       outside: bool) -> Iterator[tuple[int, int]]:
+    def runs_of_values(self, values: frozenset[int], snapshot: Snapshot, outside: bool) -> Iterator[tuple[int, int]]:
         """Runs of present pfns whose byte is in ``values``; pfns outside the map when ``outside``.
 
         A plan's finer selections rewrite a copy of the class bytes (values

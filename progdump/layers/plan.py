@@ -33,8 +33,17 @@ from dataclasses import dataclass
 
 from progdump.layers.base import KernelKind, KernelMap, PageClass, PageClassMap
 
-__all__ = ["LayerSpec", "BulkRule", "PLANS", "PART_PAGE_CLASSES", "KERNEL_SPLIT_PARTS", "get_plan",
-           "ZFS_BULK_CACHES", "bulk_caches", "split_kernel"]
+__all__ = [
+    "LayerSpec",
+    "BulkRule",
+    "PLANS",
+    "PART_PAGE_CLASSES",
+    "KERNEL_SPLIT_PARTS",
+    "get_plan",
+    "ZFS_BULK_CACHES",
+    "bulk_caches",
+    "split_kernel",
+]
 
 
 @dataclass(frozen=True)
@@ -155,10 +164,14 @@ def split_kernel(kmap: KernelMap, classes: PageClassMap, rule: BulkRule) -> tupl
     out.classes = bytearray(cls.tobytes())
     counts = kmap.kind_counts(classes)
     kept = {k: v for k, v in counts.items() if v}
-    notes = [why, f"{int(sel.sum())} bulk pages; kernel pages by kind: "
-             + ", ".join(f"{k} {v}" for k, v in kept.items())]
+    notes = [
+        why,
+        f"{int(sel.sum())} bulk pages; kernel pages by kind: " + ", ".join(f"{k} {v}" for k, v in kept.items()),
+    ]
     if kmap.vmalloc_owners:
-        notes.append("vmalloc pages by owner: " + ", ".join(f"{k} {v}" for k, v in list(kmap.vmalloc_owners.items())[:12]))
+        notes.append(
+            "vmalloc pages by owner: " + ", ".join(f"{k} {v}" for k, v in list(kmap.vmalloc_owners.items())[:12])
+        )
     return out, notes
 
 

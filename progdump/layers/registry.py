@@ -11,8 +11,8 @@ order; the generic producer is always the floor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from progdump.layers.base import LayerContent, Producer
 from progdump.snapshot import Snapshot

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from progdump.device import DeviceError, MediaError, DumpDevice
+from progdump.device import DeviceError, DumpDevice, MediaError
 from progdump.layers.base import LayerContent, PageClass, PageClassMap
 from progdump.layers.generic import GenericProducer
 from progdump.reader import ScanResult, iter_recovered_pages
@@ -72,7 +72,13 @@ class ClassProducer(GenericProducer):
         m = PageClassMap(first, last - first, PageClass.USER)
         pfns = [pfn for a, n in s.pfn_runs() for pfn in range(a, a + n)]
         for i, pfn in enumerate(pfns):
-            cls = PageClass.KERNEL if i < len(pfns) // 2 else PageClass.CACHE if i < 3 * len(pfns) // 4 else PageClass.USER
+            cls = (
+                PageClass.KERNEL
+                if i < len(pfns) // 2
+                else PageClass.CACHE
+                if i < 3 * len(pfns) // 4
+                else PageClass.USER
+            )
             m.set_run(pfn, 1, cls)
         return m
 
@@ -196,7 +202,9 @@ def recovered_pages(res: ScanResult) -> dict[int, bytes]:
     return out
 
 
-def check_recovery(res: ScanResult, pages: dict[int, bytes], dump_id: str | None, layer_pages: dict[int, set[int]] | None = None) -> dict[int, bytes]:
+def check_recovery(
+    res: ScanResult, pages: dict[int, bytes], dump_id: str | None, layer_pages: dict[int, set[int]] | None = None
+) -> dict[int, bytes]:
     """Assert the no-false-accept invariants; returns the recovered pages.
 
     * a recovered page equals what the snapshot had (never other content);

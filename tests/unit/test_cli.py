@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from dumpkit import make_snapshot, snapshot_pages
+
 from progdump.cli import main
 from progdump.elfcore import load_elf_snapshot
 from progdump.snapshot import PAGE_SIZE
@@ -133,9 +133,16 @@ def test_console_script_module_entry(elf, tmp_path):
     """``python -m progdump`` runs the same CLI (exit codes through the process)."""
     zeros = _dev(tmp_path, 1 << 20)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-m", "progdump", "recover", str(zeros), str(tmp_path / "o")], env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "progdump", "recover", str(zeros), str(tmp_path / "o")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "progdump.cli", "info", str(zeros)], env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "progdump.cli", "info", str(zeros)], env=env, capture_output=True, text=True
+    )
     assert r.returncode == 2
 
 

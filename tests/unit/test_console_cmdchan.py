@@ -46,7 +46,9 @@ def test_bad_base64_fails_the_command() -> None:
         ch, gr, gw = await _pair()
         task = asyncio.create_task(ch.run("true", 2))
         cid = (await gr.readline()).split()[1]
-        gw.write(b"PDRES %s 0 A\n" % cid)  # the base64 alphabet, but not base64 (\"####\" was dropped: a timeout passed for it)
+        gw.write(
+            b"PDRES %s 0 A\n" % cid
+        )  # the base64 alphabet, but not base64 (\"####\" was dropped: a timeout passed for it)
         with pytest.raises(ValueError, match="bad base64"):
             await task
         await ch.close()

@@ -15,7 +15,6 @@ from harness.crashsim.overlay import BaseImage, ExtentMap, OverlaySource
 from harness.crashsim.states import committed_marks, crash_state, enumerate_states
 from harness.crashsim.trace import TraceError, read_trace
 from progdump.devmodel import DeviceModel, ModelledDevice
-
 from tests.unit.test_devmodel import FakeClock, MemDevice
 
 SIZE = 1 << 20
@@ -243,8 +242,11 @@ def test_model_state_reproduces_a_really_killed_writer(tmp_path, seed):
     base = random.Random(seed).randbytes(4 << 20)
     img.write_bytes(base)
     (tmp_path / "base").write_bytes(base)
-    p = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(img), str(tmp_path / "tr"), str(seed)],
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), stdout=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _KILL_CHILD, str(img), str(tmp_path / "tr"), str(seed)],
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+        stdout=subprocess.PIPE,
+    )
     assert p.stdout.readline() == b"ready\n"  # synchronised on the child's word, not on a guessed sleep
     time.sleep(random.Random(seed).random() * 0.2)  # then a random moment of its writing
     p.send_signal(signal.SIGKILL)

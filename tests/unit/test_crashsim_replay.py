@@ -17,7 +17,6 @@ from harness.crashsim.replay import Outcome, ReplayContext, evaluate, failing, m
 from harness.crashsim.states import enumerate_states
 from harness.crashsim.trace import read_trace
 from progdump.devmodel import DeviceModel, ModelledDevice
-
 from tests.unit.test_devmodel import FakeClock, MemDevice
 
 SIZE = 1 << 20
@@ -92,7 +91,9 @@ def _setup(tmp_path):
     clk = FakeClock()
     inner = MemDevice(SIZE)
     inner.buf[:] = old.buf
-    dev = ModelledDevice(inner, DeviceModel("t", 1e6, 1e-4, 0, 2e-3, 8192, 512), str(tmp_path / "tr"), now=clk.now, sleep=clk.sleep)
+    dev = ModelledDevice(
+        inner, DeviceModel("t", 1e6, 1e-4, 0, 2e-3, 8192, 512), str(tmp_path / "tr"), now=clk.now, sleep=clk.sleep
+    )
     _toy_dump(ToyWriterDevice(dev), b"NEWDUMP2", 0x10)
     dev.close()
     return read_trace(str(tmp_path / "tr")), BaseImage(str(tmp_path / "base"), SIZE)
@@ -177,7 +178,9 @@ def test_layers_the_plan_does_not_have_are_a_false_accept(tmp_path):
 def test_each_distinct_outcome_is_fully_verified_once(tmp_path):
     tr, bi = _setup(tmp_path)
     seen = []
-    ctx = ReplayContext(tr, bi, ["a", "b", "c"], reader=toy_reader(), verify=lambda ov: (seen.append(1), (False, []))[1])
+    ctx = ReplayContext(
+        tr, bi, ["a", "b", "c"], reader=toy_reader(), verify=lambda ov: (seen.append(1), (False, []))[1]
+    )
     ctx.prepare()
     res = [evaluate(ctx, st) for _, st in enumerate_states(tr, 200, seed=5)]
     outcomes = {tuple(r.statuses) for r in res if not r.older_dump_returned}

@@ -16,11 +16,11 @@ import pytest
 
 from progdump.device import DeviceError, DumpDevice
 from progdump.devmodel import (
+    F_FAILED,
     K_DESTAGE,
     K_FLUSH,
     K_MARK,
     K_WRITE,
-    F_FAILED,
     DeviceModel,
     FaultRegion,
     ModelledDevice,
@@ -86,7 +86,12 @@ def test_every_model_value_has_a_source_comment():
     text = resources.files("progdump").joinpath("device-models.toml").read_text()
     for line in text.splitlines():
         s = line.strip()
-        if s and not s.startswith(("#", "[")) and "=" in s and s.split("=")[0].strip() not in ("description", "base", "seek_ms"):
+        if (
+            s
+            and not s.startswith(("#", "["))
+            and "=" in s
+            and s.split("=")[0].strip() not in ("description", "base", "seek_ms")
+        ):
             assert "#" in s, f"value without a source comment: {s}"
 
 
@@ -186,7 +191,6 @@ def test_trace_records_writes_flushes_marks_and_destages(tmp_path):
 def test_killed_writer_loses_its_cache_and_trace_stays_readable(tmp_path):
     """A real child process, SIGKILLed: what was not destaged never reaches the file."""
     from harness.crashsim.trace import read_trace
-
     from progdump.device import DumpDevice
 
     img = tmp_path / "img"
@@ -215,7 +219,9 @@ def test_killed_writer_loses_its_cache_and_trace_stays_readable(tmp_path):
                 def close(self):
                     os.close(self.fd)
 
-            dev = ModelledDevice(FileDev(img), _model(bandwidth=1e9, latency=0, seek=0, flush=0, cache=1 << 16), str(tmp_path / "tr"))
+            dev = ModelledDevice(
+                FileDev(img), _model(bandwidth=1e9, latency=0, seek=0, flush=0, cache=1 << 16), str(tmp_path / "tr")
+            )
             dev.write(0, b"F" * 4096)
             dev.flush()
             dev.write(4096, b"U" * 4096)  # acknowledged, only in the cache

@@ -46,13 +46,7 @@ VMCOREINFO = b"OSRELEASE=6.1.0-test\nPAGESIZE=4096\nKERNELOFFSET=1c000000\nNUMBE
 
 def note_bytes(name: bytes, ntype: int, desc: bytes) -> bytes:
     n = name + b"\0"
-    return (
-        struct.pack("<III", len(n), len(desc), ntype)
-        + n
-        + b"\0" * (-len(n) % 4)
-        + desc
-        + b"\0" * (-len(desc) % 4)
-    )
+    return struct.pack("<III", len(n), len(desc), ntype) + n + b"\0" * (-len(n) % 4) + desc + b"\0" * (-len(desc) % 4)
 
 
 def build_core(
@@ -394,9 +388,14 @@ def test_bad_progdump_notes_are_ignored_with_warning(tmp):
 
 @pytest.mark.parametrize(
     "doc",
-    [b'[{"index": 0, "regs": {"rip": -1}}]', b'[{"index": 0, "regs": {"rip": 18446744073709551616}}]',
-     b'[{"index": "0", "regs": {}}]', b'[{"index": 0, "regs": {"rip": true}}]', b"[" * 100000,
-     b'[{"index": 0, "regs": {}, "prstatus": "zz"}]'],  # fmt: skip
+    [
+        b'[{"index": 0, "regs": {"rip": -1}}]',
+        b'[{"index": 0, "regs": {"rip": 18446744073709551616}}]',
+        b'[{"index": "0", "regs": {}}]',
+        b'[{"index": 0, "regs": {"rip": true}}]',
+        b"[" * 100000,
+        b'[{"index": 0, "regs": {}, "prstatus": "zz"}]',
+    ],  # fmt: skip
 )
 def test_hostile_cpu_registers_note_falls_back_to_prstatus(tmp, doc):
     notes = note_bytes(b"PROGDUMP", 0x50440003, doc) + note_bytes(b"CORE", 1, build_prstatus({"rip": 0x42}, 1))
@@ -478,9 +477,7 @@ def test_saved_layout_is_standard(tmp):
         out = tmp / "out.elf"
         save_elf_snapshot(s, out)
     data = out.read_bytes()
-    ident, etype, machine, _, _, phoff, _, _, ehsize, phentsize, phnum = struct.unpack_from(
-        "<16sHHIQQQIHHH", data, 0
-    )
+    ident, etype, machine, _, _, phoff, _, _, ehsize, phentsize, phnum = struct.unpack_from("<16sHHIQQQIHHH", data, 0)
     assert (etype, machine, phoff, ehsize, phentsize, phnum) == (4, 62, 64, 64, 56, 4)
     phdrs = [struct.unpack_from("<IIQQQQQQ", data, 64 + i * 56) for i in range(phnum)]
     assert phdrs[0][0] == 4  # PT_NOTE first
@@ -586,8 +583,9 @@ reg_values = st.integers(0, (1 << 64) - 1)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     specs=range_specs,
-    regs=st.lists(st.dictionaries(st.sampled_from(["rip", "rsp", "cr3", "rflags", "efer", "r9"]), reg_values),
-                  max_size=3),  # fmt: skip
+    regs=st.lists(
+        st.dictionaries(st.sampled_from(["rip", "rsp", "cr3", "rflags", "efer", "r9"]), reg_values), max_size=3
+    ),  # fmt: skip
     console=st.binary(max_size=200),
     meta=st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-5, 5), st.text(max_size=8)), max_size=3),
 )

@@ -26,7 +26,7 @@ def test_planted_bytes_at_their_physical_addresses(qemu_elf_core):
 
 def test_qemu_header_quirk_is_handled(qemu_elf_core):
     head = qemu_elf_core.path.read_bytes()[:64]
-    e_phoff, = struct.unpack_from("<Q", head, 32)
+    (e_phoff,) = struct.unpack_from("<Q", head, 32)
     # QEMU 7.2 puts program headers after its section headers; we read e_phoff whatever it is.
     if qemu_elf_core.qemu_version.startswith("7.2."):
         assert e_phoff == 0xC0

@@ -11,8 +11,29 @@ from harness.report import Row
 
 
 def _r(model="hdd", plan="progressive", trial=1, agreement="agree", kind="killed", fa=0, lost=0, source="real"):
-    return Row("s", "linux", model, plan, source, trial, -1, kind, 1, 12.5, 5, 2, "complete/complete/missing",
-               2, lost, fa, 0, "full", agreement, f"/t/{model}-{trial}.trace", "why" if agreement == "disagree" else "")
+    return Row(
+        "s",
+        "linux",
+        model,
+        plan,
+        source,
+        trial,
+        -1,
+        kind,
+        1,
+        12.5,
+        5,
+        2,
+        "complete/complete/missing",
+        2,
+        lost,
+        fa,
+        0,
+        "full",
+        agreement,
+        f"/t/{model}-{trial}.trace",
+        "why" if agreement == "disagree" else "",
+    )
 
 
 def test_wilson_interval_matches_a_hand_computation():
@@ -31,10 +52,14 @@ def test_wilson_interval_matches_a_hand_computation():
 
 
 def test_only_killed_loop_trials_count_and_disagreements_are_listed():
-    rows = [_r(trial=-1, kind="complete", agreement="n/a"),  # a reference run: not a reset
-            _r(source="replay", trial=-1, agreement=""),  # a replayed state: not a reset
-            _r(trial=1), _r(trial=2, kind="complete"), _r(model="nvme", trial=3, agreement="disagree"),
-            _r(model="nvme", plan="monolithic", trial=4, fa=1, lost=1)]
+    rows = [
+        _r(trial=-1, kind="complete", agreement="n/a"),  # a reference run: not a reset
+        _r(source="replay", trial=-1, agreement=""),  # a replayed state: not a reset
+        _r(trial=1),
+        _r(trial=2, kind="complete"),
+        _r(model="nvme", trial=3, agreement="disagree"),
+        _r(model="nvme", plan="monolithic", trial=4, fa=1, lost=1),
+    ]
     assert [r.trial for r in killed_rows(rows)] == [1, 2, 3, 4]
     s = fidelity_summary(rows)
     assert (s["real_resets"], s["killed_before_end"], s["agree"], s["disagree"]) == (4, 3, 3, 1)

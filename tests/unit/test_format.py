@@ -74,7 +74,16 @@ def test_R_HDR_2_unknown_compat_flags_are_ignored():
 def test_R_REC_2_record_roundtrip():
     raw = _rec()
     h = F.parse_record_header(raw, 8192)
-    assert (h.rtype, h.layer, h.seq, h.offset, h.stored_len, h.raw_len, h.aux0, h.aux1) == (3, 2, 7, 8192, 100, 200, 5, 6)
+    assert (h.rtype, h.layer, h.seq, h.offset, h.stored_len, h.raw_len, h.aux0, h.aux1) == (
+        3,
+        2,
+        7,
+        8192,
+        100,
+        200,
+        5,
+        6,
+    )
     assert h.raw_header == raw and len(raw) == F.RECORD_HEADER_SIZE
 
 

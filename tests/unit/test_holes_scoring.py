@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dumpkit import BytesSource, ClassProducer, MemDevice, make_snapshot  # noqa: E402
+
 from harness.crashsim.replay import hole_excused, read_outcome  # noqa: E402
 from harness.scenario import Scenario, holes_problem  # noqa: E402
 from progdump.writer import write_dump  # noqa: E402
@@ -38,8 +39,9 @@ def test_outcome_carries_the_reported_holes():
 
 
 def _sc(expect: bool) -> Scenario:
-    return Scenario("x", "d", "linux", 512, "sysrq", ["nvme-failing"], ["progressive"], 1, False, [], 0, 0,
-                    expect_holes=expect)
+    return Scenario(
+        "x", "d", "linux", 512, "sysrq", ["nvme-failing"], ["progressive"], 1, False, [], 0, 0, expect_holes=expect
+    )
 
 
 def test_expect_holes_fails_a_run_without_a_reported_hole():

@@ -22,7 +22,13 @@ import pytest
 from progdump.layers import build_layers, select_producer
 from progdump.layers.illumos import IllumosProducer
 from progdump.layers.illumos.manifest import (
-    Manifest, ManifestError, ksyms_symbols, manifest_from_snapshot, manifest_note, mdb_script, parse_mdb_output,
+    Manifest,
+    ManifestError,
+    ksyms_symbols,
+    manifest_from_snapshot,
+    manifest_note,
+    mdb_script,
+    parse_mdb_output,
 )
 from progdump.layers.illumos.msglog import LogOffsets, read_recent_log
 from progdump.layers.illumos.panicbuf import PanicbufError, decode_panicbuf
@@ -34,17 +40,18 @@ PD_VERSION, PD_MSGOFF, PD_UUID, PD_NVDATA = 0, 4, 8, 48  # uint32, uint32, char[
 PNV_NAME, PNV_VALUE, PNV_SIZE = 0, 16, 24  # char pnv_name[PANICNVNAMELEN=16]; uint64_t pnv_value
 
 
-def make_panicbuf(regs: list[tuple[str, int]], msg: bytes, uuid: bytes = b"5e4a3b6c-0000-4000-8000-123456789abc",
-                  version: int = 2) -> bytes:
+def make_panicbuf(
+    regs: list[tuple[str, int]], msg: bytes, uuid: bytes = b"5e4a3b6c-0000-4000-8000-123456789abc", version: int = 2
+) -> bytes:
     buf = bytearray(8192)  # PANICBUFSIZE
     msgoff = PD_NVDATA + len(regs) * PNV_SIZE  # PANICNVSET: end of pd_nvdata[]
     struct.pack_into("<II", buf, PD_VERSION, version, msgoff)
-    buf[PD_UUID:PD_UUID + len(uuid)] = uuid
+    buf[PD_UUID : PD_UUID + len(uuid)] = uuid
     for i, (name, value) in enumerate(regs):
         o = PD_NVDATA + i * PNV_SIZE
-        buf[o + PNV_NAME:o + PNV_NAME + len(name)] = name.encode()
+        buf[o + PNV_NAME : o + PNV_NAME + len(name)] = name.encode()
         struct.pack_into("<Q", buf, o + PNV_VALUE, value)
-    buf[msgoff:msgoff + len(msg)] = msg + b"\0"
+    buf[msgoff : msgoff + len(msg)] = msg + b"\0"
     return bytes(buf)
 
 
@@ -60,14 +67,17 @@ def test_panicbuf_decodes_what_was_laid_out():
     assert pd.message == MSG.decode()
 
 
-@pytest.mark.parametrize("mutate, why", [
-    (lambda b: bytes(8192), "empty"),
-    (lambda b: struct.pack("<I", 3) + b[4:], "pd_version 3"),
-    (lambda b: b[:4] + struct.pack("<I", 9000) + b[8:], "outside"),
-    (lambda b: b[:4] + struct.pack("<I", 50) + b[8:], "whole panic_nv_t"),
-    (lambda b: b[:48] + b"\x01\x02" + b[50:], "printable"),
-    (lambda b: b[:40], "shorter"),
-])
+@pytest.mark.parametrize(
+    "mutate, why",
+    [
+        (lambda b: bytes(8192), "empty"),
+        (lambda b: struct.pack("<I", 3) + b[4:], "pd_version 3"),
+        (lambda b: b[:4] + struct.pack("<I", 9000) + b[8:], "outside"),
+        (lambda b: b[:4] + struct.pack("<I", 50) + b[8:], "whole panic_nv_t"),
+        (lambda b: b[:48] + b"\x01\x02" + b[50:], "printable"),
+        (lambda b: b[:40], "shorter"),
+    ],
+)
 def test_panicbuf_refuses_garbage(mutate, why):
     with pytest.raises(PanicbufError, match=why):
         decode_panicbuf(mutate(make_panicbuf(REGS, MSG)))
@@ -84,7 +94,7 @@ class Mem:
     def read(self, va: int, n: int) -> bytes:
         for base, data in self.blobs.items():
             if base <= va and va + n <= base + len(data):
-                return data[va - base:va - base + n]
+                return data[va - base : va - base + n]
         raise ValueError(f"fault at {va:#x}")
 
 
@@ -130,7 +140,11 @@ def test_message_log_walk():
     mem = Mem()
     build_log(mem)
     msgs, notes = read_recent_log(mem.read, LOGQ_SYM)
-    assert [m.text for m in msgs] == ["NOTICE: vioif0 link up, 1000 Mbps, full duplex", "panic message one", "last words"]
+    assert [m.text for m in msgs] == [
+        "NOTICE: vioif0 link up, 1000 Mbps, full duplex",
+        "panic message one",
+        "last words",
+    ]
     assert [m.seq_no for m in msgs] == [100, 101, 102]
     assert [m.ttime for m in msgs] == [1764900000, 1764900001, 1764900002]
     assert msgs[1].flags == 0x8000 and msgs[0].level == 5
@@ -157,9 +171,19 @@ def test_log_offsets_from_manifest_override_headers():
 
 
 # ---- the thread ring (offsets only from the manifest; values chosen by the test) --------
-TOFF = {"kthread_t.t_next": 0x20, "kthread_t.t_stk": 0x0, "kthread_t.t_stkbase": 0x1a8, "kthread_t.t_state": 0x12c,
-        "kthread_t.t_tid": 0x1b0, "kthread_t.t_pri": 0x130, "kthread_t.t_procp": 0x190,
-        "proc_t.p_pidp": 0x98, "proc_t.p_user": 0x500, "user_t.u_comm": 0x20, "struct pid.pid_id": 4}
+TOFF = {
+    "kthread_t.t_next": 0x20,
+    "kthread_t.t_stk": 0x0,
+    "kthread_t.t_stkbase": 0x1A8,
+    "kthread_t.t_state": 0x12C,
+    "kthread_t.t_tid": 0x1B0,
+    "kthread_t.t_pri": 0x130,
+    "kthread_t.t_procp": 0x190,
+    "proc_t.p_pidp": 0x98,
+    "proc_t.p_user": 0x500,
+    "user_t.u_comm": 0x20,
+    "struct pid.pid_id": 4,
+}
 ALLTHREADS, T0, P0, PID0 = 0xFFFFFFFFFBC60000, 0xFFFFFE0001000000, 0xFFFFFE0002000000, 0xFFFFFE0003000000
 
 
@@ -169,15 +193,15 @@ def build_threads(mem: Mem, n: int = 3) -> None:
         t = bytearray(0x200)
         struct.pack_into("<Q", t, 0x20, T0 + ((i + 1) % n) * 0x1000)
         struct.pack_into("<Q", t, 0x0, 0xFFFFFE0010006000 + i * 0x10000)
-        struct.pack_into("<Q", t, 0x1a8, 0xFFFFFE0010001000 + i * 0x10000)
-        struct.pack_into("<H", t, 0x12c, (1, 2, 4)[i % 3])
-        struct.pack_into("<I", t, 0x1b0, 7 + i)
+        struct.pack_into("<Q", t, 0x1A8, 0xFFFFFE0010001000 + i * 0x10000)
+        struct.pack_into("<H", t, 0x12C, (1, 2, 4)[i % 3])
+        struct.pack_into("<I", t, 0x1B0, 7 + i)
         struct.pack_into("<h", t, 0x130, 60 + i)
         struct.pack_into("<Q", t, 0x190, P0)
         mem.put(T0 + i * 0x1000, bytes(t))
     p = bytearray(0x600)
     struct.pack_into("<Q", p, 0x98, PID0)
-    p[0x520:0x520 + 6] = b"sched\0"
+    p[0x520 : 0x520 + 6] = b"sched\0"
     mem.put(P0, bytes(p))
     mem.put(PID0, struct.pack("<II", 0, 0))
 
@@ -224,13 +248,16 @@ def test_mdb_manifest_parser():
     assert m.errors == ["offsetof proc_t p_nosuch: mdb: failed to find member p_nosuch of type proc_t"]
 
 
-@pytest.mark.parametrize("text, why", [
-    ("junk\n== end\n", "does not start"),
-    (RECORDED_MDB.replace("== end\n", ""), "cut short"),
-    (RECORDED_MDB.replace("= 0x20,", "= 0x7fffffff,"), "plausible"),
-    (RECORDED_MDB.replace("4096", "65536"), "pagesize"),
-    ("x" * (2 << 20), "exceeds"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("junk\n== end\n", "does not start"),
+        (RECORDED_MDB.replace("== end\n", ""), "cut short"),
+        (RECORDED_MDB.replace("= 0x20,", "= 0x7fffffff,"), "plausible"),
+        (RECORDED_MDB.replace("4096", "65536"), "pagesize"),
+        ("x" * (2 << 20), "exceeds"),
+    ],
+)
 def test_mdb_manifest_parser_refuses(text, why):
     with pytest.raises(ManifestError, match=why):
         parse_mdb_output(text)
@@ -246,8 +273,12 @@ def test_manifest_note_round_trip_and_hostile_json():
     s = Snapshot(ranges=[], notes=[manifest_note(m)])
     back = manifest_from_snapshot(s)
     assert back is not None and back.symbols == m.symbols and back.offsets == m.offsets
-    for doc in ({"os": "linux"}, {"os": "illumos", "version": 2}, {"os": "illumos", "version": 1, "symbols": {"a": "zz"}},
-                {"os": "illumos", "version": 1, "offsets": {"x;rm": 1}}):
+    for doc in (
+        {"os": "linux"},
+        {"os": "illumos", "version": 2},
+        {"os": "illumos", "version": 1, "symbols": {"a": "zz"}},
+        {"os": "illumos", "version": 1, "offsets": {"x;rm": 1}},
+    ):
         bad = Snapshot(ranges=[], notes=[manifest_note(m)])
         bad.notes[0] = type(bad.notes[0])(bad.notes[0].name, bad.notes[0].type, json.dumps(doc).encode())
         with pytest.raises(ManifestError):
@@ -258,8 +289,10 @@ def test_manifest_note_round_trip_and_hostile_json():
 def test_ksyms_reader_agrees_with_pyelftools(tmp_path: Path):
     elftools = pytest.importorskip("elftools.elf.elffile", reason="pyelftools (test extra) not installed")
     src = tmp_path / "k.c"
-    src.write_text("char panicbuf[8192]; void *panic_thread; static void *log_recentq; int f(void){return !!log_recentq;}\n"
-                   "long allthreads = 5;\n")
+    src.write_text(
+        "char panicbuf[8192]; void *panic_thread; static void *log_recentq; int f(void){return !!log_recentq;}\n"
+        "long allthreads = 5;\n"
+    )
     obj = tmp_path / "k.o"
     subprocess.run(["gcc", "-c", "-O0", "-o", str(obj), str(src)], check=True)
     with open(obj, "rb") as f:
@@ -294,7 +327,7 @@ class PhysBuilder:
         return pa
 
     def _table(self, table: int, index: int) -> int:
-        e, = struct.unpack_from("<Q", self.mem, table + index * 8)
+        (e,) = struct.unpack_from("<Q", self.mem, table + index * 8)
         if not e & 1:
             e = self.alloc() | 3
             struct.pack_into("<Q", self.mem, table + index * 8, e)
@@ -304,7 +337,7 @@ class PhysBuilder:
         t = self.pml4
         for shift in (39, 30, 21):
             t = self._table(t, (va >> shift) & 0x1FF)
-        e, = struct.unpack_from("<Q", self.mem, t + ((va >> 12) & 0x1FF) * 8)
+        (e,) = struct.unpack_from("<Q", self.mem, t + ((va >> 12) & 0x1FF) * 8)
         if e & 1:
             return e & ~0xFFF
         pa = self.next_data
@@ -331,18 +364,32 @@ def illumos_snapshot(console: bytes, with_cr3: bool = True) -> Snapshot:
         for p in range(5):
             pb.write(0xFFFFFE0010001000 + i * 0x10000 + p * 0x1000, b"S" * 16)
     pb.write(0xFFFFFFFFFBC70000, struct.pack("<Q", T0))  # panic_thread
-    m = Manifest(symbols={"panicbuf": PANICBUF, "log_recentq": LOGQ_SYM, "allthreads": ALLTHREADS,
-                          "panic_thread": 0xFFFFFFFFFBC70000}, offsets=dict(TOFF), release="SunOS omnios 5.11 test")
+    m = Manifest(
+        symbols={
+            "panicbuf": PANICBUF,
+            "log_recentq": LOGQ_SYM,
+            "allthreads": ALLTHREADS,
+            "panic_thread": 0xFFFFFFFFFBC70000,
+        },
+        offsets=dict(TOFF),
+        release="SunOS omnios 5.11 test",
+    )
     regs = {"rip": 0xFFFFFFFFFB887480, "rsp": 0xFFFFFE000C416D48}
     if with_cr3:
         regs["cr3"] = pb.pml4
-    return Snapshot(ranges=[MemoryRange(0, len(pb.mem), memoryview(bytes(pb.mem)))],
-                    cpus=[CpuState(0, regs)], notes=[manifest_note(m)], console_tail=console,
-                    metadata={"os": "illumos"})
+    return Snapshot(
+        ranges=[MemoryRange(0, len(pb.mem), memoryview(bytes(pb.mem)))],
+        cpus=[CpuState(0, regs)],
+        notes=[manifest_note(m)],
+        console_tail=console,
+        metadata={"os": "illumos"},
+    )
 
 
-CONSOLE = (b"omnios console login: \n\npanic[cpu0]/thread=fffffe0001000000: " + MSG + b"\n\n"
-           b"fffffe000c416a80 unix:die+c6 ()\nfffffe000c416b90 unix:trap+e61 ()\n")
+CONSOLE = (
+    b"omnios console login: \n\npanic[cpu0]/thread=fffffe0001000000: " + MSG + b"\n\n"
+    b"fffffe000c416a80 unix:die+c6 ()\nfffffe000c416b90 unix:trap+e61 ()\n"
+)
 
 
 def test_producer_layers_0_and_1():

@@ -40,8 +40,13 @@ def test_golden(name: str):
 @pytest.mark.parametrize("name", CASES)
 def test_cli_prints_one_json_object(name: str):
     doc = json.loads((DATA / f"{name}.expected.json").read_text())
-    r = subprocess.run([sys.executable, "-m", "harness", "report", "--guest", "omnios", str(DATA / f"{name}.txt")],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "report", "--guest", "omnios", str(DATA / f"{name}.txt")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 1
     assert json.loads(r.stdout) == doc["expected"]
@@ -49,8 +54,13 @@ def test_cli_prints_one_json_object(name: str):
 
 def test_cli_unreadable_file(tmp_path: Path):
     for target in (tmp_path / "missing.log", tmp_path):  # absent; a directory
-        r = subprocess.run([sys.executable, "-m", "harness", "report", "--guest", "omnios", str(target)],
-                           cwd=REPO, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "harness", "report", "--guest", "omnios", str(target)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 1
         assert r.stdout == ""
         assert "Traceback" not in r.stderr
@@ -64,11 +74,13 @@ def test_trap_prefers_the_one_after_the_panic_line():
 
 
 def test_dump_progress_modern_form():
-    text = ("panic[cpu1]/thread=fffffe0003c8bc20: forced crash dump initiated at user request\n\n"
-            "fffffe0003c8bd60 genunix:kadmin+5f6 ()\n"
-            "dumping to /dev/dsk/c2t0d0p0, offset 65536, content: kernel\n"
-            "dumping:  0:01 30% done\rdumping:  0:02 100% done\n"
-            "100% done: 47931 pages dumped, dump succeeded\nrebooting...\n")
+    text = (
+        "panic[cpu1]/thread=fffffe0003c8bc20: forced crash dump initiated at user request\n\n"
+        "fffffe0003c8bd60 genunix:kadmin+5f6 ()\n"
+        "dumping to /dev/dsk/c2t0d0p0, offset 65536, content: kernel\n"
+        "dumping:  0:01 30% done\rdumping:  0:02 100% done\n"
+        "100% done: 47931 pages dumped, dump succeeded\nrebooting...\n"
+    )
     rep = parse_illumos(text)
     assert (rep.dump_started, rep.dump_succeeded, rep.dump_percent) == (True, True, 100)
     assert rep.dump_device == "/dev/dsk/c2t0d0p0" and rep.frames == ["genunix:kadmin+5f6"]
@@ -76,13 +88,17 @@ def test_dump_progress_modern_form():
     assert failed.dump_succeeded is False
     cut = parse_illumos(text.split("dumping:")[0])
     assert (cut.dump_started, cut.dump_succeeded) == (True, None)
-    nodump = parse_illumos(text.split("dumping to")[0] + "skipping system dump - no dump device configured\nrebooting...\n")
+    nodump = parse_illumos(
+        text.split("dumping to")[0] + "skipping system dump - no dump device configured\nrebooting...\n"
+    )
     assert (nodump.dump_started, nodump.dump_succeeded) == (False, None)
 
 
 def test_second_panic_does_not_lend_its_frames():
-    text = ("panic[cpu0]/thread=ff00: first\n\nff00000000000010 unix:a+1 ()\n"
-            "panic[cpu1]/thread=ff01: second\n\nff00000000000020 unix:b+2 ()\n")
+    text = (
+        "panic[cpu0]/thread=ff00: first\n\nff00000000000010 unix:a+1 ()\n"
+        "panic[cpu1]/thread=ff01: second\n\nff00000000000020 unix:b+2 ()\n"
+    )
     rep = parse_illumos(text)
     assert (rep.panic_cpu, rep.message, rep.frames) == (0, "first", ["unix:a+1"])
     assert any("another panic" in n for n in rep.notes)
@@ -90,8 +106,9 @@ def test_second_panic_does_not_lend_its_frames():
 
 def test_no_panic_line_at_all():
     rep = parse_illumos(b"OmniOS r151054 Version omnios-r151054 64-bit\nomnios console login: \n")
-    assert rep.contract() == dict(panic_cpu=None, thread=None, message=None, frames=[],
-                                  dump_started=None, dump_succeeded=None)
+    assert rep.contract() == dict(
+        panic_cpu=None, thread=None, message=None, frames=[], dump_started=None, dump_succeeded=None
+    )
     assert rep.login_seen
 
 

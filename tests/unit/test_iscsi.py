@@ -77,12 +77,37 @@ def test_portals_refuse_non_loopback(addr: str) -> None:
 
 def test_tgtadm_command_lines() -> None:
     pre = ["tgtadm", "-C", "917", "--lld", "iscsi"]
-    assert T.new_target_argv(917, 1, "iqn.x:y") == pre + ["--op", "new", "--mode", "target", "--tid", "1", "-T", "iqn.x:y"]
+    assert T.new_target_argv(917, 1, "iqn.x:y") == pre + [
+        "--op",
+        "new",
+        "--mode",
+        "target",
+        "--tid",
+        "1",
+        "-T",
+        "iqn.x:y",
+    ]
     assert T.new_lun_argv(917, 1, 3, Path("/r/lun3.img")) == pre + [
-        "--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "3", "-b", "/r/lun3.img"]
+        "--op",
+        "new",
+        "--mode",
+        "logicalunit",
+        "--tid",
+        "1",
+        "--lun",
+        "3",
+        "-b",
+        "/r/lun3.img",
+    ]
     assert T.bind_all_argv(917, 1) == pre + ["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"]
     assert T.new_portal_argv(917, "127.0.0.2", 13260) == pre + [
-        "--op", "new", "--mode", "portal", "--param", "portal=127.0.0.2:13260"]
+        "--op",
+        "new",
+        "--mode",
+        "portal",
+        "--param",
+        "portal=127.0.0.2:13260",
+    ]
     assert T.delete_target_argv(917, 1) == pre + ["--op", "delete", "--mode", "target", "--tid", "1", "--force"]
     assert T.delete_lun_argv(917, 1, 3) == pre + ["--op", "delete", "--mode", "logicalunit", "--tid", "1", "--lun", "3"]
     assert T.stop_system_argv(917) == pre + ["--op", "delete", "--mode", "system"]
@@ -157,7 +182,11 @@ def test_boot_args_shape() -> None:
     blockdevs = [json.loads(a[i + 1]) for i in range(len(a)) if a[i] == "-blockdev"]
     devices = [a[i + 1] for i in range(len(a)) if a[i] == "-device"][1:]
     assert [(b["lun"], b["portal"]) for b in blockdevs] == [
-        (1, "127.0.0.1:4000"), (1, "127.0.0.2:4000"), (2, "127.0.0.1:4000"), (2, "127.0.0.2:4000")]
+        (1, "127.0.0.1:4000"),
+        (1, "127.0.0.2:4000"),
+        (2, "127.0.0.1:4000"),
+        (2, "127.0.0.2:4000"),
+    ]
     assert devices[0] == "scsi-block,bus=pdiscsi.0,drive=iscsi-l1p0,id=iscsi-l1p0,scsi-id=10,lun=0"
     assert len(devices) == 4
 
@@ -180,11 +209,18 @@ class _Sc:
     guest = "linux"
 
 
-@pytest.mark.parametrize("params,key", [
-    ({"mode": "nmi"}, "mode"), ({"boot_luns": 0}, "boot_luns"), ({"hotadd_luns": 99}, "hotadd_luns"),
-    ({"lun_mib": "64"}, "lun_mib"), ({"queue_if_no_path": 1}, "queue_if_no_path"), ({"bogus": 1}, "bogus"),
-    ({"hung_task_timeout": True}, "hung_task_timeout"),
-])
+@pytest.mark.parametrize(
+    "params,key",
+    [
+        ({"mode": "nmi"}, "mode"),
+        ({"boot_luns": 0}, "boot_luns"),
+        ({"hotadd_luns": 99}, "hotadd_luns"),
+        ({"lun_mib": "64"}, "lun_mib"),
+        ({"queue_if_no_path": 1}, "queue_if_no_path"),
+        ({"bogus": 1}, "bogus"),
+        ({"hung_task_timeout": True}, "hung_task_timeout"),
+    ],
+)
 def test_setup_params_checked(tmp_path: Path, params: dict, key: str) -> None:
     with pytest.raises(SetupError, match=key):
         get_setup("iscsi")(_Sc, tmp_path, params, lambda s: None)

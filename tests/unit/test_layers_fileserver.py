@@ -19,8 +19,13 @@ K, C, U, F, X = PageClass.KERNEL, PageClass.CACHE, PageClass.USER, PageClass.FRE
 
 def _snap(npages: int, phys_pfn: int = 0) -> Snapshot:
     buf = bytearray(npages * 4096)
-    return Snapshot(ranges=[MemoryRange(phys_pfn * 4096, len(buf), memoryview(buf))],
-                    cpus=[CpuState(0, {"rip": 0})], notes=[], console_tail=b"", metadata={})
+    return Snapshot(
+        ranges=[MemoryRange(phys_pfn * 4096, len(buf), memoryview(buf))],
+        cpus=[CpuState(0, {"rip": 0})],
+        notes=[],
+        console_tail=b"",
+        metadata={},
+    )
 
 
 def _kmap(base: int, slab_caches: list[int], names: list[str]) -> KernelMap:
@@ -106,6 +111,9 @@ def test_runs_of_values_agrees_with_runs() -> None:
         pcm.classes = bytearray(rng.choice([0, 1, 2, 3, 5]) for _ in range(n))
         for wanted in ({K, X}, {C}, {F, U}):
             a = {p for f, k in pcm.runs(frozenset(wanted), snap) for p in range(f, f + k)}
-            b = {p for f, k in pcm.runs_of_values(frozenset(int(w) for w in wanted), snap, X in wanted)
-                 for p in range(f, f + k)}
+            b = {
+                p
+                for f, k in pcm.runs_of_values(frozenset(int(w) for w in wanted), snap, X in wanted)
+                for p in range(f, f + k)
+            }
             assert a == b

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from progdump.layers import build_layers, get_plan, select_producer
 from progdump.layers.base import Artifact, LayerContent, PageClass, PageClassMap, Producer
 from progdump.layers.generic import GenericProducer, decode_notes, encode_notes, find_panic_message
 from progdump.snapshot import CpuState, MemoryRange, Note, Snapshot
-
-import pytest
 
 
 def _snap(npages: int = 16, phys: int = 0, vmcoreinfo: bytes | None = None) -> Snapshot:
@@ -104,11 +104,14 @@ def test_a_registered_producer_is_chosen_by_what_the_snapshot_carries():
     class _Tagged(_Base):
         name = "unit-tagged"
 
-    from progdump.layers import registry
-
-    register_producer(ProducerEntry(
-        name="unit-tagged", factory=_Tagged, priority=1,
-        accepts=lambda s: None if s.metadata.get("os") == "unit-os" else "not unit-os"))
+    register_producer(
+        ProducerEntry(
+            name="unit-tagged",
+            factory=_Tagged,
+            priority=1,
+            accepts=lambda s: None if s.metadata.get("os") == "unit-os" else "not unit-os",
+        )
+    )
     try:
         snap = _snap()
         snap.metadata["os"] = "unit-os"

@@ -50,8 +50,18 @@ def build() -> bytes:
     u64 = b.add(8, "u64", ulong)
     cu64 = b.add(10, "", u64)
     arr = b.add(3, "", 0, extra=struct.pack("<III", ulong, ulong, 4))
-    ts = b.struct("task_struct", 96, [("__state", ulong, 0, 0), ("", anon, 64, 0), ("tasks", lh, 128, 0),
-                                      ("flags3", ulong, 256, 3), ("sp", cu64, 320, 0), ("regs", arr, 384, 0)])
+    ts = b.struct(
+        "task_struct",
+        96,
+        [
+            ("__state", ulong, 0, 0),
+            ("", anon, 64, 0),
+            ("tasks", lh, 128, 0),
+            ("flags3", ulong, 256, 3),
+            ("sp", cu64, 320, 0),
+            ("regs", arr, 384, 0),
+        ],
+    )
     b.add(6, "zone_stat_item", 4, 2, extra=struct.pack("<IiIi", b.s("NR_FREE_PAGES"), 0, b.s("NR_ZONE_LRU_BASE"), 1))
     return b.blob(), ts
 

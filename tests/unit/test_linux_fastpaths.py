@@ -16,8 +16,15 @@ import struct
 import pytest
 
 from progdump.layers.linux.btf import Btf, BtfError
-from progdump.layers.linux.kallsyms import (KallsymsError, KallsymsTexts, Symbol, SymbolTable, _name_spans,
-                                           _name_spans_checked, _table, _tokens)
+from progdump.layers.linux.kallsyms import (
+    KallsymsError,
+    KallsymsTexts,
+    Symbol,
+    _name_spans,
+    _name_spans_checked,
+    _table,
+    _tokens,
+)
 
 np = pytest.importorskip("numpy")
 
@@ -107,10 +114,22 @@ def test_encoded_names_and_numpy_sort_match_a_dict_and_a_sorted_list() -> None:
     for a in probes:
         assert st.format(a) == ref.format(a), hex(a)
     top = ref.sorted[-1][0]
-    mods = [("m1", [Symbol("mf", top + 0x10, "t"), Symbol("mg", top + 0x10, "t"), Symbol("out", BASE, "t")],
-             top, 0x100, 0x80),
-            ("m2", [Symbol("tie", ref.sorted[10][0], "t"), Symbol("before", ref.sorted[9][0] + 1, "t")],
-             ref.sorted[9][0], 0x1000, 0x100)]
+    mods = [
+        (
+            "m1",
+            [Symbol("mf", top + 0x10, "t"), Symbol("mg", top + 0x10, "t"), Symbol("out", BASE, "t")],
+            top,
+            0x100,
+            0x80,
+        ),
+        (
+            "m2",
+            [Symbol("tie", ref.sorted[10][0], "t"), Symbol("before", ref.sorted[9][0] + 1, "t")],
+            ref.sorted[9][0],
+            0x1000,
+            0x100,
+        ),
+    ]
     st.add_modules(mods)
     ref.add_modules(mods)
     for a in probes + [top + i for i in range(0, 0x120, 3)] + [ref.sorted[9][0] + i for i in range(0, 64)]:
@@ -194,8 +213,11 @@ def test_lazy_btf_walk_raises_when_it_reaches_a_bad_record() -> None:
 def test_unchecked_name_walk_matches_the_checked_one() -> None:
     num, names, *_ = encode(make_symbols(5000, seed=5), MULTI)
     assert _name_spans(num, names) == _name_spans_checked(num, names)
-    for bad, why in ((names[:-3], "runs past"), (names[:-300], "ends at|runs past|truncated"),
-                     (b"\0" + names[1:], "length 0")):
+    for bad, why in (
+        (names[:-3], "runs past"),
+        (names[:-300], "ends at|runs past|truncated"),
+        (b"\0" + names[1:], "length 0"),
+    ):
         with pytest.raises(KallsymsError, match=why):
             _name_spans(num, bad)
 

@@ -77,8 +77,16 @@ def test_kallsyms_mutated(names_edits: list[tuple[int, int]], table_edits: list[
 @given(EDITS, EDITS, EDITS, st.integers(0, 1 << 64 - 1), st.integers(0, 1 << 64 - 1))
 def test_printk_ring_mutated(d_edits, i_edits, t_edits, head: int, tail: int) -> None:  # type: ignore[no-untyped-def]
     descs, infos, data, _, _ = build_ring([b"one", b"two two", b"three three three"])
-    recs, notes = parse_ring(layout(), COUNT_BITS, SIZE_BITS, mutate(descs, d_edits), mutate(infos, i_edits),
-                             mutate(data, t_edits), head & ((1 << 62) - 1), tail & ((1 << 62) - 1))
+    recs, notes = parse_ring(
+        layout(),
+        COUNT_BITS,
+        SIZE_BITS,
+        mutate(descs, d_edits),
+        mutate(infos, i_edits),
+        mutate(data, t_edits),
+        head & ((1 << 62) - 1),
+        tail & ((1 << 62) - 1),
+    )
     assert len(recs) <= 1 << COUNT_BITS
 
 
@@ -86,9 +94,11 @@ def test_printk_ring_mutated(d_edits, i_edits, t_edits, head: int, tail: int) ->
 @given(st.binary(min_size=64 * 4, max_size=64 * 64).map(lambda b: b[: len(b) // 64 * 64]))
 def test_struct_pages_random(raw: bytes) -> None:
     np = __import__("numpy")
-    vi = Vmcoreinfo(b"SIZE(page)=64\nOFFSET(page.flags)=0\nOFFSET(page.mapping)=24\nOFFSET(page._mapcount)=48\n"
-                    b"OFFSET(page.private)=40\nOFFSET(page.compound_head)=8\nNUMBER(PG_lru)=4\nNUMBER(PG_slab)=9\n"
-                    b"NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=-129\nLENGTH(zone.free_area)=11\n")
+    vi = Vmcoreinfo(
+        b"SIZE(page)=64\nOFFSET(page.flags)=0\nOFFSET(page.mapping)=24\nOFFSET(page._mapcount)=48\n"
+        b"OFFSET(page.private)=40\nOFFSET(page.compound_head)=8\nNUMBER(PG_lru)=4\nNUMBER(PG_slab)=9\n"
+        b"NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=-129\nLENGTH(zone.free_area)=11\n"
+    )
     cls, order, head = classify_struct_pages(np, raw, PageFlags(vi))
     assert len(cls) == len(raw) // 64 and int(order.max(initial=-1)) <= 10
 

@@ -55,14 +55,14 @@ class Image:
 
     # -- bytes ------------------------------------------------------------------
     def put(self, pa: int, data: bytes) -> None:
-        self.mem[pa:pa + len(data)] = data
+        self.mem[pa : pa + len(data)] = data
 
     def put_va(self, va: int, data: bytes) -> None:
         """Write through the image mapping, the direct map or the page tables."""
         km = self.kmem()
         for _cva, pa, n in km.chunks(va, len(data)):
             off = _cva - va
-            self.put(pa, data[off:off + n])
+            self.put(pa, data[off : off + n])
 
     def q(self, pa: int, v: int) -> None:
         self.put(pa, struct.pack("<Q", v & (1 << 64) - 1))

@@ -92,9 +92,14 @@ def test_load_from_memory_image() -> None:
     img = Image()
     num, names, table, index, offsets = build_tables(SYMS, BASE)
     va = {}
-    for key, data in (("kallsyms_offsets", offsets), ("kallsyms_relative_base", struct.pack("<Q", BASE)),
-                      ("kallsyms_num_syms", struct.pack("<I", num)), ("kallsyms_names", names),
-                      ("kallsyms_token_table", table), ("kallsyms_token_index", index)):
+    for key, data in (
+        ("kallsyms_offsets", offsets),
+        ("kallsyms_relative_base", struct.pack("<Q", BASE)),
+        ("kallsyms_num_syms", struct.pack("<I", num)),
+        ("kallsyms_names", names),
+        ("kallsyms_token_table", table),
+        ("kallsyms_token_index", index),
+    ):
         va[key] = img.image_alloc(len(data))
         img.put(img.image_pa(va[key]), data)
     vi = Vmcoreinfo("".join(f"SYMBOL({k})={v:x}\n" for k, v in va.items()).encode())

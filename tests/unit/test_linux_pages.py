@@ -40,16 +40,18 @@ def page(flags: int = 0, mapping: int = 0, mapcount: int = -1, private: int = 0,
 def test_classify_each_kind() -> None:
     np = __import__("numpy")
     pf = PageFlags(Vmcoreinfo(VI))
-    raw = b"".join([
-        page(),                                            # kernel
-        page(flags=1 << 9, mapping=0xFFFF888000001000),   # slab: slab_cache overlays mapping -> kernel
-        page(flags=1 << 4, mapping=0xFFFF888000002001),   # anon on LRU -> user
-        page(flags=1 << 4, mapping=0xFFFF888000003000),   # file on LRU -> cache
-        page(mapping=0xFFFF888000003000),                 # file not yet on LRU -> cache
-        page(mapping=0xFFFF888000003002),                 # movable_ops (not anon) -> kernel
-        page(mapcount=-129, private=1),                   # buddy head, order 1
-        page(head=VMEMMAP + 64 * 2 + 1),                  # tail of the anon page
-    ])
+    raw = b"".join(
+        [
+            page(),  # kernel
+            page(flags=1 << 9, mapping=0xFFFF888000001000),  # slab: slab_cache overlays mapping -> kernel
+            page(flags=1 << 4, mapping=0xFFFF888000002001),  # anon on LRU -> user
+            page(flags=1 << 4, mapping=0xFFFF888000003000),  # file on LRU -> cache
+            page(mapping=0xFFFF888000003000),  # file not yet on LRU -> cache
+            page(mapping=0xFFFF888000003002),  # movable_ops (not anon) -> kernel
+            page(mapcount=-129, private=1),  # buddy head, order 1
+            page(head=VMEMMAP + 64 * 2 + 1),  # tail of the anon page
+        ]
+    )
     cls, order, head = classify_struct_pages(np, raw, pf)
     K, C, U, F = (int(x) for x in (PageClass.KERNEL, PageClass.CACHE, PageClass.USER, PageClass.FREE))
     assert list(cls) == [K, K, U, C, C, K, F, K]
@@ -70,11 +72,12 @@ def test_build_page_classes_over_vmemmap() -> None:
     backing = [img.alloc_page() for _ in range(len(raw) // PAGE)]
     for i, pa in enumerate(backing):
         img.map(VMEMMAP + i * PAGE, pa)
-        img.put(pa, raw[i * PAGE:(i + 1) * PAGE])
+        img.put(pa, raw[i * PAGE : (i + 1) * PAGE])
     vb = img.image_alloc(8)
     img.q(img.image_pa(vb), VMEMMAP)
-    k = SimpleNamespace(vi=Vmcoreinfo(VI), snapshot=img.snapshot(), mem=img.kmem(),
-                        syms=SymbolTable([Symbol("vmemmap_base", vb, "D")]))
+    k = SimpleNamespace(
+        vi=Vmcoreinfo(VI), snapshot=img.snapshot(), mem=img.kmem(), syms=SymbolTable([Symbol("vmemmap_base", vb, "D")])
+    )
     pcm, notes, timings = build_page_classes(k)  # type: ignore[arg-type]
     assert notes == []
     # an all-zero kernel page stays KERNEL: the writer stores it as a zero marker in layer 2

@@ -63,14 +63,14 @@ def build_ring(messages: list[bytes], first_id: int = 0, first_lpos: int = 0, st
         else:
             nxt = begin + blk
             at = begin % size
-        data[at:at + 8] = struct.pack("<Q", did)
-        data[at + 8:at + 8 + len(text)] = text
+        data[at : at + 8] = struct.pack("<Q", did)
+        data[at + 8 : at + 8 + len(text)] = text
         lpos = nxt
         i = did % count
         state = (states or {}).get(did, 2)  # finalized
         struct.pack_into("<QQQ", descs, 24 * i, (state << DESC_FLAGS_SHIFT) | did, begin, nxt)
         struct.pack_into("<QQHBBI", infos, 88 * i, 100 + did, (did + 1) * 1_500_000, len(text), 0, 6, 0x80000000)
-        infos[88 * i + 24:88 * i + 28] = b"pci\0"
+        infos[88 * i + 24 : 88 * i + 28] = b"pci\0"
     head = first_id + len(messages) - 1
     tail = max(first_id, head - count + 1)
     return bytes(descs), bytes(infos), bytes(data), head, tail
@@ -81,12 +81,12 @@ def layout() -> _Layout:
 
 
 def test_records_in_order_with_wrap() -> None:
-    msgs = [f"message number {i} " .encode() + b"x" * (i * 3) for i in range(12)]
+    msgs = [f"message number {i} ".encode() + b"x" * (i * 3) for i in range(12)]
     descs, infos, data, head, tail = build_ring(msgs)
     recs, notes = parse_ring(layout(), COUNT_BITS, SIZE_BITS, descs, infos, data, head, tail)
     # only the last 8 descriptors exist; older text may be overwritten too
     texts = [r.text for r in recs]
-    assert texts == msgs[-len(texts):]
+    assert texts == msgs[-len(texts) :]
     assert len(texts) >= 3  # the rest were overwritten: their block ids no longer match
     assert sum(len(m) + 8 for m in msgs) > 1 << SIZE_BITS  # the ring wrapped
     assert [r.seq for r in recs] == sorted(r.seq for r in recs)
@@ -127,7 +127,9 @@ def test_read_log_from_memory_image() -> None:
     from test_linux_image import PAGE_OFFSET
 
     rb = pa["rb"]
-    struct.pack_into("<IxxxxQQQQ", img.mem, rb, COUNT_BITS, PAGE_OFFSET + pa["descs"], PAGE_OFFSET + pa["infos"], head, tail)
+    struct.pack_into(
+        "<IxxxxQQQQ", img.mem, rb, COUNT_BITS, PAGE_OFFSET + pa["descs"], PAGE_OFFSET + pa["infos"], head, tail
+    )
     struct.pack_into("<IxxxxQQQ", img.mem, rb + 48, SIZE_BITS, PAGE_OFFSET + pa["data"], 0, 0)
     prb = img.image_alloc(8)
     img.q(img.image_pa(prb), PAGE_OFFSET + rb)
@@ -143,11 +145,7 @@ def test_multi_line_record_indented_like_makedumpfile() -> None:
     printk text ring) and `makedumpfile --dump-dmesg` printed the lines below: continuation lines
     indented by the width of the "[    0.000000] " prefix (15 spaces). Our dmesg.txt of that same
     vmcore was byte-identical to makedumpfile's whole output (28154 bytes)."""
-    makedumpfile_said = (
-        "[    0.000000] BIOS-provided\n"
-        "               physical RAM\n"
-        "               map:\n"
-    )
+    makedumpfile_said = "[    0.000000] BIOS-provided\n               physical RAM\n               map:\n"
     descs, infos, data, head, tail = build_ring([b"BIOS-provided\nphysical RAM\nmap:"])
     recs, _ = parse_ring(layout(), COUNT_BITS, SIZE_BITS, descs, infos, data, head, tail)
     import dataclasses

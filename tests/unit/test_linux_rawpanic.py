@@ -53,7 +53,9 @@ def panicked_image() -> tuple[Image, Snapshot, int]:
         img.map(STACK_VA + i * PAGE, stack_pa + i * PAGE)
     img.put(stack_pa + 3 * PAGE, b"STACK-MARKER")
     top = img.pgd - PHYS_BASE + START_KERNEL_MAP
-    vi = VI_PRINTK + f"SYMBOL(prb)={prb:x}\nSYMBOL(init_top_pgt)={top:x}\nNUMBER(phys_base)={PHYS_BASE}\nPAGESIZE=4096\n"
+    vi = (
+        VI_PRINTK + f"SYMBOL(prb)={prb:x}\nSYMBOL(init_top_pgt)={top:x}\nNUMBER(phys_base)={PHYS_BASE}\nPAGESIZE=4096\n"
+    )
     snap = img.snapshot(notes=[Note("VMCOREINFO", 0, vi.encode())],
                         cpus=[CpuState(0, {"rip": 0xFFFFFFFF81000010, "rsp": STACK_VA + 3 * PAGE + 0x40})],
                         console_tail=b"console says hi\n", metadata={"os": "linux"})  # fmt: skip

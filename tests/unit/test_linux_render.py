@@ -5,21 +5,46 @@ from __future__ import annotations
 from progdump.layers.linux.render import render_panic, render_tasks
 from progdump.layers.linux.tasks import task_state_letter
 
-FRAME_ORC = {"address": "0xffffffff81000110", "symbol": "sysrq_handle_crash+0x16/0x20", "method": "orc",
-             "reliable": True, "stack_addr": None, "note": None}
-FRAME_SCAN = {"address": "0xffffffff81000215", "symbol": "vfs_write+0xc4/0x3f0", "method": "stack scan",
-              "reliable": False, "stack_addr": "0xffffc90000013f08", "note": "after a call"}
+FRAME_ORC = {
+    "address": "0xffffffff81000110",
+    "symbol": "sysrq_handle_crash+0x16/0x20",
+    "method": "orc",
+    "reliable": True,
+    "stack_addr": None,
+    "note": None,
+}
+FRAME_SCAN = {
+    "address": "0xffffffff81000215",
+    "symbol": "vfs_write+0xc4/0x3f0",
+    "method": "stack scan",
+    "reliable": False,
+    "stack_addr": "0xffffc90000013f08",
+    "note": "after a call",
+}
 
 PANIC = {
-    "panic_message": "sysrq triggered crash", "panic_message_source": "the kernel log",
+    "panic_message": "sysrq triggered crash",
+    "panic_message_source": "the kernel log",
     "identity": {"release": "6.1.0-56-cloud-amd64", "hostname": "pdguest", "panic_cpu": 0, "panic_task": "sh[152]"},
     "degraded": [],
-    "cpus": [{"cpu": 0, "panicking": True, "rip_symbol": "delay_tsc+0x33/0xa0", "task": "sh[152]",
-              "regs": {"rip": "0xffffffff81000110", "rsp": "0xffffc90000013f00"}}],
-    "backtrace": {"log": ["Call Trace:", " <TASK>", " sysrq_handle_crash+0x16/0x20", " ? _printk+0x68/0x83"],
-                  "orc": {"cpu": 0, "frames": [FRAME_ORC], "end": "reached user mode"},
-                  "scan": {"cpu": 0, "frames": [FRAME_SCAN], "end": "top of stack"}},
-    "log_tail": "[    3.194461] PD-KMSG-x\n", "log_bytes": 25, "log_records": 1, "console_tail": "console\n",
+    "cpus": [
+        {
+            "cpu": 0,
+            "panicking": True,
+            "rip_symbol": "delay_tsc+0x33/0xa0",
+            "task": "sh[152]",
+            "regs": {"rip": "0xffffffff81000110", "rsp": "0xffffc90000013f00"},
+        }
+    ],
+    "backtrace": {
+        "log": ["Call Trace:", " <TASK>", " sysrq_handle_crash+0x16/0x20", " ? _printk+0x68/0x83"],
+        "orc": {"cpu": 0, "frames": [FRAME_ORC], "end": "reached user mode"},
+        "scan": {"cpu": 0, "frames": [FRAME_SCAN], "end": "top of stack"},
+    },
+    "log_tail": "[    3.194461] PD-KMSG-x\n",
+    "log_bytes": 25,
+    "log_records": 1,
+    "console_tail": "console\n",
 }
 
 PANIC_TXT = """\
@@ -62,12 +87,31 @@ def test_panic_txt_golden() -> None:
 
 
 def test_tasks_txt_golden() -> None:
-    d = {"notes": [], "tasks": [{"task": "0xffff888001000000", "pid": 138, "tgid": 138, "ppid": 1, "comm": "pdmarker",
-                                 "state": "S", "cpu": 0, "on_cpu": False, "kthread": False, "stack": "0xffffc90000010000",
-                                 "last_ran_ns_before_panic": 2_500_000_000, "backtrace": [FRAME_ORC], "unwind_note": "from saved switch frame (thread.sp); end"}],
-         "modules": [{"name": "qemu_fw_cfg", "state": "live", "base": "0xffffffffc0000000", "size": 20480}],
-         "memory": {"nr_free_pages": 256, "nr_kernel_stack_kb": 896}}
-    assert render_tasks(d) == """\
+    d = {
+        "notes": [],
+        "tasks": [
+            {
+                "task": "0xffff888001000000",
+                "pid": 138,
+                "tgid": 138,
+                "ppid": 1,
+                "comm": "pdmarker",
+                "state": "S",
+                "cpu": 0,
+                "on_cpu": False,
+                "kthread": False,
+                "stack": "0xffffc90000010000",
+                "last_ran_ns_before_panic": 2_500_000_000,
+                "backtrace": [FRAME_ORC],
+                "unwind_note": "from saved switch frame (thread.sp); end",
+            }
+        ],
+        "modules": [{"name": "qemu_fw_cfg", "state": "live", "base": "0xffffffffc0000000", "size": 20480}],
+        "memory": {"nr_free_pages": 256, "nr_kernel_stack_kb": 896},
+    }
+    assert (
+        render_tasks(d)
+        == """\
 progdump layer 1: Linux tasks, read from the frozen guest's memory with its own BTF
 
 1 tasks
@@ -86,6 +130,7 @@ PID 138 (pdmarker) state S cpu 0 task 0xffff888001000000 stack 0xffffc9000001000
   nr_free_pages                       256  (1.0 MiB)
   nr_kernel_stack_kb                  896
 """
+    )
 
 
 def test_task_state_letters() -> None:

@@ -76,27 +76,69 @@ RQ_SIZE, RQ_CLOCK = 256, 160
 PCPU_CURRENT_TASK, PCPU_RUNQUEUES, PCPU_AREA_PAGES = 0x1C40, 0x2000, 4
 
 # include/linux/mmzone.h, 6.1 (aliases share a value; NR_ZSPAGES only with CONFIG_ZSMALLOC)
-ZONE_STAT_ITEMS = ["NR_FREE_PAGES", ("NR_ZONE_LRU_BASE", "NR_ZONE_INACTIVE_ANON"), "NR_ZONE_ACTIVE_ANON",
-                   "NR_ZONE_INACTIVE_FILE", "NR_ZONE_ACTIVE_FILE", "NR_ZONE_UNEVICTABLE", "NR_ZONE_WRITE_PENDING",
-                   "NR_MLOCK", "NR_BOUNCE", "NR_FREE_CMA_PAGES", "NR_VM_ZONE_STAT_ITEMS"]
-NODE_STAT_ITEMS = [("NR_LRU_BASE", "NR_INACTIVE_ANON"), "NR_ACTIVE_ANON", "NR_INACTIVE_FILE", "NR_ACTIVE_FILE",
-                   "NR_UNEVICTABLE", "NR_SLAB_RECLAIMABLE_B", "NR_SLAB_UNRECLAIMABLE_B", "NR_ISOLATED_ANON",
-                   "NR_ISOLATED_FILE", "WORKINGSET_NODES", ("WORKINGSET_REFAULT_BASE", "WORKINGSET_REFAULT_ANON"),
-                   "WORKINGSET_REFAULT_FILE", ("WORKINGSET_ACTIVATE_BASE", "WORKINGSET_ACTIVATE_ANON"),
-                   "WORKINGSET_ACTIVATE_FILE", ("WORKINGSET_RESTORE_BASE", "WORKINGSET_RESTORE_ANON"),
-                   "WORKINGSET_RESTORE_FILE", "WORKINGSET_NODERECLAIM", "NR_ANON_MAPPED", "NR_FILE_MAPPED",
-                   "NR_FILE_PAGES", "NR_FILE_DIRTY", "NR_WRITEBACK", "NR_WRITEBACK_TEMP", "NR_SHMEM",
-                   "NR_SHMEM_THPS", "NR_SHMEM_PMDMAPPED", "NR_FILE_THPS", "NR_FILE_PMDMAPPED", "NR_ANON_THPS",
-                   "NR_VMSCAN_WRITE", "NR_VMSCAN_IMMEDIATE", "NR_DIRTIED", "NR_WRITTEN", "NR_THROTTLED_WRITTEN",
-                   "NR_KERNEL_MISC_RECLAIMABLE", "NR_FOLL_PIN_ACQUIRED", "NR_FOLL_PIN_RELEASED",
-                   "NR_KERNEL_STACK_KB", "NR_PAGETABLE", "NR_SECONDARY_PAGETABLE", "NR_SWAPCACHE",
-                   "NR_VM_NODE_STAT_ITEMS"]
+ZONE_STAT_ITEMS = [
+    "NR_FREE_PAGES",
+    ("NR_ZONE_LRU_BASE", "NR_ZONE_INACTIVE_ANON"),
+    "NR_ZONE_ACTIVE_ANON",
+    "NR_ZONE_INACTIVE_FILE",
+    "NR_ZONE_ACTIVE_FILE",
+    "NR_ZONE_UNEVICTABLE",
+    "NR_ZONE_WRITE_PENDING",
+    "NR_MLOCK",
+    "NR_BOUNCE",
+    "NR_FREE_CMA_PAGES",
+    "NR_VM_ZONE_STAT_ITEMS",
+]
+NODE_STAT_ITEMS = [
+    ("NR_LRU_BASE", "NR_INACTIVE_ANON"),
+    "NR_ACTIVE_ANON",
+    "NR_INACTIVE_FILE",
+    "NR_ACTIVE_FILE",
+    "NR_UNEVICTABLE",
+    "NR_SLAB_RECLAIMABLE_B",
+    "NR_SLAB_UNRECLAIMABLE_B",
+    "NR_ISOLATED_ANON",
+    "NR_ISOLATED_FILE",
+    "WORKINGSET_NODES",
+    ("WORKINGSET_REFAULT_BASE", "WORKINGSET_REFAULT_ANON"),
+    "WORKINGSET_REFAULT_FILE",
+    ("WORKINGSET_ACTIVATE_BASE", "WORKINGSET_ACTIVATE_ANON"),
+    "WORKINGSET_ACTIVATE_FILE",
+    ("WORKINGSET_RESTORE_BASE", "WORKINGSET_RESTORE_ANON"),
+    "WORKINGSET_RESTORE_FILE",
+    "WORKINGSET_NODERECLAIM",
+    "NR_ANON_MAPPED",
+    "NR_FILE_MAPPED",
+    "NR_FILE_PAGES",
+    "NR_FILE_DIRTY",
+    "NR_WRITEBACK",
+    "NR_WRITEBACK_TEMP",
+    "NR_SHMEM",
+    "NR_SHMEM_THPS",
+    "NR_SHMEM_PMDMAPPED",
+    "NR_FILE_THPS",
+    "NR_FILE_PMDMAPPED",
+    "NR_ANON_THPS",
+    "NR_VMSCAN_WRITE",
+    "NR_VMSCAN_IMMEDIATE",
+    "NR_DIRTIED",
+    "NR_WRITTEN",
+    "NR_THROTTLED_WRITTEN",
+    "NR_KERNEL_MISC_RECLAIMABLE",
+    "NR_FOLL_PIN_ACQUIRED",
+    "NR_FOLL_PIN_RELEASED",
+    "NR_KERNEL_STACK_KB",
+    "NR_PAGETABLE",
+    "NR_SECONDARY_PAGETABLE",
+    "NR_SWAPCACHE",
+    "NR_VM_NODE_STAT_ITEMS",
+]
 
 
 def enum_values(items: list) -> dict[str, int]:
     out: dict[str, int] = {}
     for i, it in enumerate(items):
-        for name in (it if isinstance(it, tuple) else (it,)):
+        for name in it if isinstance(it, tuple) else (it,):
             out[name] = i
     return out
 
@@ -104,16 +146,25 @@ def enum_values(items: list) -> dict[str, int]:
 ZONE_ENUM, NODE_ENUM = enum_values(ZONE_STAT_ITEMS), enum_values(NODE_STAT_ITEMS)
 
 # -- text: functions, their ORC data and the calls that precede return addresses -------------
-FUNCS = {"__schedule": 0x100, "schedule": 0x200, "do_nanosleep": 0x300, "ret_from_fork": 0x400,
-         "sysrq_handle_crash": 0x480}
+FUNCS = {
+    "__schedule": 0x100,
+    "schedule": 0x200,
+    "do_nanosleep": 0x300,
+    "ret_from_fork": 0x400,
+    "sysrq_handle_crash": 0x480,
+}
 ETEXT = TEXT + 0x500
 CALLS = [0x180, 0x210, 0x340, 0x410]  # e8 rel32 at these offsets: returns at +5
 RET_IN___SCHEDULE = TEXT + 0x185
 RET_IN_SCHEDULE, RET_IN_DO_NANOSLEEP, RET_IN_RET_FROM_FORK = TEXT + 0x215, TEXT + 0x345, TEXT + 0x415
 # CFA = sp + offset (sp_reg 5 = ORC_REG_SP), type call; ret_from_fork ends the stack
-ORC = [(FUNCS["__schedule"], orc_entry(24, 5)), (FUNCS["schedule"], orc_entry(16, 5)),
-       (FUNCS["do_nanosleep"], orc_entry(8, 5)), (FUNCS["ret_from_fork"], orc_entry(0, 0, end=1)),
-       (FUNCS["sysrq_handle_crash"], orc_entry(16, 5))]
+ORC = [
+    (FUNCS["__schedule"], orc_entry(24, 5)),
+    (FUNCS["schedule"], orc_entry(16, 5)),
+    (FUNCS["do_nanosleep"], orc_entry(8, 5)),
+    (FUNCS["ret_from_fork"], orc_entry(0, 0, end=1)),
+    (FUNCS["sysrq_handle_crash"], orc_entry(16, 5)),
+]
 
 
 def build_btf(module_layout: str = "6.1", node_enum: bool = True) -> bytes:
@@ -142,39 +193,103 @@ def build_btf(module_layout: str = "6.1", node_enum: bool = True) -> bytes:
     voidp = b.add(2, "", 0)
     lh_ptr = b.add(2, "", b.n + 2)  # struct list_head *, a forward reference as in vmlinux BTF
     lh = struct_("list_head", 16, [("next", lh_ptr, 0), ("prev", lh_ptr, 8)])
-    ti = struct_("thread_info", 24, [("flags", ulong, 0), ("syscall_work", ulong, 8), ("status", uint, 16),
-                                     ("cpu", uint, T_CPU)])
-    se = struct_("sched_entity", 128, [("on_rq", uint, 64), ("exec_start", u64, SE_EXEC_START),
-                                       ("sum_exec_runtime", u64, 80), ("vruntime", u64, 88)])
-    si = struct_("sched_info", 32, [("pcount", ulong, 0), ("run_delay", ulong, 8),
-                                    ("last_arrival", ulong, SI_LAST_ARRIVAL), ("last_queued", ulong, 24)])
-    th = struct_("thread_struct", 64, [("tls_array", array(ulong, 3), 0), ("sp", ulong, THREAD_SP),
-                                       ("es", short, 32), ("fsbase", ulong, 40)])
-    struct_("task_struct", TASK_SIZE, [
-        ("thread_info", ti, 0), ("__state", uint, T_STATE), ("stack", voidp, T_STACK), ("usage", int_, 40),
-        ("flags", uint, T_FLAGS), ("ptrace", uint, 48), ("on_cpu", int_, T_ON_CPU), ("se", se, T_SE),
-        ("sched_info", si, T_SCHED_INFO), ("tasks", lh, T_TASKS), ("mm", voidp, 320), ("active_mm", voidp, 328),
-        ("exit_state", int_, T_EXIT_STATE), ("exit_code", int_, 340), ("pid", pid_t, T_PID),
-        ("tgid", pid_t, T_TGID), ("real_parent", voidp, T_REAL_PARENT), ("parent", voidp, 376),
-        ("children", lh, 384), ("sibling", lh, 400), ("group_leader", voidp, 416),
-        ("thread_node", lh, T_THREAD_NODE), ("comm", array(char, 16), T_COMM), ("signal", voidp, T_SIGNAL),
-        ("thread", th, T_THREAD)])
-    struct_("signal_struct", SIGNAL_SIZE, [("sigcnt", int_, 0), ("live", int_, 4), ("nr_threads", int_, 8),
-                                           ("thread_head", lh, SIG_THREAD_HEAD)])
-    mstate = enum("module_state", {"MODULE_STATE_LIVE": 0, "MODULE_STATE_COMING": 1, "MODULE_STATE_GOING": 2,
-                                   "MODULE_STATE_UNFORMED": 3})
+    ti = struct_(
+        "thread_info", 24, [("flags", ulong, 0), ("syscall_work", ulong, 8), ("status", uint, 16), ("cpu", uint, T_CPU)]
+    )
+    se = struct_(
+        "sched_entity",
+        128,
+        [("on_rq", uint, 64), ("exec_start", u64, SE_EXEC_START), ("sum_exec_runtime", u64, 80), ("vruntime", u64, 88)],
+    )
+    si = struct_(
+        "sched_info",
+        32,
+        [
+            ("pcount", ulong, 0),
+            ("run_delay", ulong, 8),
+            ("last_arrival", ulong, SI_LAST_ARRIVAL),
+            ("last_queued", ulong, 24),
+        ],
+    )
+    th = struct_(
+        "thread_struct",
+        64,
+        [("tls_array", array(ulong, 3), 0), ("sp", ulong, THREAD_SP), ("es", short, 32), ("fsbase", ulong, 40)],
+    )
+    struct_(
+        "task_struct",
+        TASK_SIZE,
+        [
+            ("thread_info", ti, 0),
+            ("__state", uint, T_STATE),
+            ("stack", voidp, T_STACK),
+            ("usage", int_, 40),
+            ("flags", uint, T_FLAGS),
+            ("ptrace", uint, 48),
+            ("on_cpu", int_, T_ON_CPU),
+            ("se", se, T_SE),
+            ("sched_info", si, T_SCHED_INFO),
+            ("tasks", lh, T_TASKS),
+            ("mm", voidp, 320),
+            ("active_mm", voidp, 328),
+            ("exit_state", int_, T_EXIT_STATE),
+            ("exit_code", int_, 340),
+            ("pid", pid_t, T_PID),
+            ("tgid", pid_t, T_TGID),
+            ("real_parent", voidp, T_REAL_PARENT),
+            ("parent", voidp, 376),
+            ("children", lh, 384),
+            ("sibling", lh, 400),
+            ("group_leader", voidp, 416),
+            ("thread_node", lh, T_THREAD_NODE),
+            ("comm", array(char, 16), T_COMM),
+            ("signal", voidp, T_SIGNAL),
+            ("thread", th, T_THREAD),
+        ],
+    )
+    struct_(
+        "signal_struct",
+        SIGNAL_SIZE,
+        [("sigcnt", int_, 0), ("live", int_, 4), ("nr_threads", int_, 8), ("thread_head", lh, SIG_THREAD_HEAD)],
+    )
+    mstate = enum(
+        "module_state",
+        {"MODULE_STATE_LIVE": 0, "MODULE_STATE_COMING": 1, "MODULE_STATE_GOING": 2, "MODULE_STATE_UNFORMED": 3},
+    )
     common = [("state", mstate, M_STATE), ("list", lh, M_LIST), ("name", array(char, 56), M_NAME)]
     if module_layout == "6.1":
-        ml = struct_("module_layout", 80, [("base", voidp, 0), ("size", uint, 8), ("text_size", uint, 12),
-                                           ("ro_size", uint, 16), ("ro_after_init_size", uint, 20)])
+        ml = struct_(
+            "module_layout",
+            80,
+            [
+                ("base", voidp, 0),
+                ("size", uint, 8),
+                ("text_size", uint, 12),
+                ("ro_size", uint, 16),
+                ("ro_after_init_size", uint, 20),
+            ],
+        )
         struct_("module", MOD_SIZE, common + [("core_layout", ml, M_CORE), ("init_layout", ml, M_CORE + 80)])
     else:  # 6.4+: struct module_memory mem[MOD_MEM_NUM_TYPES], mem[MOD_TEXT] first
         mm = struct_("module_memory", MODULE_MEMORY_SIZE, [("base", voidp, 0), ("size", uint, 8)])
         struct_("module", MOD_SIZE, common + [("mem", array(mm, MOD_MEM_NUM_TYPES), M_CORE)])
-    struct_("rq", RQ_SIZE, [("__lock", uint, 0), ("nr_running", uint, 4), ("clock", u64, RQ_CLOCK),
-                            ("clock_task", u64, RQ_CLOCK + 8)])
-    b.struct("orc_entry", 6, [("sp_offset", short, 0, 0), ("bp_offset", short, 16, 0), ("sp_reg", uint, 32, 4),
-                              ("bp_reg", uint, 36, 4), ("type", uint, 40, 2), ("end", uint, 42, 1)])
+    struct_(
+        "rq",
+        RQ_SIZE,
+        [("__lock", uint, 0), ("nr_running", uint, 4), ("clock", u64, RQ_CLOCK), ("clock_task", u64, RQ_CLOCK + 8)],
+    )
+    b.struct(
+        "orc_entry",
+        6,
+        [
+            ("sp_offset", short, 0, 0),
+            ("bp_offset", short, 16, 0),
+            ("sp_reg", uint, 32, 4),
+            ("bp_reg", uint, 36, 4),
+            ("type", uint, 40, 2),
+            ("end", uint, 42, 1),
+        ],
+    )
     enum("zone_stat_item", ZONE_ENUM)
     if node_enum:
         enum("node_stat_item", NODE_ENUM)
@@ -184,8 +299,9 @@ def build_btf(module_layout: str = "6.1", node_enum: bool = True) -> bytes:
 class Scene:
     """A synthetic x86-64 6.1 kernel being built; :meth:`kernel` freezes it into a :class:`LinuxKernel`."""
 
-    def __init__(self, module_layout: str = "6.1", orc: bool = True, node_enum: bool = True,
-                 omit: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, module_layout: str = "6.1", orc: bool = True, node_enum: bool = True, omit: tuple[str, ...] = ()
+    ) -> None:
         self.img = img = Image()
         self.module_layout = module_layout
         self.omit = set(omit)
@@ -247,7 +363,7 @@ class Scene:
             except FaultError:
                 pass
             else:
-                self.img.put(pa, data[off:off + n])
+                self.img.put(pa, data[off : off + n])
             off += n
 
     def q(self, va: int, v: int) -> None:
@@ -283,9 +399,22 @@ class Scene:
             self.q(n + 8, ring[i - 1])
 
     # -- objects ------------------------------------------------------------------
-    def task(self, pid: int, comm: str, *, tgid: int | None = None, state: int = TASK_INTERRUPTIBLE,
-             exit_state: int = 0, flags: int = 0, cpu: int = 0, on_cpu: int = 0, parent: int | None = None,
-             last_arrival: int = 0, exec_start: int = 0, addr: int | None = None) -> int:
+    def task(
+        self,
+        pid: int,
+        comm: str,
+        *,
+        tgid: int | None = None,
+        state: int = TASK_INTERRUPTIBLE,
+        exit_state: int = 0,
+        flags: int = 0,
+        cpu: int = 0,
+        on_cpu: int = 0,
+        parent: int | None = None,
+        last_arrival: int = 0,
+        exec_start: int = 0,
+        addr: int | None = None,
+    ) -> int:
         addr = addr if addr is not None else self.slab(TASK_SIZE)
         stack = self.vmalloc(THREAD_SIZE // PAGE)
         raw = bytearray(TASK_SIZE)
@@ -299,7 +428,7 @@ class Scene:
         struct.pack_into("<i", raw, T_EXIT_STATE, exit_state)
         struct.pack_into("<ii", raw, T_PID, pid, pid if tgid is None else tgid)
         struct.pack_into("<Q", raw, T_REAL_PARENT, addr if parent is None else parent)
-        raw[T_COMM:T_COMM + 16] = comm.encode().ljust(16, b"\0")[:16]
+        raw[T_COMM : T_COMM + 16] = comm.encode().ljust(16, b"\0")[:16]
         struct.pack_into("<Q", raw, T_THREAD + THREAD_SP, stack + THREAD_SIZE - 0x100)
         self.poke(addr, bytes(raw))
         return addr
@@ -319,7 +448,7 @@ class Scene:
             self.mnext += 2 * PAGE
         raw = bytearray(MOD_SIZE)
         struct.pack_into("<I", raw, M_STATE, state)
-        raw[M_NAME:M_NAME + len(name)] = name
+        raw[M_NAME : M_NAME + len(name)] = name
         if self.module_layout == "6.1":
             struct.pack_into("<QII", raw, M_CORE, base, size, text_size)
         else:  # mem[MOD_TEXT] is the text; the other types follow it
@@ -341,12 +470,21 @@ class Scene:
     def kernel(self) -> LinuxKernel:
         symbols = sorted(((t, n, a) for n, (t, a) in self.syms.items() if n not in self.omit), key=lambda s: s[2])
         num, names, table, index, offsets = build_tables(symbols, TEXT)
-        vi = {"OSRELEASE": "6.1.0-synthetic", "PAGESIZE": "4096", "NUMBER(phys_base)": str(PHYS_BASE),
-              "SYMBOL(init_top_pgt)": f"{self.img.pgd - PHYS_BASE + START_KERNEL_MAP:x}",
-              "SYMBOL(_stext)": f"{TEXT:x}"}
-        for key, data in (("kallsyms_offsets", offsets), ("kallsyms_relative_base", struct.pack("<Q", TEXT)),
-                          ("kallsyms_num_syms", struct.pack("<I", num)), ("kallsyms_names", names),
-                          ("kallsyms_token_table", table), ("kallsyms_token_index", index)):
+        vi = {
+            "OSRELEASE": "6.1.0-synthetic",
+            "PAGESIZE": "4096",
+            "NUMBER(phys_base)": str(PHYS_BASE),
+            "SYMBOL(init_top_pgt)": f"{self.img.pgd - PHYS_BASE + START_KERNEL_MAP:x}",
+            "SYMBOL(_stext)": f"{TEXT:x}",
+        }
+        for key, data in (
+            ("kallsyms_offsets", offsets),
+            ("kallsyms_relative_base", struct.pack("<Q", TEXT)),
+            ("kallsyms_num_syms", struct.pack("<I", num)),
+            ("kallsyms_names", names),
+            ("kallsyms_token_table", table),
+            ("kallsyms_token_index", index),
+        ):
             va = self.img.image_alloc(len(data))
             self.poke(va, data)
             vi[f"SYMBOL({key})"] = f"{va:x}"
@@ -368,17 +506,36 @@ def standard(scene: Scene | None = None) -> tuple[Scene, dict[str, int]]:
     t["systemd"] = s.task(1, "systemd", parent=init_task, cpu=1, last_arrival=4_000_000_000, exec_start=4_100_000_000)
     t["kthreadd"] = s.task(2, "kthreadd", flags=PF_KTHREAD, parent=init_task, last_arrival=6_000_000_000)
     t["kworker/0:1"] = s.task(20, "kworker/0:1", state=TASK_IDLE, flags=PF_KTHREAD, parent=t["kthreadd"])
-    t["bash"] = s.task(200, "bash", state=TASK_RUNNING, on_cpu=1, cpu=0, parent=t["systemd"],
-                       last_arrival=4_999_000_000, exec_start=4_999_500_000)
+    t["bash"] = s.task(
+        200,
+        "bash",
+        state=TASK_RUNNING,
+        on_cpu=1,
+        cpu=0,
+        parent=t["systemd"],
+        last_arrival=4_999_000_000,
+        exec_start=4_999_500_000,
+    )
     t["worker"] = s.task(300, "worker", parent=t["bash"], cpu=0)
-    t["worker-io"] = s.task(301, "worker-io", tgid=300, state=TASK_UNINTERRUPTIBLE, parent=t["bash"], cpu=1,
-                            last_arrival=5_000_000_000)
+    t["worker-io"] = s.task(
+        301, "worker-io", tgid=300, state=TASK_UNINTERRUPTIBLE, parent=t["bash"], cpu=1, last_arrival=5_000_000_000
+    )
     t["defunct"] = s.task(400, "defunct", state=TASK_DEAD, exit_state=EXIT_ZOMBIE, parent=t["bash"])
     t["sh"] = s.task(310, "sh", parent=t["worker-io"])  # forked by a thread: its ppid is the thread's tgid
-    t["swapper/1"] = s.task(0, "swapper/1", state=TASK_RUNNING, flags=PF_KTHREAD | PF_IDLE, cpu=1, on_cpu=1,
-                            parent=init_task)
-    for group in (["swapper/0"], ["systemd"], ["kthreadd"], ["kworker/0:1"], ["bash"], ["worker", "worker-io"],
-                  ["defunct"], ["sh"], ["swapper/1"]):
+    t["swapper/1"] = s.task(
+        0, "swapper/1", state=TASK_RUNNING, flags=PF_KTHREAD | PF_IDLE, cpu=1, on_cpu=1, parent=init_task
+    )
+    for group in (
+        ["swapper/0"],
+        ["systemd"],
+        ["kthreadd"],
+        ["kworker/0:1"],
+        ["bash"],
+        ["worker", "worker-io"],
+        ["defunct"],
+        ["sh"],
+        ["swapper/1"],
+    ):
         s.thread_group([t[n] for n in group])
     leaders = ["systemd", "kthreadd", "kworker/0:1", "bash", "worker", "defunct", "sh"]
     s.link(init_task + T_TASKS, [t[n] + T_TASKS for n in leaders])
@@ -395,18 +552,20 @@ def standard(scene: Scene | None = None) -> tuple[Scene, dict[str, int]]:
 
 
 # (pid, tgid, ppid, comm, state, cpu, on_cpu, kthread, idle_ns) of every task planted by standard()
-EXPECTED = sorted([
-    (0, 0, 0, "swapper/0", "R", 0, False, True, None),
-    (1, 1, 0, "systemd", "S", 1, False, False, CLOCK[1] - 4_100_000_000),  # the later of the two times
-    (2, 2, 0, "kthreadd", "S", 0, False, True, None),  # last ran "after" its CPU's clock: no age
-    (20, 20, 2, "kworker/0:1", "I", 0, False, True, None),
-    (200, 200, 1, "bash", "R", 0, True, False, CLOCK[0] - 4_999_500_000),
-    (300, 300, 200, "worker", "S", 0, False, False, None),
-    (301, 300, 200, "worker-io", "D", 1, False, False, CLOCK[1] - 5_000_000_000),
-    (400, 400, 200, "defunct", "Z", 0, False, False, None),
-    (310, 310, 300, "sh", "S", 0, False, False, None),
-    (0, 0, 0, "swapper/1", "R", 1, True, True, None),
-])
+EXPECTED = sorted(
+    [
+        (0, 0, 0, "swapper/0", "R", 0, False, True, None),
+        (1, 1, 0, "systemd", "S", 1, False, False, CLOCK[1] - 4_100_000_000),  # the later of the two times
+        (2, 2, 0, "kthreadd", "S", 0, False, True, None),  # last ran "after" its CPU's clock: no age
+        (20, 20, 2, "kworker/0:1", "I", 0, False, True, None),
+        (200, 200, 1, "bash", "R", 0, True, False, CLOCK[0] - 4_999_500_000),
+        (300, 300, 200, "worker", "S", 0, False, False, None),
+        (301, 300, 200, "worker-io", "D", 1, False, False, CLOCK[1] - 5_000_000_000),
+        (400, 400, 200, "defunct", "Z", 0, False, False, None),
+        (310, 310, 300, "sh", "S", 0, False, False, None),
+        (0, 0, 0, "swapper/1", "R", 1, True, True, None),
+    ]
+)
 
 
 def summary(tasks: list) -> list[tuple]:  # type: ignore[type-arg]
@@ -546,12 +705,16 @@ def plant_switch_frame(s: Scene, task: int, ret: int) -> tuple[int, int]:
     s.q(task + T_THREAD + THREAD_SP, tsp)
     s.poke(tsp, struct.pack("<7Q", 15, 14, 13, 12, 0xB0B0, tsp + 0x100, ret))
     sp0 = tsp + 56
-    words = [0x1234, task,  # __schedule's saved registers (not text)
-             RET_IN_SCHEDULE,  # __schedule returns into schedule (CFA sp+24)
-             0x5678, RET_IN_DO_NANOSLEEP,  # schedule's frame (CFA sp+16)
-             RET_IN_RET_FROM_FORK,  # do_nanosleep's frame (CFA sp+8); ret_from_fork ends the stack
-             TEXT + FUNCS["__schedule"] + 0x50,  # text not after a call: data, never a frame
-             RET_IN___SCHEDULE]  # stale: left by an earlier call
+    words = [
+        0x1234,
+        task,  # __schedule's saved registers (not text)
+        RET_IN_SCHEDULE,  # __schedule returns into schedule (CFA sp+24)
+        0x5678,
+        RET_IN_DO_NANOSLEEP,  # schedule's frame (CFA sp+16)
+        RET_IN_RET_FROM_FORK,  # do_nanosleep's frame (CFA sp+8); ret_from_fork ends the stack
+        TEXT + FUNCS["__schedule"] + 0x50,  # text not after a call: data, never a frame
+        RET_IN___SCHEDULE,
+    ]  # stale: left by an earlier call
     s.poke(sp0, struct.pack(f"<{len(words)}Q", *words))
     return tsp, stack
 
@@ -563,8 +726,12 @@ def test_backtrace_of_blocked_task_from_its_switch_frame_by_orc() -> None:
     task = by_comm(read_tasks(k, NCPUS)[0])["worker-io"]
     assert task.thread_sp == tsp
     backtrace_task(k, task, None)
-    assert [f.symbol for f in task.frames] == ["__schedule+0x85/0x100", "schedule+0x15/0x100",
-                                               "do_nanosleep+0x45/0x100", "ret_from_fork+0x15/0x80"]
+    assert [f.symbol for f in task.frames] == [
+        "__schedule+0x85/0x100",
+        "schedule+0x15/0x100",
+        "do_nanosleep+0x45/0x100",
+        "ret_from_fork+0x15/0x80",
+    ]
     assert all(f.method == "orc" and f.reliable for f in task.frames)
     assert task.unwind_note == "from saved switch frame (thread.sp); end of stack (ORC)"
 
@@ -577,8 +744,11 @@ def test_backtrace_of_running_task_from_cpu_registers() -> None:
     k = s.kernel()
     task = by_comm(read_tasks(k, NCPUS)[0])["bash"]
     backtrace_task(k, task, {"rip": TEXT + FUNCS["sysrq_handle_crash"] + 0x10, "rsp": rsp, "rbp": 0})
-    assert [f.symbol for f in task.frames] == ["sysrq_handle_crash+0x10/0x80", "do_nanosleep+0x45/0x100",
-                                               "ret_from_fork+0x15/0x80"]
+    assert [f.symbol for f in task.frames] == [
+        "sysrq_handle_crash+0x10/0x80",
+        "do_nanosleep+0x45/0x100",
+        "ret_from_fork+0x15/0x80",
+    ]
     assert task.unwind_note == "from CPU registers; end of stack (ORC)"
 
 
@@ -588,8 +758,12 @@ def test_backtrace_without_orc_falls_back_to_a_labelled_stack_scan() -> None:
     k = s.kernel()
     task = by_comm(read_tasks(k, NCPUS)[0])["worker-io"]
     backtrace_task(k, task, None)
-    assert [f.symbol for f in task.frames] == ["schedule+0x15/0x100", "do_nanosleep+0x45/0x100",
-                                               "ret_from_fork+0x15/0x80", "__schedule+0x85/0x100"]
+    assert [f.symbol for f in task.frames] == [
+        "schedule+0x15/0x100",
+        "do_nanosleep+0x45/0x100",
+        "ret_from_fork+0x15/0x80",
+        "__schedule+0x85/0x100",
+    ]
     assert [f.stack_addr for f in task.frames] == [tsp + 56 + 8 * i for i in (2, 4, 5, 7)]
     assert all(f.method == "stack scan" and not f.reliable for f in task.frames)
     assert task.unwind_note.startswith("ORC unavailable (no ORC tables in kallsyms")
@@ -603,8 +777,12 @@ def test_backtrace_where_orc_stops_at_once_adds_the_stack_scan() -> None:
     task = by_comm(read_tasks(k, NCPUS)[0])["worker-io"]
     backtrace_task(k, task, None)
     assert [(f.symbol, f.method) for f in task.frames] == [
-        ("_stext+0x50/0x100", "orc"), ("schedule+0x15/0x100", "stack scan"), ("do_nanosleep+0x45/0x100", "stack scan"),
-        ("ret_from_fork+0x15/0x80", "stack scan"), ("__schedule+0x85/0x100", "stack scan")]
+        ("_stext+0x50/0x100", "orc"),
+        ("schedule+0x15/0x100", "stack scan"),
+        ("do_nanosleep+0x45/0x100", "stack scan"),
+        ("ret_from_fork+0x15/0x80", "stack scan"),
+        ("__schedule+0x85/0x100", "stack scan"),
+    ]
     assert f"no ORC entry for {TEXT + 0x50:#x} (text without ORC data)" in task.unwind_note
     assert task.unwind_note.endswith("; stack scan: top of stack")
 
@@ -620,9 +798,11 @@ def test_backtrace_with_wild_thread_sp_is_noted() -> None:
 
 
 # -- modules ------------------------------------------------------------------------------------
-MODULES = [("pd_crash", "coming", MODULES_VADDR + 0x1000, 0x3000, 0x1000),
-           ("virtio_net", "live", MODULES_VADDR + 0x8000, 0xB000, 0x7000),
-           ("xfs", "going", MODULES_VADDR + 0x20000, 0x1A0000, 0x120000)]
+MODULES = [
+    ("pd_crash", "coming", MODULES_VADDR + 0x1000, 0x3000, 0x1000),
+    ("virtio_net", "live", MODULES_VADDR + 0x8000, 0xB000, 0x7000),
+    ("xfs", "going", MODULES_VADDR + 0x20000, 0x1A0000, 0x120000),
+]
 
 
 def mods(found: list) -> list[tuple]:  # type: ignore[type-arg]
@@ -676,11 +856,26 @@ def test_read_modules_without_modules_symbol() -> None:
 
 
 # -- memory summary -------------------------------------------------------------------------------
-ZONE = {"NR_FREE_PAGES": 2100, "NR_ZONE_ACTIVE_ANON": 120, "NR_ZONE_INACTIVE_ANON": 80, "NR_ZONE_ACTIVE_FILE": 300,
-        "NR_ZONE_INACTIVE_FILE": 250, "NR_MLOCK": 4, "NR_BOUNCE": 0}
-NODE = {"NR_FILE_PAGES": 560, "NR_ANON_MAPPED": 190, "NR_SHMEM": 12, "NR_FILE_DIRTY": 3, "NR_WRITEBACK": 1,
-        "NR_SLAB_RECLAIMABLE_B": 140, "NR_SLAB_UNRECLAIMABLE_B": 310, "NR_KERNEL_STACK_KB": 9 * 16,
-        "NR_PAGETABLE": 40}
+ZONE = {
+    "NR_FREE_PAGES": 2100,
+    "NR_ZONE_ACTIVE_ANON": 120,
+    "NR_ZONE_INACTIVE_ANON": 80,
+    "NR_ZONE_ACTIVE_FILE": 300,
+    "NR_ZONE_INACTIVE_FILE": 250,
+    "NR_MLOCK": 4,
+    "NR_BOUNCE": 0,
+}
+NODE = {
+    "NR_FILE_PAGES": 560,
+    "NR_ANON_MAPPED": 190,
+    "NR_SHMEM": 12,
+    "NR_FILE_DIRTY": 3,
+    "NR_WRITEBACK": 1,
+    "NR_SLAB_RECLAIMABLE_B": 140,
+    "NR_SLAB_UNRECLAIMABLE_B": 310,
+    "NR_KERNEL_STACK_KB": 9 * 16,
+    "NR_PAGETABLE": 40,
+}
 TOTALRAM = 3800
 
 

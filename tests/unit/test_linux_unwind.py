@@ -25,8 +25,15 @@ def setup():
     # A at +0x100, B at +0x200 (calls A at +0x10: e8 rel32 ends at +0x15), C at +0x300 (calls B)
     img.put(pa + 0x210, b"\xe8\0\0\0\0")
     img.put(pa + 0x300, b"\xe8\0\0\0\0")
-    syms = SymbolTable([Symbol("_stext", TEXT, "T"), Symbol("A", TEXT + 0x100, "t"), Symbol("B", TEXT + 0x200, "t"),
-                        Symbol("C", TEXT + 0x300, "t"), Symbol("_etext", TEXT + 0x400, "T")])
+    syms = SymbolTable(
+        [
+            Symbol("_stext", TEXT, "T"),
+            Symbol("A", TEXT + 0x100, "t"),
+            Symbol("B", TEXT + 0x200, "t"),
+            Symbol("C", TEXT + 0x300, "t"),
+            Symbol("_etext", TEXT + 0x400, "T"),
+        ]
+    )
     ips = [TEXT + 0x100, TEXT + 0x200, TEXT + 0x300]
     table_va = img.image_alloc(4 * len(ips), align=4)
     rel = b"".join(struct.pack("<i", ip - (table_va + 4 * i)) for i, ip in enumerate(ips))
@@ -35,7 +42,7 @@ def setup():
     stack_pa = img.alloc_page(4)
     stack_va = 0xFFFF888000000000 + stack_pa  # direct map
     sp = stack_va + 0x3F00
-    img.q(stack_pa + 0x3F00 + 8, TEXT + 0x215)   # A's frame: return into B
+    img.q(stack_pa + 0x3F00 + 8, TEXT + 0x215)  # A's frame: return into B
     img.q(stack_pa + 0x3F00 + 16, TEXT + 0x305)  # B's frame: return into C
     img.q(stack_pa + 0x3F00 + 24, TEXT + 0x150)  # a text address not after a call: data
     return img, syms, orc, sp, stack_va
@@ -91,4 +98,7 @@ def test_stacks_of_groups_stack_pointers_by_stack_in_visit_order() -> None:
 
     nmi, irq, task = 0xFFFFFE000000DE30, 0xFFFFC90000003ED0, 0xFFFFC900005DFD90
     assert stacks_of([nmi, nmi + 0x40, irq, irq + 8, task, 0x7FFF0000]) == [
-        (nmi, 0xFFFFFE0000010000), (irq, 0xFFFFC90000004000), (task, 0xFFFFC900005E0000)]
+        (nmi, 0xFFFFFE0000010000),
+        (irq, 0xFFFFC90000004000),
+        (task, 0xFFFFC900005E0000),
+    ]

@@ -33,12 +33,15 @@ def test_typed_getters() -> None:
     assert v.osrelease() == "6.1.0-56-cloud-amd64"
 
 
-@pytest.mark.parametrize("call, field", [
-    (lambda v: v.symbol("prb"), "SYMBOL(prb)"),
-    (lambda v: v.symbol("bad"), "SYMBOL(bad)"),
-    (lambda v: v.offset("huge.member"), "OFFSET(huge.member)"),
-    (lambda v: v.size("nothere"), "SIZE(nothere)"),
-])
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (lambda v: v.symbol("prb"), "SYMBOL(prb)"),
+        (lambda v: v.symbol("bad"), "SYMBOL(bad)"),
+        (lambda v: v.offset("huge.member"), "OFFSET(huge.member)"),
+        (lambda v: v.size("nothere"), "SIZE(nothere)"),
+    ],
+)
 def test_missing_or_malformed_fields_are_named(call, field) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(VmcoreinfoMissing, match=field.replace("(", r"\(").replace(")", r"\)")):
         call(Vmcoreinfo(VI))
@@ -50,15 +53,18 @@ def snapshot_with(vi: bytes | None):  # type: ignore[no-untyped-def]
     return img.snapshot(notes=notes)
 
 
-@pytest.mark.parametrize("vi, reason", [
-    (None, "no VMCOREINFO"),
-    (VI.replace(b"PAGESIZE=4096", b"PAGESIZE=65536"), "PAGESIZE"),
-    (VI.replace(b"PAGESIZE=4096", b"NUMBER(PAGESIZE)=65536"), "PAGESIZE"),
-    (VI.replace(b"PAGESIZE=4096", b"NUMBER(PAGESIZE)=4096"), "top page table"),  # 4096 accepted: refused later
-    (VI.replace(b"NUMBER(phys_base)=-69206016", b"NUMBER(phys_base)=junk"), "phys_base"),
-    (VI, "top page table"),  # init_top_pgt lands outside this 16 MiB image
-    (VI.replace(b"NUMBER(phys_base)=-69206016", b"NUMBER(phys_base)=-530579456"), "kallsyms"),
-])
+@pytest.mark.parametrize(
+    "vi, reason",
+    [
+        (None, "no VMCOREINFO"),
+        (VI.replace(b"PAGESIZE=4096", b"PAGESIZE=65536"), "PAGESIZE"),
+        (VI.replace(b"PAGESIZE=4096", b"NUMBER(PAGESIZE)=65536"), "PAGESIZE"),
+        (VI.replace(b"PAGESIZE=4096", b"NUMBER(PAGESIZE)=4096"), "top page table"),  # 4096 accepted: refused later
+        (VI.replace(b"NUMBER(phys_base)=-69206016", b"NUMBER(phys_base)=junk"), "phys_base"),
+        (VI, "top page table"),  # init_top_pgt lands outside this 16 MiB image
+        (VI.replace(b"NUMBER(phys_base)=-69206016", b"NUMBER(phys_base)=-530579456"), "kallsyms"),
+    ],
+)
 def test_producer_refuses_with_reason(vi: bytes | None, reason: str) -> None:
     snap = snapshot_with(vi)
     with pytest.raises(LinuxUnsupported, match=reason):

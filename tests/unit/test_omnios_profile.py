@@ -50,17 +50,26 @@ def test_image_missing_is_one_line_naming_the_variable(monkeypatch, tmp_path):
         om.image_path({"OMNIOS_IMAGE": str(tmp_path / "absent.qcow2")})
 
 
-@pytest.mark.parametrize("argv, extra_env", [
-    (["-m", "harness", "boot", "--guest", "omnios"], {}),
-    (["-m", "harness", "capture", "--guest", "omnios", "--show-command"], {}),
-    (["-m", "harness", "panic"], {"GUEST": "omnios"}),
-    (["-m", "harness.scenario", "run", "omnios-uadmin"], {}),
-    (["-m", "harness.scenario", "run", "sysrq-panic"], {"GUEST": "omnios"}),
-])
+@pytest.mark.parametrize(
+    "argv, extra_env",
+    [
+        (["-m", "harness", "boot", "--guest", "omnios"], {}),
+        (["-m", "harness", "capture", "--guest", "omnios", "--show-command"], {}),
+        (["-m", "harness", "panic"], {"GUEST": "omnios"}),
+        (["-m", "harness.scenario", "run", "omnios-uadmin"], {}),
+        (["-m", "harness.scenario", "run", "sysrq-panic"], {"GUEST": "omnios"}),
+    ],
+)
 def test_cli_refuses_in_one_line(argv, extra_env):
     _skip_if_image_fetched()
-    r = subprocess.run([sys.executable, *argv], cwd=REPO, env={**_no_image_env(), **extra_env},
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, *argv],
+        cwd=REPO,
+        env={**_no_image_env(), **extra_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1, r.stderr
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
     assert len(lines) == 1, lines
@@ -70,9 +79,14 @@ def test_cli_refuses_in_one_line(argv, extra_env):
 def test_scenario_refuses_a_trigger_the_guest_lacks(tmp_path):
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
-    r = subprocess.run([sys.executable, "-m", "harness.scenario", "run", "sysrq-panic"], cwd=REPO,
-                       env={**_no_image_env(), "GUEST": "omnios", "OMNIOS_IMAGE": str(base)},
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness.scenario", "run", "sysrq-panic"],
+        cwd=REPO,
+        env={**_no_image_env(), "GUEST": "omnios", "OMNIOS_IMAGE": str(base)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "trigger 'sysrq' is not one of guest omnios's (uadmin, dtrace, nmi)" in r.stderr
 
 
@@ -110,8 +124,14 @@ def test_session_command_line_and_overlay(tmp_path, base_image):
     assert "virtio-blk-pci,drive=pddump-fmt,id=pddump,serial=pddump" in argv  # the dump disk, second virtio disk
     assert f"filename={tmp_path / 'run' / 'overlay.qcow2'}" in joined
     assert argv.index("-serial") > 0 and "hostfwd=tcp:127.0.0.1:" in joined and "restrict=on" in joined
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(tmp_path / "run" / "overlay.qcow2")],
-                                     capture_output=True, text=True, check=True).stdout)
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(tmp_path / "run" / "overlay.qcow2")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert info["format"] == "qcow2" and info["backing-filename"] == str(base_image.resolve())
     assert info["backing-filename-format"] == "qcow2"
     pub = (tmp_path / "run" / "id_ed25519.pub").read_text()
@@ -131,7 +151,9 @@ def test_console_patterns_on_recorded_lines():
     m = ready.search(b"runnervmg1sw1.local console login: ")  # mxmlnkn/mfusepy#36, an r151056 serial console
     assert m and m.group(1) == b"runnervmg1sw1.local"
     start, end = p.panic_patterns()
-    m = start.regex.search(b"panic[cpu0]/thread=fffffe09186d6be0: BAD TRAP: type=e (#pf Page fault) rp=fffffe000c416c50 addr=0")
+    m = start.regex.search(
+        b"panic[cpu0]/thread=fffffe09186d6be0: BAD TRAP: type=e (#pf Page fault) rp=fffffe000c416c50 addr=0"
+    )
     assert m and m.group(1).startswith(b"BAD TRAP: type=e")
     assert end.regex.search(b"skipping system dump - no dump device configured")
     assert p.ready_patterns()[1].failure and p.ready_patterns()[1].regex.search(b"panic[cpu0]/thread=ff: x")
@@ -146,12 +168,14 @@ def test_seed_fields_per_the_fat_spec(tmp_path):
     assert len(img) == 1474560 and img[510:512] == b"\x55\xaa"
     assert struct.unpack_from("<HBHBHHBH", img, 11) == (512, 1, 1, 2, 224, 2880, 0xF0, 9)
     assert img[38] == 0x29 and img[43:54] == b"CIDATA     " and img[54:62] == b"FAT12   "
-    assert img[19 * 512:19 * 512 + 11] == b"CIDATA     " and img[19 * 512 + 11] == 0x08  # root dir: volume label
-    assert img[512:515] == b"\xf0\xff\xff" and img[512:512 + 4608] == img[5120:5120 + 4608]  # media byte, two FATs
+    assert img[19 * 512 : 19 * 512 + 11] == b"CIDATA     " and img[19 * 512 + 11] == 0x08  # root dir: volume label
+    assert img[512:515] == b"\xf0\xff\xff" and img[512 : 512 + 4608] == img[5120 : 5120 + 4608]  # media byte, two FATs
 
 
-@pytest.mark.skipif(shutil.which("mtype") is None, reason="mtools not installed (make setup installs it): "
-                    "the seed is not read back by an independent FAT reader")
+@pytest.mark.skipif(
+    shutil.which("mtype") is None,
+    reason="mtools not installed (make setup installs it): the seed is not read back by an independent FAT reader",
+)
 def test_seed_read_back_by_mtools(tmp_path):
     seed = write_seed(tmp_path / "seed.img", KEY, "iid-7")
     env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
@@ -163,8 +187,9 @@ def test_seed_read_back_by_mtools(tmp_path):
     assert "CIDATA" in label
     big = fat12_image({"user-data": b"x" * 300_000, "meta-data": b"m"})
     (tmp_path / "big.img").write_bytes(big)
-    out = subprocess.run(["mtype", "-i", str(tmp_path / "big.img"), "::user-data"], capture_output=True, check=True,
-                         env=env).stdout
+    out = subprocess.run(
+        ["mtype", "-i", str(tmp_path / "big.img"), "::user-data"], capture_output=True, check=True, env=env
+    ).stdout
     assert out == b"x" * 300_000  # a cluster chain of 586 clusters
 
 

@@ -51,8 +51,9 @@ def test_shared_ram_backend() -> None:
 
 
 def test_kernel_boot_and_kvm() -> None:
-    argv = build_argv(cfg(kernel=Path("/k/vmlinuz"), initrd=Path("/k/initrd"), append="console=ttyS0 a=b",
-                          accel="kvm", smp=2))
+    argv = build_argv(
+        cfg(kernel=Path("/k/vmlinuz"), initrd=Path("/k/initrd"), append="console=ttyS0 a=b", accel="kvm", smp=2)
+    )
     assert opts(argv, "-kernel") == ["/k/vmlinuz"]
     assert opts(argv, "-initrd") == ["/k/initrd"]
     assert opts(argv, "-append") == ["console=ttyS0 a=b"]
@@ -95,7 +96,9 @@ def test_ssh_forward_is_loopback_only_and_the_guest_net_restricted() -> None:
 
 
 def test_qemu_runs_sandboxed_unless_told_not_to() -> None:
-    assert opts(build_argv(cfg()), "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    assert opts(build_argv(cfg()), "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ]
     assert opts(build_argv(cfg(sandbox=False)), "-sandbox") == []
 
 
@@ -139,18 +142,42 @@ def test_format_argv_round_trips_through_the_shell() -> None:
 def _fake_image(tmp: Path) -> Path:
     (tmp / "vmlinuz").write_bytes(b"k")
     (tmp / "initramfs.cpio.gz").write_bytes(b"i")
-    (tmp / "manifest.json").write_text(json.dumps({
-        "vmlinuz": {"path": "vmlinuz"}, "initramfs": {"path": "initramfs.cpio.gz"},
-        "cmdline": "console=ttyS0,115200 panic=0",
-    }))
+    (tmp / "manifest.json").write_text(
+        json.dumps(
+            {
+                "vmlinuz": {"path": "vmlinuz"},
+                "initramfs": {"path": "initramfs.cpio.gz"},
+                "cmdline": "console=ttyS0,115200 panic=0",
+            }
+        )
+    )
     return tmp
 
 
 def test_show_command_prints_argv_without_starting_qemu(tmp_path: Path) -> None:
     env = dict(os.environ, PROGDUMP_GUEST_LINUX_DIR=str(_fake_image(tmp_path)), PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "harness", "boot", "--guest", "linux", "--mem", "1024",
-                        "--accel", "tcg", "--knob", "panic_print=0x3", "--show-command"],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "boot",
+            "--guest",
+            "linux",
+            "--mem",
+            "1024",
+            "--accel",
+            "tcg",
+            "--knob",
+            "panic_print=0x3",
+            "--show-command",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     argv = shlex.split(r.stdout.replace("\\\n", " "))
     assert argv[0] == "qemu-system-x86_64"
@@ -162,8 +189,14 @@ def test_show_command_prints_argv_without_starting_qemu(tmp_path: Path) -> None:
 
 def test_show_command_without_image_says_what_to_do(tmp_path: Path) -> None:
     env = dict(os.environ, PROGDUMP_GUEST_LINUX_DIR=str(tmp_path / "none"), PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "harness", "boot", "--show-command"],
-                       capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness", "boot", "--show-command"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
     assert r.returncode == 1
     assert "make guest-image" in r.stderr
     assert "Traceback" not in r.stderr

@@ -9,15 +9,22 @@ import struct
 import subprocess
 
 import pytest
-
-from progdump.export import ExportError
+from dumpkit import (
+    BytesSource,
+    ClassProducer,
+    MemDevice,
+    check_recovery,
+    crash_states,
+    make_snapshot,
+    snapshot_pages,
+    writer_records,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dumpkit import (BytesSource, ClassProducer, MemDevice, check_recovery, crash_states, make_snapshot, snapshot_pages,
-                     writer_records)
 from progdump import format as F
 from progdump import reader
+from progdump.export import ExportError
 from progdump.writer import write_dump
 
 DEV = 512 * 1024
@@ -190,7 +197,9 @@ def test_R_VER_1_newer_format_dump_is_reported_not_read(small):
 def test_R_RD_1_hostile_lengths_bounded():
     """A checksum-valid record claiming a huge payload near the device end is not followed out of bounds."""
     img = bytearray(64 * 1024)
-    hdr = F.pack_record_header(F.RecordType.PAGES, 0, b"\x05" * 16, 1, 0, 4096, 3 << 20, 4 << 20, 0, 1024, 1, b"\0" * 16)
+    hdr = F.pack_record_header(
+        F.RecordType.PAGES, 0, b"\x05" * 16, 1, 0, 4096, 3 << 20, 4 << 20, 0, 1024, 1, b"\0" * 16
+    )
     img[4096 : 4096 + 128] = hdr
     sr = reader.scan(BytesSource(bytes(img)))
     assert not sr.found
@@ -264,7 +273,9 @@ def test_property_no_false_accept(seed, pages, zero_frac, plan, crash_seed, old)
 
 def _forge(img: bytearray, off: int, rtype, payload: bytes, dump_id=b"\x07" * 16, seq=0, layer=0, t=10**19):
     """Write a record with valid checksums (a forger's or a buggy writer's) at ``off``."""
-    hdr = F.pack_record_header(rtype, layer, dump_id, t, seq, off, len(payload), len(payload), 0, 0, 0, F.payload_checksum(payload))
+    hdr = F.pack_record_header(
+        rtype, layer, dump_id, t, seq, off, len(payload), len(payload), 0, 0, 0, F.payload_checksum(payload)
+    )
     img[off : off + 128] = hdr
     img[off + 128 : off + 128 + len(payload)] = payload
     return off + F.record_span(len(payload))
@@ -272,7 +283,13 @@ def _forge(img: bytearray, off: int, rtype, payload: bytes, dump_id=b"\x07" * 16
 
 @pytest.mark.parametrize(
     "payload",
-    [b"[" * 100000, b'{"name": 5, "notes": {"a": 1}, "plan": "x"}', b'{"plan": [1, null, "ok"], "notes": [[1]]}', b"\xff\xfe", b"{}"],
+    [
+        b"[" * 100000,
+        b'{"name": 5, "notes": {"a": 1}, "plan": "x"}',
+        b'{"plan": [1, null, "ok"], "notes": [[1]]}',
+        b"\xff\xfe",
+        b"{}",
+    ],
 )
 def test_R_RD_7_hostile_json_payloads_never_raise(payload, tmp_path):
     """Checksum-valid but absurd LAYER_INFO / END / COMMIT payloads: the reader reports, never raises."""

@@ -17,9 +17,9 @@ import sys
 
 import pytest
 import xxhash
+from dumpkit import MemDevice, make_snapshot
 
 import progdump
-from dumpkit import MemDevice, make_snapshot
 from progdump import format as F
 from progdump import reader
 from progdump.errors import ProgdumpError
@@ -231,10 +231,20 @@ def test_cli_maps_errors_by_class_and_lets_bugs_through(monkeypatch, capsys):
 # rules settled in the 2026-12-05 note; expectations by hand from FORMAT.md
 
 
-def _hand_record(img: bytearray, off: int, rtype: int, layer: int, seq: int, payload: bytes, did: bytes = b"\x42" * 16,
-                 aux0: int = 0, aux1: int = 0) -> int:
-    h = F.pack_record_header(rtype, layer, did, 7, seq, off, len(payload), len(payload), aux0, aux1, 0,
-                             F.payload_checksum(payload))
+def _hand_record(
+    img: bytearray,
+    off: int,
+    rtype: int,
+    layer: int,
+    seq: int,
+    payload: bytes,
+    did: bytes = b"\x42" * 16,
+    aux0: int = 0,
+    aux1: int = 0,
+) -> int:
+    h = F.pack_record_header(
+        rtype, layer, did, 7, seq, off, len(payload), len(payload), aux0, aux1, 0, F.payload_checksum(payload)
+    )
     img[off : off + 128] = h
     img[off + 128 : off + 128 + len(payload)] = payload
     return off + F.record_span(len(payload))

@@ -12,12 +12,14 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from dumpkit import ClassProducer, make_snapshot
+
 from progdump.device import FileDevice
 from progdump.writer import write_dump
 
-crashsim = pytest.importorskip("harness.crashsim.replay", reason="harness.crashsim (crash-state replayer) not importable")
+crashsim = pytest.importorskip(
+    "harness.crashsim.replay", reason="harness.crashsim (crash-state replayer) not importable"
+)
 
 
 @pytest.mark.parametrize("model", ["nvme", "hdd"])

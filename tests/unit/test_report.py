@@ -22,8 +22,29 @@ PLANS = {"progressive": NAMES, "monolithic": ["all"]}
 
 
 def _row(model="hdd", plan="progressive", source="replay", t=10.0, rec=2, fa=0, lost=0, agreement="", kind="random"):
-    return Row("s", "linux", model, plan, source, 0, 1, kind, 7, t, 5 if plan == "progressive" else 1, rec,
-               "complete/complete/missing/missing/missing", rec, lost, fa, 1000, "records", agreement, "/tmp/tr", "")
+    return Row(
+        "s",
+        "linux",
+        model,
+        plan,
+        source,
+        0,
+        1,
+        kind,
+        7,
+        t,
+        5 if plan == "progressive" else 1,
+        rec,
+        "complete/complete/missing/missing/missing",
+        rec,
+        lost,
+        fa,
+        1000,
+        "records",
+        agreement,
+        "/tmp/tr",
+        "",
+    )
 
 
 def test_percentiles_nearest_rank():
@@ -34,10 +55,17 @@ def test_percentiles_nearest_rank():
 
 
 def test_summary_has_the_issue_keys_and_counts():
-    rows = [_row(), _row(fa=1), _row(source="real", agreement="agree", kind="killed"),
-            _row(model="nvme", source="real", agreement="disagree", lost=1, kind="killed"), _row(model="nvme", plan="monolithic", rec=0)]
-    dur = {"hdd": {"progressive": {"panic": [3.0, 5.0], "tasks": [40.0]}, "monolithic": {"all": [900.0]}},
-           "nvme": {"progressive": {"panic": [1.0]}}}
+    rows = [
+        _row(),
+        _row(fa=1),
+        _row(source="real", agreement="agree", kind="killed"),
+        _row(model="nvme", source="real", agreement="disagree", lost=1, kind="killed"),
+        _row(model="nvme", plan="monolithic", rec=0),
+    ]
+    dur = {
+        "hdd": {"progressive": {"panic": [3.0, 5.0], "tasks": [40.0]}, "monolithic": {"all": [900.0]}},
+        "nvme": {"progressive": {"panic": [1.0]}},
+    }
     s = summarize(rows, scenario="s", guest="linux", plans=PLANS, durable_ms=dur)
     for k in SUMMARY_KEYS:
         assert k in s
@@ -46,8 +74,14 @@ def test_summary_has_the_issue_keys_and_counts():
     assert s["agreement"] == {"agree": 1, "disagree": 1}
     assert s["layer_durable_ms"]["panic"]["max"] == 5.0 and s["layer_durable_ms"]["panic"]["n"] == 3
     mono = s["plans"]["monolithic"]["layers"]
-    assert mono == [{"index": 0, "name": "all", "durable_ms": {"p50": 900.0, "p95": 900.0, "max": 900.0, "n": 1},
-                     "durable_after_event_ms": {"p50": None, "p95": None, "max": None, "n": 0}}]
+    assert mono == [
+        {
+            "index": 0,
+            "name": "all",
+            "durable_ms": {"p50": 900.0, "p95": 900.0, "max": 900.0, "n": 1},
+            "durable_after_event_ms": {"p50": None, "p95": None, "max": None, "n": 0},
+        }
+    ]
     assert s["plans"]["progressive"]["layers"][1]["name"] == "tasks"
     assert s["plans"]["progressive"]["layers"][1]["durable_ms"]["p50"] == 40.0
     # per plan counts: 4 progressive rows (2 replayed, 2 real), 1 monolithic replayed row
@@ -81,8 +115,12 @@ def test_durable_after_event_is_reported_beside_the_from_open_figure():
     after = {"hdd": {"progressive": {"panic": [1480.0]}}}
     s = summarize(rows, scenario="s", guest="linux", plans=PLANS, durable_ms=dur, durable_after_event_ms=after)
     lay = s["per_model"]["hdd"]["plans"]["progressive"]["layers"][0]
-    assert lay["durable_ms"]["p50"] == 80.0 and lay["durable_after_event_ms"] == {"p50": 1480.0, "p95": 1480.0,
-                                                                                  "max": 1480.0, "n": 1}
+    assert lay["durable_ms"]["p50"] == 80.0 and lay["durable_after_event_ms"] == {
+        "p50": 1480.0,
+        "p95": 1480.0,
+        "max": 1480.0,
+        "n": 1,
+    }
     assert s["layer_durable_after_event_ms"]["panic"]["n"] == 1
     assert "panic 80.0/80.0 ev 1480" in format_table(s, PLANS)
 

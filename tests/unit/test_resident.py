@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import pytest
-
 from dumpkit import make_snapshot, snapshot_pages
+
 from progdump.cli import main as cli_main
 from progdump.elfcore import load_elf_snapshot
 from progdump.resident import GoError, parse_go

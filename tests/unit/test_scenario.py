@@ -31,7 +31,7 @@ def test_bad_scenarios_are_clear_errors(tmp_path):
     p.write_text('guest = "linux"\nmemory_mib = "lots"\n')
     with pytest.raises(ScenarioError):
         load_scenario(p)
-    p.write_text('gust = 1\n')
+    p.write_text("gust = 1\n")
     with pytest.raises(ScenarioError, match="unknown keys gust"):
         load_scenario(p)
     p.write_text("[[[")
@@ -41,7 +41,10 @@ def test_bad_scenarios_are_clear_errors(tmp_path):
 
 def _summary(fa=0, lost=0, p95=10.0, model="hdd"):
     return {
-        "false_accepts": fa, "committed_layers_lost": lost, "real_trials": 3, "replayed_states": 100,
+        "false_accepts": fa,
+        "committed_layers_lost": lost,
+        "real_trials": 3,
+        "replayed_states": 100,
         "agreement": {"agree": 3, "disagree": 0},
         "per_model": {model: {"layer_durable_ms": {"panic": {"p50": p95, "p95": p95, "max": p95}}}},
     }
@@ -85,14 +88,20 @@ def test_setup_names_a_registered_class_and_unknown_names_are_errors(tmp_path):
 
     assert resolve_setup("unit-test-setup") is _Probe
     p = tmp_path / "s.toml"
-    p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="no-such-setup"\n[workload]\ncommands=["true"]\n')
+    p.write_text(
+        'guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="no-such-setup"\n[workload]\ncommands=["true"]\n'
+    )
     with pytest.raises(ScenarioError, match="unknown setup 'no-such-setup'"):
         load_scenario(p)
-    p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="unit-test-setup"\n'
-                 '[setup_params]\nluns=3\n[workload]\ncommands=["true"]\n')
+    p.write_text(
+        'guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="unit-test-setup"\n'
+        '[setup_params]\nluns=3\n[workload]\ncommands=["true"]\n'
+    )
     sc = load_scenario(p)
     assert sc.setup == "unit-test-setup" and sc.setup_params == {"luns": 3}
-    p.write_text('guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup_params=3\n[workload]\ncommands=["true"]\n')
+    p.write_text(
+        'guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup_params=3\n[workload]\ncommands=["true"]\n'
+    )
     with pytest.raises(ScenarioError, match="setup_params"):
         load_scenario(p)
 
@@ -102,11 +111,34 @@ def test_regress_totals_add_up_scenarios_and_count_only_killed_trials():
     from harness.scenario import regress_totals
 
     def row(trial, agreement, source="real"):
-        return Row("a", "linux", "hdd", "progressive", source, trial, -1, "killed", 1, 5.0, 5, 1, "complete", 1, 0, 0,
-                   0, "full", agreement, "/t", "")
+        return Row(
+            "a",
+            "linux",
+            "hdd",
+            "progressive",
+            source,
+            trial,
+            -1,
+            "killed",
+            1,
+            5.0,
+            5,
+            1,
+            "complete",
+            1,
+            0,
+            0,
+            0,
+            "full",
+            agreement,
+            "/t",
+            "",
+        )
 
-    summaries = {"a": {"replayed_states": 300, "real_trials": 3, "false_accepts": 0, "committed_layers_lost": 0},
-                 "b": {"replayed_states": 200, "real_trials": 2, "false_accepts": 0, "committed_layers_lost": 0}}
+    summaries = {
+        "a": {"replayed_states": 300, "real_trials": 3, "false_accepts": 0, "committed_layers_lost": 0},
+        "b": {"replayed_states": 200, "real_trials": 2, "false_accepts": 0, "committed_layers_lost": 0},
+    }
     rows = [row(-1, "n/a"), row(1, "agree"), row(2, "disagree"), row(-1, "", source="replay")]
     t = regress_totals(summaries, rows)
     assert t["scenarios"] == ["a", "b"] and t["replayed_states"] == 500 and t["real_trials"] == 5

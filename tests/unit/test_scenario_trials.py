@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from harness.crashsim.trace import read_trace
 from harness.trial import durable_times, failed_offsets, restore_image, writer_argv
 from progdump.device import DeviceError
 from progdump.devmodel import DeviceModel, FaultRegion, ModelledDevice
-
 from tests.unit.test_devmodel import FakeClock, MemDevice
 
 
 def _trace(tmp_path, faults=()):
     clk = FakeClock()
-    dev = ModelledDevice(MemDevice(1 << 20), DeviceModel("t", 1e6, 1e-4, 0, 5e-3, 1 << 16, 512, faults=tuple(faults)),
-                         str(tmp_path / "tr"), now=clk.now, sleep=clk.sleep)
+    dev = ModelledDevice(
+        MemDevice(1 << 20),
+        DeviceModel("t", 1e6, 1e-4, 0, 5e-3, 1 << 16, 512, faults=tuple(faults)),
+        str(tmp_path / "tr"),
+        now=clk.now,
+        sleep=clk.sleep,
+    )
     off = 4096
     for k in range(3):
         for _ in range(4):
@@ -67,7 +69,19 @@ def test_restore_image_writes_only_what_differs(tmp_path):
 
 def test_writer_argv_is_the_user_command():
     a = writer_argv("s.elf", "d.img", "progressive", "hdd", "t.trace")
-    assert a[1:] == ["-m", "progdump", "write", "s.elf", "d.img", "--plan", "progressive", "--device-model", "hdd", "--trace", "t.trace"]
+    assert a[1:] == [
+        "-m",
+        "progdump",
+        "write",
+        "s.elf",
+        "d.img",
+        "--plan",
+        "progressive",
+        "--device-model",
+        "hdd",
+        "--trace",
+        "t.trace",
+    ]
 
 
 def test_agreement_compares_real_statuses_with_the_replayed_model_state(tmp_path):

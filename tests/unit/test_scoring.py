@@ -93,8 +93,17 @@ def test_expected_layers_deduplicate_pages(case):
 def test_perfect_recovery_scores_every_layer(case, tmp_path):
     snap, exp = case
     out = _recovery(tmp_path, snap, exp, ["complete"] * 5)
-    s = score_recovery(out, snap, exp, markers={"kmsg": "MARKER-LOG-LINE", "comm": "nope-not-there",
-                                                "anon_unit": "\t" * 16, "cache_unit": "not-in-memory-xyz"})
+    s = score_recovery(
+        out,
+        snap,
+        exp,
+        markers={
+            "kmsg": "MARKER-LOG-LINE",
+            "comm": "nope-not-there",
+            "anon_unit": "\t" * 16,
+            "cache_unit": "not-in-memory-xyz",
+        },
+    )
     assert not s.false_accept, s.reasons
     assert s.layers_recovered == 5 and all(ls.verified for ls in s.layers)
     assert s.layers[4].pages_recovered == s.layers[4].expected_pages == NPAGES

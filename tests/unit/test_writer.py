@@ -6,13 +6,13 @@ import json
 import re
 
 import pytest
-
 from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, make_snapshot, snapshot_pages
+
 from progdump import format as F
 from progdump import reader
 from progdump.layers.base import LayerContent
 from progdump.layers.generic import GenericProducer
-from progdump.writer import WriterError, format_durable_line, write_dump, LayerResult
+from progdump.writer import LayerResult, WriterError, format_durable_line, write_dump
 
 
 def _write(snap, size=1 << 20, **kw):
@@ -198,8 +198,9 @@ def test_zero_detection_without_numpy_same_records(monkeypatch):
     monkeypatch.setattr(W, "_np", None)
     without = W._encode_pages(0, mv, 256, 1)
     assert (with_np.zero_pages, with_np.raw_len) == (without.zero_pages, without.raw_len)
-    assert reader._decompress(with_np.stored, type("H", (), {"compression": with_np.comp, "raw_len": with_np.raw_len})()) == \
-        reader._decompress(without.stored, type("H", (), {"compression": without.comp, "raw_len": without.raw_len})())
+    assert reader._decompress(
+        with_np.stored, type("H", (), {"compression": with_np.comp, "raw_len": with_np.raw_len})()
+    ) == reader._decompress(without.stored, type("H", (), {"compression": without.comp, "raw_len": without.raw_len})())
     dev, res = _write(snap)
     sr = reader.scan(BytesSource(bytes(dev.image)))
     assert check_recovery(sr, snapshot_pages(snap), res.dump_id) == snapshot_pages(snap)

@@ -13,13 +13,13 @@ import subprocess
 import sys
 
 import pytest
+from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, crash_states, make_snapshot, snapshot_pages
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dumpkit import BytesSource, ClassProducer, MemDevice, check_recovery, crash_states, make_snapshot, snapshot_pages
 from progdump import reader
-from progdump.devmodel import DeviceModel, FaultRegion, ModelledDevice
 from progdump.device import FileDevice
+from progdump.devmodel import DeviceModel, FaultRegion, ModelledDevice
 from progdump.format import LANDING, MAX_HOLE
 from progdump.writer import format_durable_line, write_dump
 
@@ -51,8 +51,13 @@ def test_R_WR_7_bad_region_in_a_page_layer_is_carried_past_and_reported():
     dev = MemDevice(size)
     dev.bad = [bad]
     lines: list[str] = []
-    res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1,
-                     progress=lambda ev: lines.append(ev.message) if ev.kind == "write-error" else None)
+    res = write_dump(
+        snap,
+        dev,
+        producer=ClassProducer(snap),
+        threads=1,
+        progress=lambda ev: lines.append(ev.message) if ev.kind == "write-error" else None,
+    )
     assert res.stopped == "done", res.error
     assert dev.failed and res.failed_writes == len(dev.failed)
     kern = res.layers[2]
@@ -195,13 +200,20 @@ def test_R_WR_7_cli_write_carries_on_and_info_shows_the_hole(tmp_path):
     with open(img, "wb") as f:
         f.truncate(64 * MIB)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    p = subprocess.run([sys.executable, "-m", "progdump", "write", str(core), str(img), "--device-model", "nvme-failing"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "progdump", "write", str(core), str(img), "--device-model", "nvme-failing"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "carrying on past it" in p.stderr and "layers with a hole" in p.stderr
     # the generic producer (no page classes) puts all memory in the last layer: nothing can retry it
     assert "of their pages are in no layer" in p.stderr
-    q = subprocess.run([sys.executable, "-m", "progdump", "info", str(img)], capture_output=True, text=True, env=env, timeout=120)
+    q = subprocess.run(
+        [sys.executable, "-m", "progdump", "info", str(img)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert q.returncode == 0 and "hole:" in q.stdout, q.stdout
 
 
@@ -274,8 +286,10 @@ def test_file_device_eio_is_a_media_error(tmp_path, monkeypatch):
         f.truncate(1 * MIB)
     dev = FileDevice(str(img), direct=False)
     for code, cls in ((errno.EIO, MediaError), (errno.EBADF, DeviceError)):
+
         def fail(fd, data, off, code=code):
             raise OSError(code, os.strerror(code))
+
         monkeypatch.setattr(devmod._os, "pwrite", fail)
         with pytest.raises(DeviceError) as ei:
             dev.write(8192, b"x" * 512)
@@ -295,8 +309,13 @@ def test_R_WR_7_a_commit_refused_past_every_retry_lands_after_a_later_layer():
     dev = MemDevice(size)
     dev.bad = [(commit_op.offset - 256 * 1024, commit_op.offset + 3 * MIB + 512 * 1024)]  # past the 3rd try's landing
     order: list[int] = []
-    res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1,
-                     progress=lambda ev: order.append(ev.layer.index) if ev.kind == "layer-durable" else None)
+    res = write_dump(
+        snap,
+        dev,
+        producer=ClassProducer(snap),
+        threads=1,
+        progress=lambda ev: order.append(ev.layer.index) if ev.kind == "layer-durable" else None,
+    )
     assert res.stopped == "done", res.error
     assert all(lay.committed for lay in res.layers)
     assert order.index(2) > order.index(3), order  # layer 2's commit landed after layer 3's
@@ -309,6 +328,7 @@ def test_R_WR_7_a_commit_refused_past_every_retry_lands_after_a_later_layer():
 
 # -- property: bad regions and crash states together (hypothesis) -------------------------------
 
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**16),
@@ -320,7 +340,9 @@ def test_R_WR_7_a_commit_refused_past_every_retry_lands_after_a_later_layer():
     old=st.booleans(),
     crash_seed=st.integers(0, 2**32),
 )
-def test_property_bad_region_no_false_accept_no_committed_loss(seed, pages, zero_frac, plan, bad_at, bad_len, old, crash_seed):
+def test_property_bad_region_no_false_accept_no_committed_loss(
+    seed, pages, zero_frac, plan, bad_at, bad_len, old, crash_seed
+):
     """With a bad region anywhere and any crash state: no recovered page differs from the snapshot, no layer
     is complete without all its pages, and every layer committed without a hole before the cut is complete."""
     import random

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from progdump.layers import build_layers
-from progdump.layers.base import KernelKind, PageClass
+from progdump.layers.base import PageClass
 from progdump.layers.linux import LinuxProducer
 from progdump.snapshot import Snapshot
 
@@ -66,7 +66,9 @@ def fileserver(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     work = tmp_path_factory.mktemp("fileserver")
     with GuestSession("linux", mem_mib=512, dump_disk=work / "dump.img", workdir=work) as s:
         s.boot()
-        arc = s.run(f"insmod {extra['path']} && echo fill > /proc/pdarc && cat /proc/pdarc", timeout=900, check=True).text
+        arc = s.run(
+            f"insmod {extra['path']} && echo fill > /proc/pdarc && cat /proc/pdarc", timeout=900, check=True
+        ).text
         s.workload("pagecache", 48, timeout=600)
         s.workload("anon", 16, timeout=600)
         # the kernel's own accounting, as close to the panic as the command channel allows
@@ -120,11 +122,14 @@ def test_fileserver_plan_splits_the_kernel_layer(fileserver: Any) -> None:
     assert pages(fs["cache"][1]) == pages(pr["cache"])
     note = next(n for n in fs["kstruct"][1].notes if n.startswith("bulk caches"))
     assert all(n in note for n in ARC_DATA) and not any(n in note for n in ARC_META)
-    print(f"\nkstruct {len(kstruct)} pages = {len(kstruct) / len(kernel):.1%} of the kernel layer ({len(kernel)}); "
-          f"bulk {len(bulk)}")
+    print(
+        f"\nkstruct {len(kstruct)} pages = {len(kstruct) / len(kernel):.1%} of the kernel layer ({len(kernel)}); "
+        f"bulk {len(bulk)}"
+    )
 
 
 # ---- the real path: write, cut after the kstruct layer, recover, open in drgn and crash ----------
+
 
 class CutAfter:
     """A FileDevice that fails every write once layer ``n`` has committed: a reset, deterministically."""
@@ -185,10 +190,16 @@ def dbg_vmlinux(release: str) -> Path:
     import os
 
     env = os.environ.get("PROGDUMP_VMLINUX_DBG")
-    p = Path(env) if env else Path(__file__).resolve().parents[2] / ".cache/dbg/usr/lib/debug/boot" / f"vmlinux-{release}"
+    p = (
+        Path(env)
+        if env
+        else Path(__file__).resolve().parents[2] / ".cache/dbg/usr/lib/debug/boot" / f"vmlinux-{release}"
+    )
     if not p.is_file():
-        reason = (f"no -dbg vmlinux for {release} (test-only, a 283 MB download): `make dbg-vmlinux` "
-                  "or set PROGDUMP_VMLINUX_DBG")
+        reason = (
+            f"no -dbg vmlinux for {release} (test-only, a 283 MB download): `make dbg-vmlinux` "
+            "or set PROGDUMP_VMLINUX_DBG"
+        )
         print(f"\nSKIP: {reason}")
         pytest.skip(reason)
     return p
@@ -214,8 +225,10 @@ def drgn_view(core: Path, vmlinux: Path) -> dict[str, Any]:
             frames.append((f.pc, f.name))
         tasks[t.value_()] = (t.pid.value_(), t.comm.string_().decode(), frames)
     caches = [(c.name.string_().decode(), c.object_size.value_(), c.size.value_()) for c in for_each_slab_cache(prog)]
-    mods = [(m.name.string_().decode(), m.state.value_(), m.core_layout.base.value_(), m.core_layout.size.value_())
-            for m in for_each_module(prog)]
+    mods = [
+        (m.name.string_().decode(), m.state.value_(), m.core_layout.base.value_(), m.core_layout.size.value_())
+        for m in for_each_module(prog)
+    ]
     return {"prog": prog, "tasks": tasks, "dmesg": get_dmesg(prog), "caches": caches, "modules": mods}
 
 
@@ -238,8 +251,11 @@ def test_kstruct_vmcore_opens_in_drgn_like_the_whole_memory(recovered_kstruct: A
     km = p.kernel_map(pcm)
     cid = km.caches.index("zio_data_buf_131072") + 1
     ids = km.cache_ids
-    pfn = next(km.base_pfn + i for i in range(len(ids) // 2)
-               if pcm.classes[i] == PageClass.KERNEL and int.from_bytes(ids[2 * i:2 * i + 2], "little") == cid)
+    pfn = next(
+        km.base_pfn + i
+        for i in range(len(ids) // 2)
+        if pcm.classes[i] == PageClass.KERNEL and int.from_bytes(ids[2 * i : 2 * i + 2], "little") == cid
+    )
     with pytest.raises(drgn.FaultError):
         cut["prog"].read(pfn * 4096, 8, True)
     assert whole["prog"].read(pfn * 4096, 8, True)
@@ -256,8 +272,13 @@ def test_kstruct_vmcore_opens_in_crash(recovered_kstruct: Any) -> None:
     cmds.write_text("sys\nps\nbt -a\nlog\nkmem -s\nmod\nexit\n")
 
     def run(core: Path) -> list[str]:
-        r = subprocess.run(["crash", "-s", str(vmlinux), str(core), "-i", str(cmds)], capture_output=True,
-                           text=True, timeout=900, cwd=out)
+        r = subprocess.run(
+            ["crash", "-s", str(vmlinux), str(core), "-i", str(cmds)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=out,
+        )
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         return [ln for ln in (r.stdout + r.stderr).splitlines() if "DUMPFILE:" not in ln]
 
@@ -268,11 +289,14 @@ def test_kstruct_vmcore_opens_in_crash(recovered_kstruct: Any) -> None:
     # kmem -s walks slab free lists, which live in the objects: only the bulk caches (not dumped) differ
     bulk = re.compile("|".join(ARC_DATA))
     assert [ln for ln in cut if not bulk.search(ln)] == [ln for ln in whole if not bulk.search(ln)]
-    print("\ncrash on the kstruct vmcore, lines that differ from the whole memory:\n"
-          + "\n".join(ln for ln in cut if ln not in whole))
+    print(
+        "\ncrash on the kstruct vmcore, lines that differ from the whole memory:\n"
+        + "\n".join(ln for ln in cut if ln not in whole)
+    )
 
 
 # ---- hostile memory: the structures the kernel map reads, damaged on purpose ----------------------
+
 
 def test_hostile_kernel_map_never_loses_a_kernel_page(fileserver: Any) -> None:
     """Scribbled slab caches, vmalloc areas and struct pages: notes, never an exception, nothing lost."""
@@ -287,12 +311,13 @@ def test_hostile_kernel_map_never_loses_a_kernel_page(fileserver: Any) -> None:
     snap = fileserver[0]
     k = LinuxKernel(snap)
     ranges = [MemoryRange(r.phys_start, r.size, memoryview(bytearray(r.buffer))) for r in snap.ranges]
-    ws = Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, console_tail=snap.console_tail,
-                  metadata=dict(snap.metadata))
+    ws = Snapshot(
+        ranges=ranges, cpus=snap.cpus, notes=snap.notes, console_tail=snap.console_tail, metadata=dict(snap.metadata)
+    )
 
     def patch(va: int, data: bytes) -> None:
         for cva, pa, n in k.mem.chunks(va, len(data)):
-            ws.view_phys(pa, n)[:] = data[cva - va:cva - va + n]
+            ws.view_phys(pa, n)[:] = data[cva - va : cva - va + n]
 
     caches, _ = read_slab_caches(k)
     o_list = k.btf.offsetof("vmap_area", "list")
@@ -300,16 +325,20 @@ def test_hostile_kernel_map_never_loses_a_kernel_page(fileserver: Any) -> None:
     vmemmap = k.mem.u64(k.syms.address("vmemmap_base"))
     rng = random.Random(11)
     first_cache = sorted(caches)[0]
-    patch(first_cache + k.btf.offsetof("kmem_cache", "list"),  # a cache whose list link points at itself
-          struct.pack("<Q", first_cache + k.btf.offsetof("kmem_cache", "list")))
+    patch(
+        first_cache + k.btf.offsetof("kmem_cache", "list"),  # a cache whose list link points at itself
+        struct.pack("<Q", first_cache + k.btf.offsetof("kmem_cache", "list")),
+    )
     size = k.btf.struct_size("kmem_cache")
     for c in list(caches)[1::3]:
         patch(c + (rng.randrange(0, size - 8) & ~7), struct.pack("<Q", rng.getrandbits(64)))
     for a in areas[::2]:
         patch(a - o_list + (rng.randrange(0, 48) & ~7), struct.pack("<Q", rng.getrandbits(64)))
     for _ in range(5000):
-        patch(vmemmap + 64 * rng.randrange(0, 1 << 17) + (rng.randrange(0, 64) & ~7),
-              struct.pack("<Q", rng.getrandbits(64)))
+        patch(
+            vmemmap + 64 * rng.randrange(0, 1 << 17) + (rng.randrange(0, 64) & ~7),
+            struct.pack("<Q", rng.getrandbits(64)),
+        )
     fs = {spec.name: c for spec, c in build_layers(ws, "fileserver")}
     pr = {spec.name: c for spec, c in build_layers(ws, "progressive")}
     kstruct, bulk = pages(fs["kstruct"]), pages(fs["bulk"])

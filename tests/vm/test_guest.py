@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -90,8 +91,10 @@ def test_boot_to_ready(session: Any) -> None:
     assert re.fullmatch(r"[0-9a-f]{16}", session.boot_id)
     assert session.markers["nonce"] == session.boot_id
     assert session.timings["boot"] > 0
-    r = session.run("cat /proc/sys/kernel/panic_on_oops /proc/sys/kernel/unknown_nmi_panic; "
-                    "cat /sys/block/vda/serial; echo; test -d /sys/firmware/qemu_fw_cfg/by_name/etc/vmcoreinfo")
+    r = session.run(
+        "cat /proc/sys/kernel/panic_on_oops /proc/sys/kernel/unknown_nmi_panic; "
+        "cat /sys/block/vda/serial; echo; test -d /sys/firmware/qemu_fw_cfg/by_name/etc/vmcoreinfo"
+    )
     assert r.status == 0, r.text
     assert r.text.split()[:3] == ["1", "1", "pddump"]
     bad = session.run("exit 7")
@@ -225,15 +228,18 @@ def test_hotplug_disk(session: Any, tmp_path: Path) -> None:
         f.truncate(8 << 20)
         f.write(b"PD-HOTPLUG-DISK")
     session.add_disk(img, "extra1", bus="scsi", serial="pdextra")
-    r = session.run("for i in 1 2 3 4 5 6 7 8 9 10; do ls /dev/sd? >/dev/null 2>&1 && break; sleep 0.2; done; "
-                    "head -c 15 /dev/sda")
+    r = session.run(
+        "for i in 1 2 3 4 5 6 7 8 9 10; do ls /dev/sd? >/dev/null 2>&1 && break; sleep 0.2; done; head -c 15 /dev/sda"
+    )
     assert r.text == "PD-HOTPLUG-DISK", r.text
     session.remove_disk("extra1")
     assert session.run("ls /dev/sda").status != 0
     # virtio-blk into a pcie-root-port (q35's root bus takes no hot-plug)
     session.add_disk(img, "extra2", bus="virtio", serial="pdextra2")
-    r = session.run("for i in $(seq 1 50); do [ -e /dev/vdb ] && break; sleep 0.1; done; "
-                    "cat /sys/block/vdb/serial; echo; head -c 15 /dev/vdb")
+    r = session.run(
+        "for i in $(seq 1 50); do [ -e /dev/vdb ] && break; sleep 0.1; done; "
+        "cat /sys/block/vdb/serial; echo; head -c 15 /dev/vdb"
+    )
     assert r.text == "pdextra2\nPD-HOTPLUG-DISK", r.text
     session.remove_disk("extra2")
     assert session.run("ls /dev/vdb").status != 0
@@ -363,15 +369,20 @@ def test_hotplug_network_block_device(session: Any, tmp_path: Path) -> None:
         f.truncate(4 << 20)
         f.write(b"PD-NBD-LUN")
     sock = tmp_path / "nbd.sock"
-    srv = subprocess.Popen(["qemu-nbd", "--persistent", "--format=raw", f"--socket={sock}", str(img)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = subprocess.Popen(
+        ["qemu-nbd", "--persistent", "--format=raw", f"--socket={sock}", str(img)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             if sock.exists():
                 break
             _time.sleep(0.05)
-        session.hotplug([{"driver": "nbd", "node-name": "nbd0", "server": {"type": "unix", "path": str(sock)}}],
-                        {"driver": "scsi-hd", "id": "lun0", "drive": "nbd0", "bus": "scsi0.0"})
+        session.hotplug(
+            [{"driver": "nbd", "node-name": "nbd0", "server": {"type": "unix", "path": str(sock)}}],
+            {"driver": "scsi-hd", "id": "lun0", "drive": "nbd0", "bus": "scsi0.0"},
+        )
         r = session.run("for i in $(seq 1 50); do [ -e /dev/sda ] && break; sleep 0.1; done; head -c 10 /dev/sda")
         assert r.text == "PD-NBD-LUN", r.text
         session.unplug("lun0")
@@ -425,8 +436,10 @@ def test_qemu_killed_gives_clear_errors(guest_session: Callable[..., Any]) -> No
 def test_knobs_set_sysctls(guest_session: Callable[..., Any]) -> None:
     s = guest_session(mem_mib=256, knobs={"panic_print": "0x1", "hung_task_timeout": "7", "softlockup_panic": "1"})
     s.boot()
-    r = s.run("cat /proc/sys/kernel/panic_print /proc/sys/kernel/hung_task_timeout_secs "
-              "/proc/sys/kernel/softlockup_panic /proc/sys/kernel/hung_task_panic")
+    r = s.run(
+        "cat /proc/sys/kernel/panic_print /proc/sys/kernel/hung_task_timeout_secs "
+        "/proc/sys/kernel/softlockup_panic /proc/sys/kernel/hung_task_panic"
+    )
     assert r.text.split() == ["1", "7", "1", "0"]
     with pytest.raises(ValueError):
         guest_session(mem_mib=256, knobs={"nonsense": "1"}).boot()

@@ -63,9 +63,18 @@ def test_initramfs_readable_by_gnu_cpio(image: Path, tmp_path: Path) -> None:
     raw = gzip.decompress((image / "initramfs.cpio.gz").read_bytes())
     r = subprocess.run(["cpio", "-t", "--quiet"], input=raw, capture_output=True, check=True)
     names = set(r.stdout.decode().split())
-    for want in ("init", "bin/busybox", "bin/sh", "usr/sbin/dropbear", "usr/local/bin/pdmarker",
-                 "usr/local/bin/pdcmd", "lib/modules/load.list", "etc/dropbear/dropbear_ed25519_host_key",
-                 "root/.ssh/authorized_keys", "lib64/ld-linux-x86-64.so.2"):
+    for want in (
+        "init",
+        "bin/busybox",
+        "bin/sh",
+        "usr/sbin/dropbear",
+        "usr/local/bin/pdmarker",
+        "usr/local/bin/pdcmd",
+        "lib/modules/load.list",
+        "etc/dropbear/dropbear_ed25519_host_key",
+        "root/.ssh/authorized_keys",
+        "lib64/ld-linux-x86-64.so.2",
+    ):
         assert want in names, want
     subprocess.run(["cpio", "-id", "--quiet", "--no-absolute-filenames"], input=raw, cwd=tmp_path, check=True)
     assert (tmp_path / "init").read_bytes() == (REPO / "guest-images" / "linux" / "init").read_bytes()
@@ -87,8 +96,7 @@ def test_rebuild_is_cached(image: Path) -> None:
     if shutil.which("apt-cache") is None:
         pytest.skip("apt-cache not available: cannot check the input hash")
     before = (image / "manifest.json").read_text()
-    r = subprocess.run([sys.executable, str(BUILD), "--out", str(image)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, str(BUILD), "--out", str(image)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "up to date" in r.stdout or "keeping the existing image" in r.stdout, r.stdout
     assert (image / "manifest.json").read_text() == before

@@ -15,8 +15,9 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -77,15 +78,17 @@ def io_rounds(g: Any, lun: int) -> int:
     return int(g.run(f"cat /run/pdio{lun}.count", check=True).text.strip())
 
 
-def test_lun_two_paths_multipath_io_hotadd_teardown(iscsi_tools: None, guest_session: Callable[..., Any],
-                                                    tmp_path: Path) -> None:
+def test_lun_two_paths_multipath_io_hotadd_teardown(
+    iscsi_tools: None, guest_session: Callable[..., Any], tmp_path: Path
+) -> None:
     target = Target(tmp_path / "target")
     qemu_pid = None
     try:
         target.start()
         target.add_lun(32)
-        g = guest_session(mem_mib=256, dump_disk=tmp_path / "dump.img",
-                          extra_args=G.boot_args(target.iqn, target.port, [1]))
+        g = guest_session(
+            mem_mib=256, dump_disk=tmp_path / "dump.img", extra_args=G.boot_args(target.iqn, target.port, [1])
+        )
         g.boot()
         qemu_pid = g.machine.proc.pid
         check_multipath(g, target, 1)
@@ -140,8 +143,9 @@ def _start_child(tmp_path: Path) -> tuple[Any, int, int, int]:
     import subprocess
 
     root = str(Path(__file__).resolve().parents[2])
-    p = subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, work=str(tmp_path / "t"))],
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(root=root, work=str(tmp_path / "t"))], stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout is not None
     line = p.stdout.readline().split()
     assert line and line[0] == "READY", line
@@ -149,7 +153,6 @@ def _start_child(tmp_path: Path) -> tuple[Any, int, int, int]:
 
 
 def _gone(pid: int, timeout: float = 10.0) -> bool:
-    import os
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

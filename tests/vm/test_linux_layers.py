@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ def page_of(snap: Snapshot, page: bytes) -> int | None:
         i = data.find(page)
         while i >= 0:
             a = -(-i // PAGE_SIZE) * PAGE_SIZE
-            if data[a:a + PAGE_SIZE] == page:
+            if data[a : a + PAGE_SIZE] == page:
                 return (r.phys_start + a) // PAGE_SIZE
             i = data.find(page, a + 1)
     return None
@@ -85,8 +85,10 @@ def test_layer0_panic_backtrace_and_log(panicked: Any) -> None:
     # the ORC frames are the kernel's own reliable (non-'?') Call Trace frames below panic()
     kernel = [ln.split()[0] for ln in log_trace.splitlines() if "+0x" in ln and "?" not in ln]
     ours = [ln.split()[1] for ln in orc.splitlines() if "[orc]" in ln]
-    assert kernel[kernel.index(next(k for k in kernel if k.startswith("sysrq_handle_crash"))):] == \
-        ours[ours.index(next(o for o in ours if o.startswith("sysrq_handle_crash"))):]
+    assert (
+        kernel[kernel.index(next(k for k in kernel if k.startswith("sysrq_handle_crash"))) :]
+        == ours[ours.index(next(o for o in ours if o.startswith("sysrq_handle_crash"))) :]
+    )
     assert markers["kmsg"] in txt and markers["kmsg"] in a["dmesg.txt"].decode()
     assert f"hostname:     {markers['hostname']}" in txt and markers["release"] in txt
     j = json.loads(a["panic.json"])
@@ -161,8 +163,12 @@ def test_layer2_pfns_equal_makedumpfile_d31(panicked: Any) -> None:
     core, out = work / "d31-core.elf", work / "d31.kdump"
     snap.to_elf(core)
     try:
-        r = subprocess.run(["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(core), str(out)],
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            ["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(core), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         mc = message_counts(r.stdout + r.stderr)
         kept = kdump_kept_pfns(out)
@@ -195,8 +201,11 @@ def flooded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     work = tmp_path_factory.mktemp("linux-flood")
     with GuestSession("linux", mem_mib=512, dump_disk=work / "dump.img", workdir=work) as s:
         s.boot()
-        s.run("i=0; while [ $i -lt 4000 ]; do echo \"<6>pdflood $i $(printf '%080d' $i)\" > /dev/kmsg; "
-              "i=$((i+1)); done", timeout=600, check=True)
+        s.run(
+            "i=0; while [ $i -lt 4000 ]; do echo \"<6>pdflood $i $(printf '%080d' $i)\" > /dev/kmsg; i=$((i+1)); done",
+            timeout=600,
+            check=True,
+        )
         s.panic("sysrq")
         snap = s.capture()
         try:
@@ -224,21 +233,33 @@ def damaged(snap: Snapshot, edit: Any) -> Snapshot:
     """The same memory with an edited VMCOREINFO (a new Snapshot sharing the ranges)."""
     raw = snap.vmcoreinfo_raw.decode()
     notes = [Note(n.name, n.type, edit(raw).encode()) if n.name == "VMCOREINFO" else n for n in snap.notes]
-    return Snapshot(ranges=list(snap.ranges), cpus=snap.cpus, notes=notes, console_tail=snap.console_tail,
-                    metadata=dict(snap.metadata))
+    return Snapshot(
+        ranges=list(snap.ranges),
+        cpus=snap.cpus,
+        notes=notes,
+        console_tail=snap.console_tail,
+        metadata=dict(snap.metadata),
+    )
 
 
 def _drop(key: str) -> Any:
     return lambda raw: "\n".join(ln for ln in raw.splitlines() if not ln.startswith(key))
 
 
-@pytest.mark.parametrize("edit, reason", [
-    (_drop("SYMBOL(kallsyms_names)"), "kallsyms_names"),
-    # phys_base 1 TiB off: the kernel image (and its top page table) maps outside the snapshot
-    (lambda raw: re.sub(r"NUMBER\(phys_base\)=-?\d+", "NUMBER(phys_base)=1099511627776", raw), "phys_base wrong?"),
-    (lambda raw: raw.replace("KERNELOFFSET=", "XKERNELOFFSET=").replace("SYMBOL(_stext)=ffff", "SYMBOL(_stext)=0fff"),
-     "_stext"),
-])
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (_drop("SYMBOL(kallsyms_names)"), "kallsyms_names"),
+        # phys_base 1 TiB off: the kernel image (and its top page table) maps outside the snapshot
+        (lambda raw: re.sub(r"NUMBER\(phys_base\)=-?\d+", "NUMBER(phys_base)=1099511627776", raw), "phys_base wrong?"),
+        (
+            lambda raw: raw.replace("KERNELOFFSET=", "XKERNELOFFSET=").replace(
+                "SYMBOL(_stext)=ffff", "SYMBOL(_stext)=0fff"
+            ),
+            "_stext",
+        ),
+    ],
+)
 def test_corrupt_vmcoreinfo_falls_back_to_generic(panicked: Any, edit: Any, reason: str) -> None:
     snap = damaged(panicked[0], edit)
     p = select_producer(snap)
@@ -270,7 +291,9 @@ def test_corrupt_page_flags_degrade_page_classes(panicked: Any) -> None:
     assert sum(n for f, n in layers[4][1].page_runs()) == snap.total_pages  # everything still dumped
 
 
-@pytest.fixture(scope="module", params=[("nmi", 2), ("hung-task", 1), ("oops", 1)], ids=["nmi-smp2", "hung-task", "oops"])
+@pytest.fixture(
+    scope="module", params=[("nmi", 2), ("hung-task", 1), ("oops", 1)], ids=["nmi-smp2", "hung-task", "oops"]
+)
 def other_panic(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     request.getfixturevalue("linux_guest")
     from harness.controller import GuestSession
@@ -302,11 +325,14 @@ def test_other_panics_orc_agrees_with_the_log(other_panic: Any) -> None:
     assert at and at[0] <= 12, orc
     assert pj["backtrace"]["orc"]["end"] in ("reached user mode", "end of stack (ORC)")
     # every reliable frame the kernel printed below panic() is one of ours, same offset
-    log = [ln.split()[0].split("/")[0] for ln in pj["backtrace"]["log"] if "+0x" in ln and "?" not in ln
-           and not ln.lstrip().startswith(("RIP", "Code", "BUG", "Oops"))]
+    log = [
+        ln.split()[0].split("/")[0]
+        for ln in pj["backtrace"]["log"]
+        if "+0x" in ln and "?" not in ln and not ln.lstrip().startswith(("RIP", "Code", "BUG", "Oops"))
+    ]
     # panic() printed the trace (its own frames are gone from the stack), or an oops report did
     at_panic = [i for i, x in enumerate(log) if x.startswith("panic+")]
-    below = log[at_panic[0] + 1:] if at_panic else log
+    below = log[at_panic[0] + 1 :] if at_panic else log
     assert below and set(below) <= set(orc), (below, orc)
     wanted = {"nmi": "nmi_panic", "hung-task": "watchdog", "oops": "pdoops_write"}[trigger]
     assert any(o.startswith(wanted) for o in orc)
@@ -335,6 +361,7 @@ def test_other_panics_every_cpu_and_task_unwound(other_panic: Any) -> None:
 
 # ---- hostile memory: the real kernel's structures, damaged on purpose --------------------------
 
+
 @pytest.fixture(scope="module")
 def writable(panicked: Any) -> Any:
     """A private, writable copy of the panicked guest's memory (patched and restored per test)."""
@@ -343,8 +370,9 @@ def writable(panicked: Any) -> Any:
 
     snap = panicked[0]
     ranges = [MemoryRange(r.phys_start, r.size, memoryview(bytearray(r.buffer))) for r in snap.ranges]
-    ws = Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, console_tail=snap.console_tail,
-                  metadata=dict(snap.metadata))
+    ws = Snapshot(
+        ranges=ranges, cpus=snap.cpus, notes=snap.notes, console_tail=snap.console_tail, metadata=dict(snap.metadata)
+    )
     return ws, LinuxKernel(snap)
 
 
@@ -359,9 +387,9 @@ class Patch:
         for cva, pa, n in self.k.mem.chunks(va, len(data)):
             view = self.ws.view_phys(pa, n)
             self.saved.append((pa, bytes(view)))
-            view[:] = data[cva - va:cva - va + n]
+            view[:] = data[cva - va : cva - va + n]
 
-    def __enter__(self) -> "Patch":
+    def __enter__(self) -> Patch:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -444,12 +472,17 @@ def test_hostile_random_scribbles_never_raise(writable: Any) -> None:
 
 # ---- optional cross-check: drgn's own unwinder with Debian's -dbg vmlinux ----------------------
 
+
 def dbg_vmlinux(release: str) -> Path | None:
     """The -dbg vmlinux for ``release``: $PROGDUMP_VMLINUX_DBG or .cache/dbg (test-only, never a dependency)."""
     import os
 
     env = os.environ.get("PROGDUMP_VMLINUX_DBG")
-    p = Path(env) if env else Path(__file__).resolve().parents[2] / ".cache/dbg/usr/lib/debug/boot" / f"vmlinux-{release}"
+    p = (
+        Path(env)
+        if env
+        else Path(__file__).resolve().parents[2] / ".cache/dbg/usr/lib/debug/boot" / f"vmlinux-{release}"
+    )
     return p if p.is_file() else None
 
 
@@ -465,9 +498,11 @@ def drgn_agreement(snap: Snapshot, layers: Any) -> tuple[int, int, list[str]]:
     release = snap.vmcoreinfo["OSRELEASE"]
     vmlinux = dbg_vmlinux(release)
     if vmlinux is None:
-        pytest.skip(f"no -dbg vmlinux for {release} (optional, a 283 MB download): `make dbg-vmlinux` "
-                    f"(make test runs it; it says why when apt cannot fetch linux-image-{release}-dbg), "
-                    f"or set PROGDUMP_VMLINUX_DBG")
+        pytest.skip(
+            f"no -dbg vmlinux for {release} (optional, a 283 MB download): `make dbg-vmlinux` "
+            f"(make test runs it; it says why when apt cannot fetch linux-image-{release}-dbg), "
+            f"or set PROGDUMP_VMLINUX_DBG"
+        )
     import tempfile
 
     from drgn.helpers.linux.printk import get_dmesg
@@ -479,10 +514,19 @@ def drgn_agreement(snap: Snapshot, layers: Any) -> tuple[int, int, list[str]]:
     ranges, i = [], 0
     while i < len(pfns):
         j = i
-        while j + 1 < len(pfns) and pfns[j + 1] == pfns[j] + 1 and snap.has_phys(pfns[i] * PAGE_SIZE, (j + 2 - i) * PAGE_SIZE):
+        while (
+            j + 1 < len(pfns)
+            and pfns[j + 1] == pfns[j] + 1
+            and snap.has_phys(pfns[i] * PAGE_SIZE, (j + 2 - i) * PAGE_SIZE)
+        ):
             j += 1
-        ranges.append(MemoryRange(pfns[i] * PAGE_SIZE, (j + 1 - i) * PAGE_SIZE,
-                                  snap.view_phys(pfns[i] * PAGE_SIZE, (j + 1 - i) * PAGE_SIZE)))
+        ranges.append(
+            MemoryRange(
+                pfns[i] * PAGE_SIZE,
+                (j + 1 - i) * PAGE_SIZE,
+                snap.view_phys(pfns[i] * PAGE_SIZE, (j + 1 - i) * PAGE_SIZE),
+            )
+        )
         i = j + 1
     layer2 = Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, metadata=dict(snap.metadata))
     with tempfile.TemporaryDirectory(prefix="pd-drgn-") as d:
@@ -491,6 +535,7 @@ def drgn_agreement(snap: Snapshot, layers: Any) -> tuple[int, int, list[str]]:
         prog = drgn.Program()
         prog.set_core_dump(str(core))
         prog.load_debug_info([str(vmlinux)])
+
         # drgn prints a multi-line record's continuation lines flush left; ours indent them under the
         # text as makedumpfile --dump-dmesg does (checked against makedumpfile elsewhere): compare the text
         def unindent(b: bytes) -> list[bytes]:
@@ -517,7 +562,9 @@ def drgn_agreement(snap: Snapshot, layers: Any) -> tuple[int, int, list[str]]:
         if ours == theirs[int(t["task"], 16)]:
             same += 1
         else:
-            diffs.append(f"{t['pid']} {t['comm']}: ours {[hex(x) for x in ours]} drgn {[hex(x) for x in theirs[int(t['task'], 16)]]}")
+            diffs.append(
+                f"{t['pid']} {t['comm']}: ours {[hex(x) for x in ours]} drgn {[hex(x) for x in theirs[int(t['task'], 16)]]}"
+            )
     return same, compared, diffs
 
 
@@ -534,6 +581,7 @@ def test_drgn_with_debug_info_agrees_after_nmi_and_hung_task(other_panic: Any) -
 
 
 # ---- the real path: write, cut after layer 2, recover, open the vmcore with the field's tools ----
+
 
 class CutAfter:
     """A FileDevice that fails every write once layer ``n`` has committed: a reset, deterministically."""
@@ -607,15 +655,21 @@ def test_recovered_layer2_vmcore_keeps_every_page_under_makedumpfile_d31(recover
     if shutil.which("makedumpfile") is None:
         pytest.skip("makedumpfile not installed")
     k = out / "rec.kdump"
-    r = subprocess.run(["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(out / "vmcore"), str(k)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        ["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(out / "vmcore"), str(k)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     k.unlink(missing_ok=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     mc = message_counts(r.stdout + r.stderr)
     manifest = json.loads((out / "manifest.json").read_text())
     recovered = sum(lay["pages"] for lay in manifest["layers"][:3])
-    excluded = sum(mc.get(k, 0) for k in ("Non-private cache pages", "Private cache pages",
-                                           "User process data pages", "Free pages"))
+    excluded = sum(
+        mc.get(k, 0)
+        for k in ("Non-private cache pages", "Private cache pages", "User process data pages", "Free pages")
+    )
     assert excluded == 0, mc
     assert mc["Remaining pages"] + mc["Pages filled with zero"] == recovered, (mc, recovered)
 

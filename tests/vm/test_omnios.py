@@ -43,8 +43,9 @@ def test_qemu_takes_the_omnios_machine(tmp_path, monkeypatch):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
     monkeypatch.setenv("OMNIOS_IMAGE", str(base))
     prof = OmniosGuest(run_dir=tmp_path / "run")
-    with GuestSession(profile=prof, dump_disk=tmp_path / "dump.img", accel="tcg", workdir=tmp_path / "w",
-                      mem_mib=256) as s:
+    with GuestSession(
+        profile=prof, dump_disk=tmp_path / "dump.img", accel="tcg", workdir=tmp_path / "w", mem_mib=256
+    ) as s:
         s.accel = "tcg"
         rundir = RunDir(shm=False)
         m = Machine(s._config(rundir), rundir, s.t, tmp_path / "console.log", tmp_path / "qemu.log")
@@ -79,8 +80,10 @@ def test_console_panic_detection_on_a_real_panic(guest_session):
 
 def _omnios_skip_reason() -> str | None:
     if not os.environ.get("OMNIOS_IMAGE"):
-        return ("OMNIOS_IMAGE not set: the OmniOS full cycle needs an official cloud image "
-                "(omnios-rNNNNNN.cloud.qcow2); none can be downloaded on this machine")
+        return (
+            "OMNIOS_IMAGE not set: the OmniOS full cycle needs an official cloud image "
+            "(omnios-rNNNNNN.cloud.qcow2); none can be downloaded on this machine"
+        )
     if shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 not installed"
     return None
@@ -114,15 +117,25 @@ def test_omnios_full_cycle(tmp_path):
         finally:
             snap.close()
         t0 = time.monotonic()
-        w = subprocess.run([sys.executable, "-m", "progdump", "write", "--json", str(core), str(dump)], cwd=REPO,
-                           capture_output=True, text=True, timeout=3600)
+        w = subprocess.run(
+            [sys.executable, "-m", "progdump", "write", "--json", str(core), str(dump)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         assert w.returncode == 0, w.stderr
         print(f"\nwrite: {time.monotonic() - t0:.1f} s", file=sys.stderr)
         b2 = s.reset()
         assert b2.boot_id != b.boot_id
     out = tmp_path / "recovered"
-    r = subprocess.run([sys.executable, "-m", "progdump", "recover", str(dump), str(out)], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "progdump", "recover", str(dump), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     panic_json = next(out.rglob("panic.json"))
     d = json.loads(panic_json.read_text())

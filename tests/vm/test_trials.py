@@ -58,8 +58,11 @@ def test_small_real_trial_set_end_to_end(tmp_path, monkeypatch):
     assert s["real_trials"] == 6
     assert s["replayed_states"] > 0
     rows = list(csv.DictReader(open(d / "trials.csv")))
-    for plan, names in (("progressive", ["panic", "tasks", "kernel", "cache", "all"]), ("monolithic", ["all"]),
-                        ("triage", ["triage", "memory"])):
+    for plan, names in (
+        ("progressive", ["panic", "tasks", "kernel", "cache", "all"]),
+        ("monolithic", ["all"]),
+        ("triage", ["triage", "memory"]),
+    ):
         mine = [r for r in rows if r["plan"] == plan]
         assert {r["source"] for r in mine} == {"real", "replay"}, plan
         assert {int(r["layers_total"]) for r in mine} == {len(names)}, plan

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from progdump.layers.base import Artifact, LayerContent, Producer
 from progdump.layers.illumos.console import parse_illumos
@@ -70,7 +70,9 @@ class IllumosProducer(Producer):
         for c in cpus:
             cr3 = c.regs.get("cr3")
             if cr3:
-                self.mem = KernelMemory(self.snapshot, phys_base=0, pgd=cr3 & 0x000FFFFFFFFFF000, levels=4, image_size=0)
+                self.mem = KernelMemory(
+                    self.snapshot, phys_base=0, pgd=cr3 & 0x000FFFFFFFFFF000, levels=4, image_size=0
+                )
                 self.mem_cpu = c.index
                 return
         self.degraded.append("no CPU with CR3 in the snapshot: kernel memory not readable (console only)")
@@ -89,14 +91,22 @@ class IllumosProducer(Producer):
     def panic(self) -> LayerContent:
         t0 = time.perf_counter()
         notes: list[str] = []
-        d: dict = {"producer": "illumos", "console": self.report.full(), "release": self.m.release,
-                   "translation_cpu": self.mem_cpu}
+        d: dict = {
+            "producer": "illumos",
+            "console": self.report.full(),
+            "release": self.m.release,
+            "translation_cpu": self.mem_cpu,
+        }
         raw = b""
         try:
             raw = self._read(self._sym("panicbuf"), PANICBUFSIZE)
             pd = decode_panicbuf(raw)
-            d["panicbuf"] = {"version": pd.version, "uuid": pd.uuid, "message": pd.message,
-                             "registers": {k: f"{v:#x}" for k, v in pd.registers}}
+            d["panicbuf"] = {
+                "version": pd.version,
+                "uuid": pd.uuid,
+                "message": pd.message,
+                "registers": {k: f"{v:#x}" for k, v in pd.registers},
+            }
         except (KeyError, ValueError, PanicbufError, Exception) as e:  # noqa: BLE001
             notes.append(f"panicbuf: {type(e).__name__}: {e}")
             d["panicbuf"] = None
@@ -115,8 +125,9 @@ class IllumosProducer(Producer):
             notes.append(f"message log: {e}")
         msg = (d.get("panicbuf") or {}).get("message") or self.report.message
         d["panic_message"] = msg
-        d["panic_message_source"] = ("panicbuf" if (d.get("panicbuf") or {}).get("message")
-                                     else "the console" if self.report.message else None)
+        d["panic_message_source"] = (
+            "panicbuf" if (d.get("panicbuf") or {}).get("message") else "the console" if self.report.message else None
+        )
         d["log_messages"] = len(msgs)
         text = _render_panic(d, msgs)
         arts = [
@@ -131,8 +142,10 @@ class IllumosProducer(Producer):
         for n in notes:
             if n not in self.degraded:
                 self.degraded.append(n)
-        return LayerContent(artifacts=arts, notes=["memory: no page classes for illumos; all pages in the last "
-                                                   "layer, in physical order"])
+        return LayerContent(
+            artifacts=arts,
+            notes=["memory: no page classes for illumos; all pages in the last layer, in physical order"],
+        )
 
     # -- layer 1 --------------------------------------------------------------------
     def tasks(self) -> LayerContent:
@@ -140,16 +153,32 @@ class IllumosProducer(Producer):
             threads, notes = walk_threads(self._read, self._sym("allthreads"), self.m.offsets)
         except Exception as e:  # noqa: BLE001
             return LayerContent(notes=[f"thread list: {e}"])
-        rows = [{"addr": f"{t.addr:#x}", "tid": t.tid, "state": t.state, "pri": t.pri, "pid": t.pid, "comm": t.comm,
-                 "stack": [f"{t.stkbase:#x}", f"{t.stk:#x}"]} for t in threads]
+        rows = [
+            {
+                "addr": f"{t.addr:#x}",
+                "tid": t.tid,
+                "state": t.state,
+                "pri": t.pri,
+                "pid": t.pid,
+                "comm": t.comm,
+                "stack": [f"{t.stkbase:#x}", f"{t.stk:#x}"],
+            }
+            for t in threads
+        ]
         lines = [f"{'THREAD':>18} {'TID':>6} {'STATE':>8} {'PRI':>4} {'PID':>7} COMM"]
-        lines += [f"{t.addr:018x} {t.tid:>6} {t.state:>8} {t.pri:>4} {t.pid if t.pid is not None else '-':>7} {t.comm}"
-                  for t in threads]
+        lines += [
+            f"{t.addr:018x} {t.tid:>6} {t.state:>8} {t.pri:>4} {t.pid if t.pid is not None else '-':>7} {t.comm}"
+            for t in threads
+        ]
         stacks = [(t.stkbase, t.stk) for t in threads if 0 < t.stk - t.stkbase <= MAX_STACK_PAGES * 4096]
         return LayerContent(
-            artifacts=[Artifact("threads.json", json.dumps(rows, indent=1).encode()),
-                       Artifact("threads.txt", ("\n".join(lines) + "\n").encode())],
-            page_runs=self._stack_runs(stacks), notes=notes + [f"{len(threads)} threads; stack pages of {len(stacks)}"])
+            artifacts=[
+                Artifact("threads.json", json.dumps(rows, indent=1).encode()),
+                Artifact("threads.txt", ("\n".join(lines) + "\n").encode()),
+            ],
+            page_runs=self._stack_runs(stacks),
+            notes=notes + [f"{len(threads)} threads; stack pages of {len(stacks)}"],
+        )
 
     def _stack_runs(self, stacks: list[tuple[int, int]]) -> Callable[[], Iterator[tuple[int, int]]]:
         def runs() -> Iterator[tuple[int, int]]:
@@ -166,6 +195,7 @@ class IllumosProducer(Producer):
                     if self.snapshot.has_phys(pa & ~0xFFF, 4096):
                         yield pa >> 12, 1
                     va += 4096
+
         return runs
 
 
@@ -183,7 +213,7 @@ def _render_panic(d: dict, msgs: list) -> str:
         L += ["", "registers (panicbuf):"]
         regs = list(pb["registers"].items())
         for i in range(0, len(regs), 3):
-            L.append("  " + "  ".join(f"{k:>7}: {int(v, 16):016x}" for k, v in regs[i:i + 3]))
+            L.append("  " + "  ".join(f"{k:>7}: {int(v, 16):016x}" for k, v in regs[i : i + 3]))
     if c.get("frames"):
         L += ["", "stack (as the console printed it):"] + [f"  {f}" for f in c["frames"]]
     L += ["", f"message log ({len(msgs)} messages from log_recentq), last 40:"]
@@ -191,8 +221,19 @@ def _render_panic(d: dict, msgs: list) -> str:
     return "\n".join(L) + "\n"
 
 
-register_producer(ProducerEntry(
-    name="illumos", accepts=accepts, factory=IllumosProducer, priority=20,
-    preload=("progdump.layers.illumos.console", "progdump.layers.illumos.manifest", "progdump.layers.illumos.msglog",
-             "progdump.layers.illumos.panicbuf", "progdump.layers.illumos.threads", "progdump.layers.linux.translate"),
-))
+register_producer(
+    ProducerEntry(
+        name="illumos",
+        accepts=accepts,
+        factory=IllumosProducer,
+        priority=20,
+        preload=(
+            "progdump.layers.illumos.console",
+            "progdump.layers.illumos.manifest",
+            "progdump.layers.illumos.msglog",
+            "progdump.layers.illumos.panicbuf",
+            "progdump.layers.illumos.threads",
+            "progdump.layers.linux.translate",
+        ),
+    )
+)

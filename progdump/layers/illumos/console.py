@@ -34,8 +34,9 @@ message are bounded.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = [
     "IllumosReport",
@@ -63,8 +64,7 @@ PANIC_RE = re.compile(r"panic\[cpu(\d{1,5})\]/thread=([0-9a-fA-F]{1,16}):[ \t]?(
 # trap.c die(): "BAD TRAP: type=%x (#%s %s) rp=%p addr=%lx" (SPARC: no parenthesis).
 TRAP_RE = re.compile(r"BAD TRAP: type=([0-9a-fA-F]+)(?: \(([^)]*)\))? rp=([0-9a-fA-F]+) addr=([0-9a-fA-F]+)")
 # traceregs(): "%016lx %s:%s+%lx (" with a symbol, "%016lx %016lx (" without one.
-FRAME_RE = re.compile(
-    r"^([0-9a-fA-F]{8,16})\s+((?:[\w.$-]+:[\w.$-]+(?:\+[0-9a-fA-F]+)?)|[0-9a-fA-F]{8,16})\s*\(")
+FRAME_RE = re.compile(r"^([0-9a-fA-F]{8,16})\s+((?:[\w.$-]+:[\w.$-]+(?:\+[0-9a-fA-F]+)?)|[0-9a-fA-F]{8,16})\s*\(")
 DUMP_TO_RE = re.compile(r"dumping to (\S+), offset (\d+), content: (.+?)\s*$")
 PROGRESS_RE = re.compile(r"(\d{1,3})% done")
 DUMP_END_RE = re.compile(r"dump\s+(succeeded|failed(?::\s*error\s*\d+)?)")
@@ -73,7 +73,8 @@ LOGIN_RE = re.compile(r"(\S+) console login:")
 # Structural lines end a message that continues on following lines.
 _STRUCTURAL = re.compile(
     r"^(?:BAD TRAP:|panic\[cpu|syncing file systems|dumping|skipping system dump|rebooting|"
-    r"\d{1,3}% done|%[lio]\d|[a-z0-9]{2,6}:\s+[0-9a-f]+\s|cr[0-48]:|pid=\d|Bad kernel fault|#\w\w )")
+    r"\d{1,3}% done|%[lio]\d|[a-z0-9]{2,6}:\s+[0-9a-f]+\s|cr[0-48]:|pid=\d|Bad kernel fault|#\w\w )"
+)
 
 _SYSLOG_BSD = re.compile(r"^[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \S+ ")
 _SYSLOG_ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)? \S+ ")
@@ -130,13 +131,13 @@ def _strip_syslog(line: str) -> str:
     m = _SYSLOG_ISO.match(line) or _SYSLOG_BSD.match(line)
     if not m:
         return line
-    rest = line[m.end():]
+    rest = line[m.end() :]
     t = _SYSLOG_TAG.match(rest)
     if t:
-        rest = rest[t.end():]
+        rest = rest[t.end() :]
     i = _SYSLOG_ID.match(rest)
     if i:
-        rest = rest[i.end():]
+        rest = rest[i.end() :]
     elif _SYSLOG_ID_CUT.match(rest):
         return ""  # the record was cut inside its [ID ...] tag: nothing of the message survived
     return rest

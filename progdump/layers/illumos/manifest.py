@@ -24,14 +24,13 @@ Everything here is pure and bounded: mdb output and ksyms are untrusted.
 
 from __future__ import annotations
 
-from progdump.errors import ProgdumpError
-
 import json
 import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from progdump.errors import ProgdumpError
 from progdump.snapshot import PROGDUMP_NOTE_NAME, Note, Snapshot
 
 __all__ = [
@@ -101,7 +100,9 @@ WANTED_OFFSETS = (
 WANTED_SIZES = ("kthread_t", "proc_t", "cpu_t", "log_ctl_t", "mblk_t")
 
 _HEADER = "== progdump illumos manifest v1"
-_OFFSETOF = re.compile(r"^offsetof \(([\w ]+), (\w+)\) = (0x[0-9a-fA-F]+|\d+)(?:\.\d+)?(?:, sizeof \(\.\.\.->\w+\) = (0x[0-9a-fA-F]+|\d+))?\s*$")
+_OFFSETOF = re.compile(
+    r"^offsetof \(([\w ]+), (\w+)\) = (0x[0-9a-fA-F]+|\d+)(?:\.\d+)?(?:, sizeof \(\.\.\.->\w+\) = (0x[0-9a-fA-F]+|\d+))?\s*$"
+)
 _SIZEOF = re.compile(r"^sizeof \(([\w ]+)\) = (0x[0-9a-fA-F]+|\d+)\s*$")
 _NAME_RE = re.compile(r"^[\w .]{1,64}$")
 
@@ -123,14 +124,18 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": MANIFEST_VERSION, "os": "illumos", "release": self.release, "page_size": self.page_size,
+            "version": MANIFEST_VERSION,
+            "os": "illumos",
+            "release": self.release,
+            "page_size": self.page_size,
             "symbols": {k: f"{v:#x}" for k, v in sorted(self.symbols.items())},
-            "offsets": dict(sorted(self.offsets.items())), "sizes": dict(sorted(self.sizes.items())),
+            "offsets": dict(sorted(self.offsets.items())),
+            "sizes": dict(sorted(self.sizes.items())),
             "errors": self.errors[:64],
         }
 
     @classmethod
-    def from_json(cls, doc: Any) -> "Manifest":
+    def from_json(cls, doc: Any) -> Manifest:
         if not isinstance(doc, dict) or doc.get("os") != "illumos":
             raise ManifestError("not an illumos manifest (want a JSON object with os=illumos)")
         if doc.get("version") != MANIFEST_VERSION:
@@ -263,7 +268,7 @@ def ksyms_symbols(elf: bytes, wanted: tuple[str, ...] | None = WANTED_SYMBOLS) -
         raise ManifestError("ksyms: not an ELF image")
     if elf[4] != 2 or elf[5] != 1:
         raise ManifestError(f"ksyms: ELF class {elf[4]} / data {elf[5]} (want ELF64 little-endian)")
-    e_shoff, = struct.unpack_from("<Q", elf, 0x28)
+    (e_shoff,) = struct.unpack_from("<Q", elf, 0x28)
     e_shentsize, e_shnum = struct.unpack_from("<HH", elf, 0x3A)
     if e_shentsize < 64 or e_shnum > 4096 or e_shoff + e_shnum * e_shentsize > len(elf):
         raise ManifestError("ksyms: section headers out of the image")
@@ -271,7 +276,8 @@ def ksyms_symbols(elf: bytes, wanted: tuple[str, ...] | None = WANTED_SYMBOLS) -
     for i in range(e_shnum):
         o = e_shoff + i * e_shentsize
         _nm, sh_type, _fl, _addr, sh_offset, sh_size, sh_link, _info, _al, sh_entsize = struct.unpack_from(
-            "<IIQQQQIIQQ", elf, o)
+            "<IIQQQQIIQQ", elf, o
+        )
         sections.append((sh_type, sh_offset, sh_size, sh_link, sh_entsize))
     want = None if wanted is None else set(wanted)
     out: dict[str, int] = {}
@@ -283,13 +289,13 @@ def ksyms_symbols(elf: bytes, wanted: tuple[str, ...] | None = WANTED_SYMBOLS) -
         s_type, s_off, s_size, _, _ = sections[link]
         if s_type != 3 or s_off + s_size > len(elf):  # SHT_STRTAB
             raise ManifestError("ksyms: string table out of the image")
-        strtab = elf[s_off:s_off + s_size]
+        strtab = elf[s_off : s_off + s_size]
         for j in range(size // 24):
             st_name, _info, _other, _shndx, st_value, _size = struct.unpack_from("<IBBHQQ", elf, off + j * 24)
             if st_name == 0 or st_name >= len(strtab):
                 continue
             end = strtab.find(b"\0", st_name)
-            name = strtab[st_name:end if end >= 0 else len(strtab)].decode("ascii", "replace")
+            name = strtab[st_name : end if end >= 0 else len(strtab)].decode("ascii", "replace")
             if (want is None or name in want) and name not in out:
                 out[name] = st_value
                 if len(out) >= MAX_SYMBOLS:

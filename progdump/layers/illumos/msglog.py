@@ -24,8 +24,8 @@ Untrusted memory: the walk stops at a loop, an unreadable block, or
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 __all__ = ["LogOffsets", "LogMessage", "read_recent_log", "format_log", "MAX_MESSAGES", "MAX_TEXT", "SL_PANICMSG"]
 
@@ -47,11 +47,19 @@ class LogOffsets:
     lc_seq_no: int = 16
 
     @classmethod
-    def from_manifest(cls, offsets: dict[str, int]) -> tuple["LogOffsets", list[str]]:
+    def from_manifest(cls, offsets: dict[str, int]) -> tuple[LogOffsets, list[str]]:
         """Offsets from a manifest's ``type.member`` map; header defaults (named in the notes) where absent."""
-        keys = {"q_first": "queue_t.q_first", "b_next": "mblk_t.b_next", "b_cont": "mblk_t.b_cont",
-                "b_rptr": "mblk_t.b_rptr", "b_wptr": "mblk_t.b_wptr", "lc_level": "log_ctl_t.level",
-                "lc_flags": "log_ctl_t.flags", "lc_ttime": "log_ctl_t.ttime", "lc_seq_no": "log_ctl_t.seq_no"}
+        keys = {
+            "q_first": "queue_t.q_first",
+            "b_next": "mblk_t.b_next",
+            "b_cont": "mblk_t.b_cont",
+            "b_rptr": "mblk_t.b_rptr",
+            "b_wptr": "mblk_t.b_wptr",
+            "lc_level": "log_ctl_t.level",
+            "lc_flags": "log_ctl_t.flags",
+            "lc_ttime": "log_ctl_t.ttime",
+            "lc_seq_no": "log_ctl_t.seq_no",
+        }
         vals, defaulted = {}, []
         for attr, key in keys.items():
             if key in offsets:
@@ -70,8 +78,9 @@ class LogMessage:
     text: str
 
 
-def read_recent_log(read: Callable[[int, int], bytes], log_recentq_sym: int,
-                    off: LogOffsets = LogOffsets()) -> tuple[list[LogMessage], list[str]]:
+def read_recent_log(
+    read: Callable[[int, int], bytes], log_recentq_sym: int, off: LogOffsets = LogOffsets()
+) -> tuple[list[LogMessage], list[str]]:
     """Walk the queue ``*log_recentq``; ``read(va, n)`` reads kernel memory (raises on a fault).
 
     Returns the messages in queue order and notes on anything skipped.

@@ -28,13 +28,20 @@ offsets are bounded by the buffer, names must be printable.
 
 from __future__ import annotations
 
-from progdump.errors import ProgdumpError
-
 import struct
 from dataclasses import dataclass, field
 
-__all__ = ["PANICBUFSIZE", "PANICBUFVERS", "PanicData", "PanicbufError", "decode_panicbuf",
-           "PD_NVDATA_OFFSET", "PANIC_NV_SIZE"]
+from progdump.errors import ProgdumpError
+
+__all__ = [
+    "PANICBUFSIZE",
+    "PANICBUFVERS",
+    "PanicData",
+    "PanicbufError",
+    "decode_panicbuf",
+    "PD_NVDATA_OFFSET",
+    "PANIC_NV_SIZE",
+]
 
 PANICBUFSIZE = 8192
 PANICBUFVERS = 2
@@ -78,12 +85,12 @@ def decode_panicbuf(buf: bytes, endian: str = "<") -> PanicData:
         raise PanicbufError(f"pd_msgoff {msgoff} outside [{PD_NVDATA_OFFSET}, {len(buf)})")
     if (msgoff - PD_NVDATA_OFFSET) % PANIC_NV_SIZE:
         raise PanicbufError(f"pd_msgoff {msgoff} does not end a whole panic_nv_t array")
-    uuid_raw = buf[8:8 + 37].split(b"\0", 1)[0]
+    uuid_raw = buf[8 : 8 + 37].split(b"\0", 1)[0]
     uuid = uuid_raw.decode("ascii", "replace") if _printable(uuid_raw) else ""
     regs: list[tuple[str, int]] = []
     for i in range((msgoff - PD_NVDATA_OFFSET) // PANIC_NV_SIZE):
         o = PD_NVDATA_OFFSET + i * PANIC_NV_SIZE
-        name = buf[o:o + PANICNVNAMELEN].split(b"\0", 1)[0]
+        name = buf[o : o + PANICNVNAMELEN].split(b"\0", 1)[0]
         if not name or not _printable(name):
             raise PanicbufError(f"pd_nvdata[{i}] has no printable name")
         (value,) = struct.unpack_from(endian + "Q", buf, o + PANICNVNAMELEN)

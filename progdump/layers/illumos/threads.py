@@ -17,8 +17,8 @@ Field widths (from the same headers): ``t_state`` ``ushort_t``, ``t_tid``
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 __all__ = ["ThreadInfo", "walk_threads", "THREAD_STATES", "MAX_THREADS", "MAX_STACK"]
 
@@ -42,10 +42,19 @@ class ThreadInfo:
     comm: str
 
 
-def walk_threads(read: Callable[[int, int], bytes], allthreads_sym: int, off: dict[str, int]) -> tuple[list[ThreadInfo], list[str]]:
+def walk_threads(
+    read: Callable[[int, int], bytes], allthreads_sym: int, off: dict[str, int]
+) -> tuple[list[ThreadInfo], list[str]]:
     """Threads from ``*allthreads`` round the ``t_next`` ring; ``read(va, n)`` raises on a fault."""
-    need = ["kthread_t.t_next", "kthread_t.t_stk", "kthread_t.t_stkbase", "kthread_t.t_state", "kthread_t.t_tid",
-            "kthread_t.t_pri", "kthread_t.t_procp"]
+    need = [
+        "kthread_t.t_next",
+        "kthread_t.t_stk",
+        "kthread_t.t_stkbase",
+        "kthread_t.t_state",
+        "kthread_t.t_tid",
+        "kthread_t.t_pri",
+        "kthread_t.t_procp",
+    ]
     missing = [k for k in need if k not in off]
     if missing:
         return [], [f"thread list skipped: manifest lacks {', '.join(missing)}"]
@@ -88,8 +97,9 @@ def walk_threads(read: Callable[[int, int], bytes], allthreads_sym: int, off: di
     return out, notes
 
 
-def _proc(read: Callable[[int, int], bytes], u64: Callable[[int], int], p: int, off: dict[str, int],
-          notes: list[str]) -> tuple[int | None, str]:
+def _proc(
+    read: Callable[[int, int], bytes], u64: Callable[[int], int], p: int, off: dict[str, int], notes: list[str]
+) -> tuple[int | None, str]:
     pid: int | None = None
     comm = ""
     try:

@@ -21,11 +21,11 @@ import time
 
 from progdump.layers.base import Artifact, KernelMap, LayerContent, PageClassMap, Producer
 from progdump.layers.generic import CONSOLE_TAIL_MAX, core_artifacts, find_panic_message
-from progdump.layers.registry import ProducerEntry, register_producer
 from progdump.layers.linux.kernel import LinuxKernel, LinuxUnsupported
 from progdump.layers.linux.printk import LogRecord, PrintkError, format_records, read_log
 from progdump.layers.linux.render import render_panic, render_tasks
 from progdump.layers.linux.unwind import THREAD_SIZE, orc_unwind, stack_scan, stacks_of
+from progdump.layers.registry import ProducerEntry, register_producer
 from progdump.snapshot import PAGE_SIZE, Snapshot
 
 __all__ = ["LinuxProducer", "LinuxUnsupported"]
@@ -37,8 +37,10 @@ CONSOLE_IN_PANIC_JSON = 8 * 1024
 LAYER0_BUDGET = 256 * 1024  # all of layer 0, before compression, core artifacts included
 MAX_CALL_TRACE_LINES = 128
 PANIC_PREFIX = b"Kernel panic - not syncing: "
-_REPORT_HEADER = re.compile(r"^(BUG:|Oops:|general protection fault|kernel BUG at|WARNING:|INFO: task|"
-                            r"Unable to handle|divide error|invalid opcode|stack segment|watchdog:|NMI )")
+_REPORT_HEADER = re.compile(
+    r"^(BUG:|Oops:|general protection fault|kernel BUG at|WARNING:|INFO: task|"
+    r"Unable to handle|divide error|invalid opcode|stack segment|watchdog:|NMI )"
+)
 
 
 def _err(e: BaseException) -> str:
@@ -117,7 +119,7 @@ class LinuxProducer(Producer):
         msg, src = None, None
         start = _panic_record(records)
         if start is not None:
-            msg = records[start].text[len(PANIC_PREFIX):].decode("utf-8", "replace").strip()
+            msg = records[start].text[len(PANIC_PREFIX) :].decode("utf-8", "replace").strip()
             src = "the kernel log"
 
         if msg is None:
@@ -141,8 +143,9 @@ class LinuxProducer(Producer):
             total = self.k.mem.s64(a) if a is not None else None
         except Exception:
             total = None
-        ident["ram"] = (f"{self.snapshot.total_bytes} bytes in the snapshot"
-                        + (f"; {total * PAGE_SIZE} bytes managed by the kernel" if total else ""))
+        ident["ram"] = f"{self.snapshot.total_bytes} bytes in the snapshot" + (
+            f"; {total * PAGE_SIZE} bytes managed by the kernel" if total else ""
+        )
         ident["kaslr_offset"] = f"{self.k.vi.kerneloffset():#x}"
         if "capture_method" in self.snapshot.metadata:
             ident["capture"] = str(self.snapshot.metadata["capture_method"])
@@ -167,12 +170,25 @@ class LinuxProducer(Producer):
         d["cpus"] = []
         for c in self.snapshot.cpus:
             rip = c.regs.get("rip", 0)
-            entry = {"cpu": c.index, "panicking": c.index == pcpu, "rip_symbol": self.k.syms.format(rip),
-                     "task": comm_of.get(c.index), "regs": {k: f"{v:#x}" for k, v in c.regs.items()}}
+            entry = {
+                "cpu": c.index,
+                "panicking": c.index == pcpu,
+                "rip_symbol": self.k.syms.format(rip),
+                "task": comm_of.get(c.index),
+                "regs": {k: f"{v:#x}" for k, v in c.regs.items()},
+            }
             if c.index != pcpu and len(self.snapshot.cpus) > 1:  # what the other CPUs were doing
                 try:
-                    frames, why = orc_unwind(self.k.mem, self.k.syms, self.k.orc, rip, c.regs.get("rsp", 0),
-                                             c.regs.get("rbp", 0), True, max_frames=24)
+                    frames, why = orc_unwind(
+                        self.k.mem,
+                        self.k.syms,
+                        self.k.orc,
+                        rip,
+                        c.regs.get("rsp", 0),
+                        c.regs.get("rbp", 0),
+                        True,
+                        max_frames=24,
+                    )
                     entry["orc"] = {"frames": [f.as_dict() for f in frames], "end": why}
                 except Exception as e:
                     entry["orc"] = {"frames": [], "end": f"ORC unavailable: {_err(e)}"}
@@ -181,15 +197,18 @@ class LinuxProducer(Producer):
         d["backtrace"] = {"log": self._log_call_trace(records), "orc": {}, "scan": {}}
         if records and not d["backtrace"]["log"]:
             notes.append("no Call Trace block in the log")
-        cpu = next((c for c in self.snapshot.cpus if c.index == pcpu), self.snapshot.cpus[0] if self.snapshot.cpus else None)
+        cpu = next(
+            (c for c in self.snapshot.cpus if c.index == pcpu), self.snapshot.cpus[0] if self.snapshot.cpus else None
+        )
         if cpu is None:
             degrade("no CPU registers in the snapshot: no unwind")
         else:
             r = cpu.regs
             sps = [r.get("rsp", 0)]
             try:
-                frames, why = orc_unwind(self.k.mem, self.k.syms, self.k.orc, r.get("rip", 0), r.get("rsp", 0),
-                                         r.get("rbp", 0), True)
+                frames, why = orc_unwind(
+                    self.k.mem, self.k.syms, self.k.orc, r.get("rip", 0), r.get("rsp", 0), r.get("rbp", 0), True
+                )
                 d["backtrace"]["orc"] = {"cpu": cpu.index, "frames": [f.as_dict() for f in frames], "end": why}
                 sps += [f.sp for f in frames]
             except Exception as e:
@@ -202,16 +221,20 @@ class LinuxProducer(Producer):
                     frames, why = stack_scan(self.k.mem, self.k.syms, lo, hi)
                     scan += frames
                     ends.append(f"{lo:#x}..{hi:#x}: {len(frames)} frames, {why}")
-                d["backtrace"]["scan"] = {"cpu": cpu.index, "frames": [f.as_dict() for f in scan],
-                                          "end": "; ".join(ends)}
+                d["backtrace"]["scan"] = {
+                    "cpu": cpu.index,
+                    "frames": [f.as_dict() for f in scan],
+                    "end": "; ".join(ends),
+                }
             except Exception as e:
                 degrade(f"stack scan failed: {_err(e)}")
         # log and console
         d["log_records"] = len(records)
         d["log_bytes"] = len(text.encode())
         d["log_tail"] = _tail(text, LOG_TAIL_BYTES)
-        d["console_tail"] = _tail(self.snapshot.console_tail[-CONSOLE_TAIL_MAX:].decode("utf-8", "replace"),
-                                  CONSOLE_IN_PANIC_TXT)
+        d["console_tail"] = _tail(
+            self.snapshot.console_tail[-CONSOLE_TAIL_MAX:].decode("utf-8", "replace"), CONSOLE_IN_PANIC_TXT
+        )
         d["log_notes"] = lnotes
         panic_txt = render_panic(d).encode()
         dj = dict(d)
@@ -224,9 +247,11 @@ class LinuxProducer(Producer):
         if len(dmesg) > room:
             cut = len(dmesg) - max(room, 0)
             nl = dmesg.find(b"\n", cut)
-            dmesg = dmesg[nl + 1:] if nl >= 0 else b""
-            notes.append(f"dmesg.txt holds the newest {len(dmesg)} of {d['log_bytes']} log bytes (layer 0 budget); "
-                         "the whole ring buffer is in the kernel layer's memory")
+            dmesg = dmesg[nl + 1 :] if nl >= 0 else b""
+            notes.append(
+                f"dmesg.txt holds the newest {len(dmesg)} of {d['log_bytes']} log bytes (layer 0 budget); "
+                "the whole ring buffer is in the kernel layer's memory"
+            )
         self.timings["panic_s"] = time.perf_counter() - t0
         arts = [Artifact("panic.txt", panic_txt), Artifact("panic.json", panic_json), Artifact("dmesg.txt", dmesg)]
         return LayerContent(artifacts=arts, notes=notes)
@@ -243,7 +268,7 @@ class LinuxProducer(Producer):
         start = _panic_record(records)
         if start is None:
             return []
-        after = [r.text.decode("utf-8", "replace").rstrip() for r in records[start:start + MAX_CALL_TRACE_LINES]]
+        after = [r.text.decode("utf-8", "replace").rstrip() for r in records[start : start + MAX_CALL_TRACE_LINES]]
         out: list[str] = []
         for line in after:
             if line.startswith("---[ end Kernel panic"):
@@ -252,7 +277,9 @@ class LinuxProducer(Producer):
                 out.append(line)
         if any(ln.startswith("Call Trace:") for ln in out):
             return out
-        before = [r.text.decode("utf-8", "replace").rstrip() for r in records[max(0, start - MAX_CALL_TRACE_LINES):start]]
+        before = [
+            r.text.decode("utf-8", "replace").rstrip() for r in records[max(0, start - MAX_CALL_TRACE_LINES) : start]
+        ]
         traces = [i for i, ln in enumerate(before) if ln.startswith("Call Trace:")]
         if not traces:
             return out
@@ -313,7 +340,10 @@ class LinuxProducer(Producer):
         d["kernel_stack_pages"] = len(stack_pfns)
         runs = _runs(sorted(set(stack_pfns)))
         self.timings["tasks_s"] = time.perf_counter() - t0
-        arts = [Artifact("tasks.txt", render_tasks(d).encode()), Artifact("tasks.json", json.dumps(d, indent=1).encode())]
+        arts = [
+            Artifact("tasks.txt", render_tasks(d).encode()),
+            Artifact("tasks.json", json.dumps(d, indent=1).encode()),
+        ]
         return LayerContent(artifacts=arts, page_runs=lambda: iter(runs), notes=list(notes))
 
     # -- layers 2-4 ------------------------------------------------------------------
@@ -331,7 +361,6 @@ class LinuxProducer(Producer):
         self.degraded += notes
         self.timings.update({f"pages_{k}": v for k, v in timings.items()})
         return pcm
-
 
     def kernel_map(self, classes: PageClassMap) -> KernelMap | None:
         """Kernel pages by what they hold (see :mod:`kmem`); None, with the reason, when unreadable."""
@@ -373,7 +402,7 @@ def _tail(text: str, nbytes: int) -> str:
         return text
     cut = b[-nbytes:]
     nl = cut.find(b"\n")
-    return cut[nl + 1:].decode("utf-8", "replace")
+    return cut[nl + 1 :].decode("utf-8", "replace")
 
 
 def _runs(pfns: list[int]) -> list[tuple[int, int]]:
@@ -396,9 +425,19 @@ def _accepts(snapshot: Snapshot) -> str | None:
     return None if snapshot.vmcoreinfo is not None else "no VMCOREINFO note"
 
 
-register_producer(ProducerEntry(
-    name="linux", accepts=_accepts, factory=LinuxProducer, priority=10,
-    preload=("progdump.layers.linux.tasks", "progdump.layers.linux.modules", "progdump.layers.linux.pages",
-             "progdump.layers.linux.rawpanic", "progdump.layers.linux.kmem"),
-    raw_panic=_raw_panic,
-))
+register_producer(
+    ProducerEntry(
+        name="linux",
+        accepts=_accepts,
+        factory=LinuxProducer,
+        priority=10,
+        preload=(
+            "progdump.layers.linux.tasks",
+            "progdump.layers.linux.modules",
+            "progdump.layers.linux.pages",
+            "progdump.layers.linux.rawpanic",
+            "progdump.layers.linux.kmem",
+        ),
+        raw_panic=_raw_panic,
+    )
+)

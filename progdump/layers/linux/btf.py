@@ -21,6 +21,7 @@ import array
 import struct
 import sys
 from dataclasses import dataclass
+
 from progdump.errors import ProgdumpError
 
 __all__ = ["BtfError", "Btf", "Member", "KIND"]
@@ -28,9 +29,25 @@ __all__ = ["BtfError", "Btf", "Member", "KIND"]
 BTF_MAGIC = 0xEB9F
 MAX_BTF = 64 << 20
 KIND = {
-    "int": 1, "ptr": 2, "array": 3, "struct": 4, "union": 5, "enum": 6, "fwd": 7, "typedef": 8,
-    "volatile": 9, "const": 10, "restrict": 11, "func": 12, "func_proto": 13, "var": 14,
-    "datasec": 15, "float": 16, "decl_tag": 17, "type_tag": 18, "enum64": 19,
+    "int": 1,
+    "ptr": 2,
+    "array": 3,
+    "struct": 4,
+    "union": 5,
+    "enum": 6,
+    "fwd": 7,
+    "typedef": 8,
+    "volatile": 9,
+    "const": 10,
+    "restrict": 11,
+    "func": 12,
+    "func_proto": 13,
+    "var": 14,
+    "datasec": 15,
+    "float": 16,
+    "decl_tag": 17,
+    "type_tag": 18,
+    "enum64": 19,
 }
 # record sizes in 4-byte words: the 12-byte header plus a fixed part, plus a part per vlen item; -1: no such kind
 _FIXED_WORDS = [-1] * 32
@@ -57,11 +74,10 @@ def _walk_numpy(words: array.array, n: int, start: int = 0) -> tuple[list[int], 
     if n - start < 3:
         return [], None
     w = np.frombuffer(words, dtype=np.uint32, count=n)
-    info = w[start + 1:n - 1]  # record header at i = start .. n-3 (needs i + 3 <= n)
+    info = w[start + 1 : n - 1]  # record header at i = start .. n-3 (needs i + 3 <= n)
     kind = ((info >> 24) & 0x1F).astype(np.intp)
     fixed = np.array(_FIXED_WORDS, dtype=np.int64)[kind]
-    nxt = (np.arange(start, n - 2, dtype=np.int64) + fixed
-           + np.array(_PER_WORDS, dtype=np.int64)[kind] * (info & 0xFFFF))
+    nxt = np.arange(start, n - 2, dtype=np.int64) + fixed + np.array(_PER_WORDS, dtype=np.int64)[kind] * (info & 0xFFFF)
     bad = n + 1
     nxt[(fixed < 0) | (nxt > n)] = bad
     step = array.array("q")
@@ -109,7 +125,7 @@ class Btf:
         if hdr_len < 24 or t0 + type_len > len(blob) or s0 + str_len > len(blob):
             raise BtfError("BTF header points outside the blob")
         self.blob = blob
-        self.strings = blob[s0:s0 + str_len]
+        self.strings = blob[s0 : s0 + str_len]
         # columns per type id (0 is void): kind, name_off, size_or_type, record offset, vlen, kind_flag
         self._kind: list[int] = [0]
         self._nameoff: list[int] = [0]
@@ -123,7 +139,7 @@ class Btf:
         self._np_cols: tuple[int, object, object] | None = None  # (types covered, name_offs, kinds) for scans
         n = type_len // 4
         self._words = array.array("I")
-        self._words.frombytes(blob[t0:t0 + 4 * n])
+        self._words.frombytes(blob[t0 : t0 + 4 * n])
         if sys.byteorder != "little":
             self._words.byteswap()
         self._t0, self._n, self._pos, self._done = t0, n, 0, False
@@ -143,8 +159,14 @@ class Btf:
         if self._done:
             return
         w, n, i = self._words, self._n, self._pos
-        kinds, noffs, sts, recs, vlens, kflags = (self._kind, self._nameoff, self._st, self._rec, self._vlen,
-                                                   self._kflag)
+        kinds, noffs, sts, recs, vlens, kflags = (
+            self._kind,
+            self._nameoff,
+            self._st,
+            self._rec,
+            self._vlen,
+            self._kflag,
+        )
         base = self._t0 + 12
         for _ in range(records):
             if i + 3 > n:
@@ -192,9 +214,11 @@ class Btf:
             infos = w[h + 1]
             kinds, noffs = ((infos >> 24) & 0x1F).astype(np.uint8), w[h]
             # the scan columns: the Python-walked ids (and void) then these
-            self._np_cols = (len(self._kind) + len(h),
-                             np.concatenate((np.array(self._nameoff, dtype=np.uint32), noffs)),
-                             np.concatenate((np.array(self._kind, dtype=np.uint8), kinds)))
+            self._np_cols = (
+                len(self._kind) + len(h),
+                np.concatenate((np.array(self._nameoff, dtype=np.uint32), noffs)),
+                np.concatenate((np.array(self._kind, dtype=np.uint8), kinds)),
+            )
             self._kind += kinds.tolist()
             self._nameoff += noffs.tolist()
             self._st += w[h + 2].tolist()
@@ -249,9 +273,14 @@ class Btf:
                         lo = hi
             else:  # not a name a caller asks for; compare as the full index would
                 self._walk_all()
-                tid = next((t for t in range(1, len(self._kind))
-                            if self._kind[t] == kind and self._nameoff[t] and self._str(self._nameoff[t]) == name),
-                           None)
+                tid = next(
+                    (
+                        t
+                        for t in range(1, len(self._kind))
+                        if self._kind[t] == kind and self._nameoff[t] and self._str(self._nameoff[t]) == name
+                    ),
+                    None,
+                )
         self._found[key] = tid
         return tid
 
@@ -263,8 +292,11 @@ class Btf:
         import numpy as np  # noqa: PLC0415  (only reached after a numpy walk)
 
         if self._np_cols is None or self._np_cols[0] < hi:
-            self._np_cols = (len(self._kind), np.array(self._nameoff, dtype=np.uint32),
-                             np.array(self._kind, dtype=np.uint8))
+            self._np_cols = (
+                len(self._kind),
+                np.array(self._nameoff, dtype=np.uint32),
+                np.array(self._kind, dtype=np.uint8),
+            )
         _, no, kd = self._np_cols
         no = no[lo:hi]
         if len(offs) <= 8:  # the usual case: a name's string, perhaps a shared suffix

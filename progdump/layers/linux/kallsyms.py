@@ -23,10 +23,18 @@ from __future__ import annotations
 import bisect
 import struct
 from typing import NamedTuple
+
 from progdump.errors import ProgdumpError
 
-__all__ = ["KallsymsError", "Symbol", "SymbolTable", "KallsymsTexts", "decode_columns", "decode_kallsyms",
-           "load_kallsyms"]
+__all__ = [
+    "KallsymsError",
+    "Symbol",
+    "SymbolTable",
+    "KallsymsTexts",
+    "decode_columns",
+    "decode_kallsyms",
+    "load_kallsyms",
+]
 
 MAX_SYMS = 1 << 21
 MAX_NAMES_BYTES = 64 << 20
@@ -53,8 +61,12 @@ class SymbolTable:
     """
 
     def __init__(self, symbols: list[Symbol]) -> None:
-        self._build([s.name for s in symbols], [s.address for s in symbols], [s.type for s in symbols],
-                    [s.module for s in symbols])
+        self._build(
+            [s.name for s in symbols],
+            [s.address for s in symbols],
+            [s.type for s in symbols],
+            [s.module for s in symbols],
+        )
 
     @classmethod
     def from_columns(cls, names: list[str], addrs: list[int], types: list[str]) -> SymbolTable:
@@ -70,8 +82,15 @@ class SymbolTable:
         self._build([], addrs, [], [], texts, addr_array)
         return self
 
-    def _build(self, names: list[str], addrs: list[int], types: list[str], mods: list[str],
-               texts: KallsymsTexts | None = None, addr_array: object = None) -> None:
+    def _build(
+        self,
+        names: list[str],
+        addrs: list[int],
+        types: list[str],
+        mods: list[str],
+        texts: KallsymsTexts | None = None,
+        addr_array: object = None,
+    ) -> None:
         # symbol i < self._nk is kallsyms entry i (name decoded on demand); the others are
         # self._name/_type/_mod[i - self._nk]. self._addr holds every symbol's address.
         self._texts = texts
@@ -79,13 +98,14 @@ class SymbolTable:
         self._name, self._addr, self._type, self._mod = names, addrs, types, mods
         n = len(addrs)
         # the first symbol of a name wins (as a dict.setdefault pass would)
-        self._index: dict[str, int] | None = (None if texts is not None else
-                                              dict(zip(reversed(names), range(n - 1, -1, -1))))
+        self._index: dict[str, int] | None = (
+            None if texts is not None else dict(zip(reversed(names), range(n - 1, -1, -1)))
+        )
         # per-cpu offsets (tiny absolute values) are not addresses: keep them
         # for by-name lookup, out of address lookup.
-        self._order, self._addrs, self._arrays = _sorted_by_address(None if n >= 4096 else
-                                                                    [i for i in range(n) if addrs[i] >= 1 << 63], addrs,
-                                                                    addr_array)
+        self._order, self._addrs, self._arrays = _sorted_by_address(
+            None if n >= 4096 else [i for i in range(n) if addrs[i] >= 1 << 63], addrs, addr_array
+        )
         self._module_ranges: list[tuple[int, int]] = []  # symbols here end at their module's end
         self.text_ranges: list[tuple[int, int]] = []
         for lo, hi in (("_stext", "_etext"), ("_sinittext", "_einittext")):
@@ -139,8 +159,9 @@ class SymbolTable:
             self._module_ranges.append((base, base + size))
             if text_size > 0:
                 self.text_ranges.append((base, base + min(text_size, size)))
-        self._order, self._addrs, self._arrays = _merge_by_address(self._order, self._addrs, self._arrays,
-                                                                   range(first, len(self._addr)), self._addr)
+        self._order, self._addrs, self._arrays = _merge_by_address(
+            self._order, self._addrs, self._arrays, range(first, len(self._addr)), self._addr
+        )
 
     def address(self, name: str) -> int | None:
         i = self._first(name)
@@ -229,7 +250,7 @@ class KallsymsTexts:
     def text(self, i: int) -> str:
         """Entry ``i``: type letter + name (latin-1; kernel symbol names are ASCII)."""
         p = self._starts[i]
-        return b"".join([self._tokens[b] for b in self._names[p:p + self._lens[i]]]).decode("latin-1")
+        return b"".join([self._tokens[b] for b in self._names[p : p + self._lens[i]]]).decode("latin-1")
 
     def find(self, name: str) -> int | None:
         try:
@@ -281,8 +302,9 @@ def _bisect_right(seq: object, x: int) -> int:
     return int(np.searchsorted(seq, np.uint64(x), side="right"))  # type: ignore[call-overload]
 
 
-def _sorted_by_address(small: list[int] | None, addrs: list[int],
-                       addr_array: object = None) -> tuple[list[int], list[int], object]:
+def _sorted_by_address(
+    small: list[int] | None, addrs: list[int], addr_array: object = None
+) -> tuple[list[int], list[int], object]:
     """Indices of the kernel-address symbols (``>= 2**63``) in stable address order, and those addresses.
 
     ``small``: the selected indices when the table is small (pure Python);
@@ -304,8 +326,9 @@ def _sorted_by_address(small: list[int] | None, addrs: list[int],
     return order, [addrs[i] for i in order], None
 
 
-def _merge_by_address(order: list[int], sorted_addrs: list[int], arrays: object, new: range,
-                      addrs: list[int]) -> tuple[list[int], list[int], object]:
+def _merge_by_address(
+    order: list[int], sorted_addrs: list[int], arrays: object, new: range, addrs: list[int]
+) -> tuple[list[int], list[int], object]:
     """``order`` (sorted) with the indices ``new`` merged in, stably (existing entries first on ties)."""
     if not len(new):
         return order, sorted_addrs, arrays
@@ -327,14 +350,16 @@ def _merge_by_address(order: list[int], sorted_addrs: list[int], arrays: object,
     return merged, [addrs[i] for i in merged], None
 
 
-def decode_kallsyms(num_syms: int, names: bytes, token_table: bytes, token_index: bytes,
-                    offsets: bytes, relative_base: int) -> list[Symbol]:
+def decode_kallsyms(
+    num_syms: int, names: bytes, token_table: bytes, token_index: bytes, offsets: bytes, relative_base: int
+) -> list[Symbol]:
     """Decode the raw tables (pure: unit tests feed hand-built tables)."""
     return list(map(Symbol, *decode_columns(num_syms, names, token_table, token_index, offsets, relative_base)))
 
 
-def decode_columns(num_syms: int, names: bytes, token_table: bytes, token_index: bytes,
-                   offsets: bytes, relative_base: int) -> tuple[list[str], list[int], list[str]]:
+def decode_columns(
+    num_syms: int, names: bytes, token_table: bytes, token_index: bytes, offsets: bytes, relative_base: int
+) -> tuple[list[str], list[int], list[str]]:
     """Names, addresses and type letters of every symbol, as parallel lists.
 
     A first pass finds every entry's span (length bytes are sequential); the
@@ -428,7 +453,7 @@ def _expand(tokens: list[bytes], names: bytes, starts: list[int], lens: list[int
             texts = blob.decode("latin-1").split("\n")
             if len(texts) == len(starts):
                 return texts
-    return [b"".join([tokens[b] for b in names[p:p + n]]).decode("latin-1") for p, n in zip(starts, lens)]
+    return [b"".join([tokens[b] for b in names[p : p + n]]).decode("latin-1") for p, n in zip(starts, lens)]
 
 
 def _name_spans(num_syms: int, names: bytes) -> tuple[list[int], list[int]]:
@@ -519,15 +544,17 @@ def load_kallsyms(mem, vmcoreinfo) -> SymbolTable:  # type: ignore[no-untyped-de
     return _table(num, names, tt, ti, offs, rb)
 
 
-def _table(num_syms: int, names: bytes, token_table: bytes, token_index: bytes, offsets: bytes,
-           relative_base: int) -> SymbolTable:
+def _table(
+    num_syms: int, names: bytes, token_table: bytes, token_index: bytes, offsets: bytes, relative_base: int
+) -> SymbolTable:
     """The symbol table, names left encoded (:class:`KallsymsTexts`) when it can be, else decoded."""
     _check_sizes(num_syms, token_index, offsets)
     tokens = _tokens(token_table, token_index)
     starts, lens = _name_spans(num_syms, names)
     texts = KallsymsTexts.build(tokens, names, starts, lens)
     if texts is None:
-        return SymbolTable.from_columns(*decode_columns(num_syms, names, token_table, token_index, offsets,
-                                                        relative_base))
+        return SymbolTable.from_columns(
+            *decode_columns(num_syms, names, token_table, token_index, offsets, relative_base)
+        )
     addrs, arr = _addresses(num_syms, offsets, relative_base)
     return SymbolTable.from_kallsyms(texts, addrs, arr)

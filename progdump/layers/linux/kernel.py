@@ -13,13 +13,13 @@ from __future__ import annotations
 import struct
 from functools import cached_property
 
+from progdump.errors import ProgdumpError
 from progdump.layers.linux.btf import Btf, BtfError
 from progdump.layers.linux.kallsyms import KallsymsError, SymbolTable, load_kallsyms
 from progdump.layers.linux.translate import FaultError, KernelMemory
 from progdump.layers.linux.unwind import MemoryBytes, OrcSet, OrcTable
 from progdump.layers.linux.vmcoreinfo import Vmcoreinfo, VmcoreinfoMissing
 from progdump.snapshot import Snapshot
-from progdump.errors import ProgdumpError
 
 __all__ = ["LinuxUnsupported", "LinuxKernel"]
 
@@ -150,11 +150,12 @@ class LinuxKernel:
 
     def uts(self) -> dict[str, str]:
         """``init_uts_ns.name`` fields (struct new_utsname: 6 x 65 bytes)."""
-        base = self.vi.symbol("init_uts_ns") + (self.vi.offset("uts_namespace.name")
-                                               if "OFFSET(uts_namespace.name)" in self.vi else 4)
+        base = self.vi.symbol("init_uts_ns") + (
+            self.vi.offset("uts_namespace.name") if "OFFSET(uts_namespace.name)" in self.vi else 4
+        )
         raw = self.mem.read(base, 65 * 6)
         keys = ("sysname", "nodename", "release", "version", "machine", "domainname")
-        return {k: raw[65 * i:65 * (i + 1)].split(b"\0")[0].decode("utf-8", "replace") for i, k in enumerate(keys)}
+        return {k: raw[65 * i : 65 * (i + 1)].split(b"\0")[0].decode("utf-8", "replace") for i, k in enumerate(keys)}
 
     def u64s(self, va: int, n: int) -> tuple[int, ...]:
         return struct.unpack(f"<{n}Q", self.mem.read(va, 8 * n))

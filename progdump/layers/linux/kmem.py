@@ -57,8 +57,13 @@ MAX_CACHE_NAME = 64
 PERCPU_MAX = 1 << 30
 #: the parts of the kernel image the kernel keeps after boot (init text/data and the
 #: alignment gaps between sections are freed to the page allocator)
-IMAGE_SECTIONS = (("_text", "_etext"), ("__start_rodata", "__end_rodata"), ("_sdata", "_edata"),
-                  ("__bss_start", "__bss_stop"), ("__brk_base", "_end"))
+IMAGE_SECTIONS = (
+    ("_text", "_etext"),
+    ("__start_rodata", "__end_rodata"),
+    ("_sdata", "_edata"),
+    ("__bss_start", "__bss_stop"),
+    ("__brk_base", "_end"),
+)
 
 
 def table_bit(vi) -> int | None:  # type: ignore[no-untyped-def]
@@ -114,7 +119,9 @@ def _mark_va(np, k: LinuxKernel, kinds, base_pfn: int, va: int, length: int, kin
     return n
 
 
-def build_kernel_map(k: LinuxKernel, pcm: PageClassMap, tasks_stacks: list[int] | None = None) -> tuple[KernelMap, dict[str, float]]:
+def build_kernel_map(
+    k: LinuxKernel, pcm: PageClassMap, tasks_stacks: list[int] | None = None
+) -> tuple[KernelMap, dict[str, float]]:
     """The kernel map over ``pcm``'s pfns, and timings (seconds). Raises only when nothing can be done."""
     import numpy as np  # noqa: PLC0415
 
@@ -168,7 +175,7 @@ def build_kernel_map(k: LinuxKernel, pcm: PageClassMap, tasks_stacks: list[int] 
             flags = words[:, pf.o_flags // 8]
             head = words[:, pf.o_head // 8]
             mc = np.frombuffer(raw, dtype="<u4").reshape(-1, pf.size // 4)[:, pf.o_mapcount // 4]
-            seg = kinds[i:i + cnt]
+            seg = kinds[i : i + cnt]
             slab = ((flags >> np.uint64(pf.pg_slab)) & np.uint64(1)) != 0
             if tbit is not None:
                 table = (mc & np.uint32(PAGE_TYPE_BASE | tbit)) == np.uint32(PAGE_TYPE_BASE)
@@ -181,8 +188,8 @@ def build_kernel_map(k: LinuxKernel, pcm: PageClassMap, tasks_stacks: list[int] 
                 known = cache_addrs[jc] == ptr
                 ids = np.where(known, jc + 1, 0).astype(np.uint16)
                 unknown_cache += int((~known).sum())
-                cache_ids[i:i + cnt][slab] = ids
-            head_va[i:i + cnt] = np.where((head & np.uint64(1)) != 0, head - np.uint64(1), np.uint64(0))
+                cache_ids[i : i + cnt][slab] = ids
+            head_va[i : i + cnt] = np.where((head & np.uint64(1)) != 0, head - np.uint64(1), np.uint64(0))
     t1 = time.perf_counter()
     # tail pages of a slab take their head's kind and cache
     tails = np.nonzero(head_va)[0]
@@ -230,10 +237,17 @@ def build_kernel_map(k: LinuxKernel, pcm: PageClassMap, tasks_stacks: list[int] 
         if pa is not None:
             image_n += _mark_range(np, kinds, base_pfn, pa, b - a, KernelKind.IMAGE)
     t3 = time.perf_counter()
-    km = KernelMap(base_pfn, bytearray(kinds.tobytes()), bytearray(cache_ids.astype("<u2").tobytes()),
-                   names, owners, notes)
-    return km, {"struct_pages_s": t1 - t0, "ranges_s": t2 - t1, "vmalloc_s": t3 - t2, "total_s": t3 - t0,
-                "memmap_pages": float(memmap_pages), "stack_pages": float(stack_n)}
+    km = KernelMap(
+        base_pfn, bytearray(kinds.tobytes()), bytearray(cache_ids.astype("<u2").tobytes()), names, owners, notes
+    )
+    return km, {
+        "struct_pages_s": t1 - t0,
+        "ranges_s": t2 - t1,
+        "vmalloc_s": t3 - t2,
+        "total_s": t3 - t0,
+        "memmap_pages": float(memmap_pages),
+        "stack_pages": float(stack_n),
+    }
 
 
 def _sym(k: LinuxKernel, name: str) -> int:
@@ -243,12 +257,18 @@ def _sym(k: LinuxKernel, name: str) -> int:
     return a
 
 
-def _vmalloc(np, k: LinuxKernel, kinds, base_pfn: int, vmemmap: int, page_size: int, notes: list[str]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def _vmalloc(
+    np, k: LinuxKernel, kinds, base_pfn: int, vmemmap: int, page_size: int, notes: list[str]
+) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Mark every busy vmalloc area's pages VMALLOC (MODULE for modules); pages per owner."""
     btf = k.btf
     o = btf.offsetof
-    o_list, o_start, o_end, o_vm = (o("vmap_area", "list"), o("vmap_area", "va_start"), o("vmap_area", "va_end"),
-                                    o("vmap_area", "vm"))
+    o_list, o_start, o_end, o_vm = (
+        o("vmap_area", "list"),
+        o("vmap_area", "va_start"),
+        o("vmap_area", "va_end"),
+        o("vmap_area", "vm"),
+    )
     o_pages, o_nr, o_caller = o("vm_struct", "pages"), o("vm_struct", "nr_pages"), o("vm_struct", "caller")
     mods = []
     try:

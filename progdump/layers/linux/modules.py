@@ -25,8 +25,14 @@ MAX_MODULE_SYMS = 1 << 18
 MAX_MODULE_ORCS = 1 << 20
 MAX_STRTAB = 16 << 20
 ELF64_SYM = 24
-_ELF64_SYM_DTYPE = [("name", "<u4"), ("info", "u1"), ("other", "u1"), ("shndx", "<u2"), ("value", "<u8"),
-                    ("size", "<u8")]
+_ELF64_SYM_DTYPE = [
+    ("name", "<u4"),
+    ("info", "u1"),
+    ("other", "u1"),
+    ("shndx", "<u2"),
+    ("value", "<u8"),
+    ("size", "<u8"),
+]
 _STATES = {0: "live", 1: "coming", 2: "going", 3: "unformed"}
 
 
@@ -80,8 +86,16 @@ def read_modules(k) -> tuple[list[ModuleInfo], list[str]]:  # type: ignore[no-un
     for e in entries:
         m = e - o_list
         try:
-            out.append(ModuleInfo(k.mem.cstring(m + o_name, 56), _STATES.get(k.mem.u32(m + o_state), "?"),
-                                  k.mem.u64(m + o_base), k.mem.u32(m + o_size), k.mem.u32(m + o_text), m))
+            out.append(
+                ModuleInfo(
+                    k.mem.cstring(m + o_name, 56),
+                    _STATES.get(k.mem.u32(m + o_state), "?"),
+                    k.mem.u64(m + o_base),
+                    k.mem.u32(m + o_size),
+                    k.mem.u32(m + o_text),
+                    m,
+                )
+            )
         except FaultError as ex:
             notes.append(f"module at {m:#x} unreadable: {ex}")
     return out, notes
@@ -99,8 +113,11 @@ def parse_elf_symbols(symtab: bytes, strtab: bytes, typetab: bytes) -> list[Symb
     except ImportError:
         np = None  # type: ignore[assignment]
     if np is None or len(symtab) % ELF64_SYM:  # (the plain loop also raises on a torn table)
-        rows = [(i, name, value) for i, (name, _info, _other, shndx, value, _size)
-                in enumerate(struct.iter_unpack("<IBBHQQ", symtab)) if name and shndx and name < len(strtab)]
+        rows = [
+            (i, name, value)
+            for i, (name, _info, _other, shndx, value, _size) in enumerate(struct.iter_unpack("<IBBHQQ", symtab))
+            if name and shndx and name < len(strtab)
+        ]
     else:
         a = np.frombuffer(symtab, dtype=_ELF64_SYM_DTYPE)
         keep = np.flatnonzero((a["name"] != 0) & (a["shndx"] != 0) & (a["name"] < len(strtab)))
@@ -109,7 +126,7 @@ def parse_elf_symbols(symtab: bytes, strtab: bytes, typetab: bytes) -> list[Symb
     ntype = len(typetab)
     for i, name, value in rows:
         end = strtab.find(b"\0", name)
-        n = strtab[name:end if end >= 0 else len(strtab)].decode("ascii", "replace")
+        n = strtab[name : end if end >= 0 else len(strtab)].decode("ascii", "replace")
         t = chr(typetab[i]) if i < ntype and 0x20 < typetab[i] < 0x7F else "?"
         if n:
             out.append(Symbol(n, value, t))
@@ -119,8 +136,10 @@ def parse_elf_symbols(symtab: bytes, strtab: bytes, typetab: bytes) -> list[Symb
 def module_symbols(k, m: ModuleInfo) -> list[Symbol]:  # type: ignore[no-untyped-def]
     btf = k.btf
     ks = k.mem.u64(m.address + btf.offsetof("module", "kallsyms"))
-    symtab_va, num = k.mem.u64(ks + btf.offsetof("mod_kallsyms", "symtab")), \
-        k.mem.u32(ks + btf.offsetof("mod_kallsyms", "num_symtab"))
+    symtab_va, num = (
+        k.mem.u64(ks + btf.offsetof("mod_kallsyms", "symtab")),
+        k.mem.u32(ks + btf.offsetof("mod_kallsyms", "num_symtab")),
+    )
     strtab_va = k.mem.u64(ks + btf.offsetof("mod_kallsyms", "strtab"))
     typetab_va = k.mem.u64(ks + btf.offsetof("mod_kallsyms", "typetab"))
     if not 0 < num <= MAX_MODULE_SYMS:

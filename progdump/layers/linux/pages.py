@@ -146,7 +146,7 @@ def build_page_classes(k: LinuxKernel) -> tuple[PageClassMap, list[str], dict[st
                     continue
                 c, o, h = classify_struct_pages(np, raw, pf)
                 i = pfn - base_pfn + s0
-                cls[i:i + m], order[i:i + m], head_va[i:i + m] = c, o, h
+                cls[i : i + m], order[i : i + m], head_va[i : i + m] = c, o, h
                 del c, o, h, raw
                 snap.release_phys(pa + s0 * pf.size, m * pf.size)
     t1 = time.perf_counter()

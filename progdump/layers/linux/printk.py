@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+
 from progdump.errors import ProgdumpError
 
 __all__ = ["LogRecord", "PrintkError", "read_log", "ring_geometry", "ring_regions", "format_records", "escape_text"]
@@ -89,7 +90,7 @@ class _Layout:
     data_tail_lpos: int
 
     @classmethod
-    def from_vmcoreinfo(cls, v) -> "_Layout":  # type: ignore[no-untyped-def]
+    def from_vmcoreinfo(cls, v) -> _Layout:  # type: ignore[no-untyped-def]
         return cls(
             rb_desc_ring=v.offset("printk_ringbuffer.desc_ring"),
             rb_text_data_ring=v.offset("printk_ringbuffer.text_data_ring"),
@@ -141,8 +142,16 @@ def ring_geometry(mem, vmcoreinfo) -> tuple:  # type: ignore[no-untyped-def]
             raise PrintkError(f"printk ring sizes out of range (count_bits {count_bits}, size_bits {size_bits})")
         if (1 << count_bits) * (L.desc_size + L.info_size) + (1 << size_bits) > MAX_RING_BYTES:
             raise PrintkError(f"printk ring of 2^{count_bits} records / 2^{size_bits} bytes exceeds the read budget")
-        return (L, count_bits, size_bits, mem.u64(dr + L.dr_descs), mem.u64(dr + L.dr_infos),
-                mem.u64(tr + L.data_data), mem.u64(dr + L.dr_head_id), mem.u64(dr + L.dr_tail_id))
+        return (
+            L,
+            count_bits,
+            size_bits,
+            mem.u64(dr + L.dr_descs),
+            mem.u64(dr + L.dr_infos),
+            mem.u64(tr + L.data_data),
+            mem.u64(dr + L.dr_head_id),
+            mem.u64(dr + L.dr_tail_id),
+        )
     except VmcoreinfoMissing as e:
         raise PrintkError(f"printk ring buffer: {e}") from None
     except FaultError as e:
@@ -153,8 +162,11 @@ def ring_regions(mem, vmcoreinfo) -> list[tuple[str, int, int]]:  # type: ignore
     """``(what, va, length)`` of the descriptor, info and text arrays (what read_log reads)."""
     L, count_bits, size_bits, descs_va, infos_va, data_va, _, _ = ring_geometry(mem, vmcoreinfo)
     count = 1 << count_bits
-    return [("printk descs", descs_va, count * L.desc_size), ("printk infos", infos_va, count * L.info_size),
-            ("printk text", data_va, 1 << size_bits)]
+    return [
+        ("printk descs", descs_va, count * L.desc_size),
+        ("printk infos", infos_va, count * L.info_size),
+        ("printk text", data_va, 1 << size_bits),
+    ]
 
 
 def read_log(mem, vmcoreinfo, max_records: int = 1 << 20) -> tuple[list[LogRecord], list[str]]:  # type: ignore[no-untyped-def]
@@ -178,8 +190,17 @@ def read_log(mem, vmcoreinfo, max_records: int = 1 << 20) -> tuple[list[LogRecor
     return parse_ring(L, count_bits, size_bits, descs, infos, data, head_id, tail_id, max_records)
 
 
-def parse_ring(L: _Layout, count_bits: int, size_bits: int, descs: bytes, infos: bytes, data: bytes,
-               head_id: int, tail_id: int, max_records: int = 1 << 20) -> tuple[list[LogRecord], list[str]]:
+def parse_ring(
+    L: _Layout,
+    count_bits: int,
+    size_bits: int,
+    descs: bytes,
+    infos: bytes,
+    data: bytes,
+    head_id: int,
+    tail_id: int,
+    max_records: int = 1 << 20,
+) -> tuple[list[LogRecord], list[str]]:
     """Walk descriptors ``tail_id .. head_id`` over raw ring bytes (pure)."""
     count = 1 << count_bits
     size = 1 << size_bits
@@ -206,13 +227,16 @@ def parse_ring(L: _Layout, count_bits: int, size_bits: int, descs: bytes, infos:
         if L.lpos_begin > L.lpos_next:
             begin, nxt = nxt, begin
         io = i * L.info_size
-        seq, ts = struct.unpack_from("<QQ", infos, io + L.info_seq)[0], struct.unpack_from("<Q", infos, io + L.info_ts_nsec)[0]
+        seq, ts = (
+            struct.unpack_from("<QQ", infos, io + L.info_seq)[0],
+            struct.unpack_from("<Q", infos, io + L.info_ts_nsec)[0],
+        )
         text_len = struct.unpack_from("<H", infos, io + L.info_text_len)[0]
         caller = struct.unpack_from("<I", infos, io + L.info_caller_id)[0]
         flev = infos[io + L.info_text_len + 2] if io + L.info_text_len + 3 <= len(infos) else 0
         dev = io + L.info_dev_info
-        subsys = infos[dev + L.dev_subsystem: dev + L.dev_subsystem + L.len_subsystem].split(b"\0")[0]
-        device = infos[dev + L.dev_device: dev + L.dev_device + L.len_device].split(b"\0")[0]
+        subsys = infos[dev + L.dev_subsystem : dev + L.dev_subsystem + L.len_subsystem].split(b"\0")[0]
+        device = infos[dev + L.dev_device : dev + L.dev_device + L.len_device].split(b"\0")[0]
         if begin & 1 and begin == nxt:
             text = b""  # data-less record (the text was lost or empty)
         else:
@@ -221,8 +245,9 @@ def parse_ring(L: _Layout, count_bits: int, size_bits: int, descs: bytes, infos:
                 skipped += 1
                 continue
             text = text[:text_len]
-        out.append(LogRecord(seq, ts, text, caller, flev, subsys.decode("ascii", "replace"),
-                             device.decode("ascii", "replace")))
+        out.append(
+            LogRecord(seq, ts, text, caller, flev, subsys.decode("ascii", "replace"), device.decode("ascii", "replace"))
+        )
     if skipped:
         notes.append(f"printk: {skipped} descriptors skipped (still reserved, or id/text inconsistent)")
     out.sort(key=lambda r: r.seq)
@@ -246,7 +271,7 @@ def _block_text(begin: int, nxt: int, size: int, data: bytes, expect_id: int | N
         return None
     if expect_id is not None and struct.unpack_from("<Q", data, bo)[0] != expect_id:
         return None  # the block was reused by a newer record
-    return data[bo + 8:end]
+    return data[bo + 8 : end]
 
 
 _PRINTABLE = bytes(range(0x20, 0x7F)) + b"\t\n"

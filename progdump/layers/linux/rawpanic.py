@@ -29,7 +29,6 @@ import json
 import time
 
 from progdump.errors import ProgdumpError
-
 from progdump.layers.base import Artifact, LayerContent
 from progdump.layers.linux.printk import PrintkError, ring_regions
 from progdump.layers.linux.translate import FaultError, KernelMemory
@@ -134,7 +133,12 @@ def raw_panic(snapshot: Snapshot) -> LayerContent:
         notes.append(f"raw layer 0: {len(pfns)} pages wanted, the first {MAX_RAW_PAGES} kept")
         pfns = pfns[:MAX_RAW_PAGES]
     runs = _runs(pfns)
-    doc = {"format": 1, "regions": regions, "pages": len(pfns), "capture_ms": round((time.perf_counter() - t0) * 1e3, 3),
-           "render": "progdump recover renders dmesg.txt and panic.txt from these pages (progdump.layers.linux.recovery)"}
+    doc = {
+        "format": 1,
+        "regions": regions,
+        "pages": len(pfns),
+        "capture_ms": round((time.perf_counter() - t0) * 1e3, 3),
+        "render": "progdump recover renders dmesg.txt and panic.txt from these pages (progdump.layers.linux.recovery)",
+    }
     return LayerContent(artifacts=[Artifact(RAW_ARTIFACT, json.dumps(doc, indent=1).encode())],
                         page_runs=lambda: iter(runs), notes=notes)  # fmt: skip

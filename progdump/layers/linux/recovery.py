@@ -13,11 +13,11 @@ memory (guest memory is untrusted); returns what it could render and notes.
 
 from __future__ import annotations
 
+from progdump.layers.generic import CONSOLE_TAIL_MAX, find_panic_message
 from progdump.layers.linux import LOG_TAIL_BYTES, PANIC_PREFIX, LinuxProducer, _panic_record, _tail
 from progdump.layers.linux.printk import PrintkError, format_records, read_log
 from progdump.layers.linux.rawpanic import RawPanicError, minimal_memory
 from progdump.layers.linux.render import render_panic
-from progdump.layers.generic import CONSOLE_TAIL_MAX, find_panic_message
 from progdump.snapshot import Snapshot
 
 __all__ = ["render_from_pages"]
@@ -42,7 +42,7 @@ def render_from_pages(snapshot: Snapshot) -> tuple[dict[str, bytes], list[str]]:
     msg, src = None, None
     start = _panic_record(records)
     if start is not None:
-        msg, src = records[start].text[len(PANIC_PREFIX):].decode("utf-8", "replace").strip(), "the kernel log"
+        msg, src = records[start].text[len(PANIC_PREFIX) :].decode("utf-8", "replace").strip(), "the kernel log"
     if msg is None:
         msg = find_panic_message(snapshot.console_tail)
         src = "the console" if msg else None
@@ -55,8 +55,10 @@ def render_from_pages(snapshot: Snapshot) -> tuple[dict[str, bytes], list[str]]:
             pass
     if records:
         ident["uptime"] = f"{records[-1].ts_nsec / 1e9:.3f} s (time stamp of the last log record)"
-    why = ("rendered at recovery from layer 0's raw pages (printk ring, stacks, page tables): no symbols or "
-           "unwind tables yet; the full panic.txt is in layer 1")
+    why = (
+        "rendered at recovery from layer 0's raw pages (printk ring, stacks, page tables): no symbols or "
+        "unwind tables yet; the full panic.txt is in layer 1"
+    )
     d = {
         "panic_message": msg, "panic_message_source": src, "identity": ident, "degraded": [why, *notes],
         "cpus": [{"cpu": c.index, "rip_symbol": f"{c.regs.get('rip', 0):#x}",

@@ -20,12 +20,22 @@ from dataclasses import dataclass, field
 
 from progdump.layers.linux.btf import BtfError
 from progdump.layers.linux.kernel import LinuxKernel
-from progdump.layers.linux.modules import ModuleInfo, list_entries as _list, read_modules
+from progdump.layers.linux.modules import ModuleInfo, read_modules
+from progdump.layers.linux.modules import list_entries as _list
 from progdump.layers.linux.translate import FaultError
 from progdump.layers.linux.unwind import THREAD_SIZE, Frame, orc_unwind, stack_scan
 
-__all__ = ["TaskInfo", "ModuleInfo", "TaskLayout", "read_tasks", "read_modules", "memory_summary",
-           "task_state_letter", "backtrace_task", "current_tasks"]
+__all__ = [
+    "TaskInfo",
+    "ModuleInfo",
+    "TaskLayout",
+    "read_tasks",
+    "read_modules",
+    "memory_summary",
+    "task_state_letter",
+    "backtrace_task",
+    "current_tasks",
+]
 
 MAX_TASKS = 1 << 16
 PF_KTHREAD = 0x00200000
@@ -51,11 +61,21 @@ class TaskInfo:
     idle_ns: int | None = None  # how long before the panic that was, by its CPU's rq clock
 
     def as_dict(self) -> dict[str, object]:
-        return {"task": f"{self.address:#x}", "pid": self.pid, "tgid": self.tgid, "ppid": self.ppid,
-                "comm": self.comm, "state": self.state, "cpu": self.cpu, "on_cpu": self.on_cpu,
-                "kthread": self.kthread, "stack": f"{self.stack:#x}",
-                "last_ran_ns_before_panic": self.idle_ns, "backtrace": [f.as_dict() for f in self.frames],
-                "unwind_note": self.unwind_note}
+        return {
+            "task": f"{self.address:#x}",
+            "pid": self.pid,
+            "tgid": self.tgid,
+            "ppid": self.ppid,
+            "comm": self.comm,
+            "state": self.state,
+            "cpu": self.cpu,
+            "on_cpu": self.on_cpu,
+            "kthread": self.kthread,
+            "stack": f"{self.stack:#x}",
+            "last_ran_ns_before_panic": self.idle_ns,
+            "backtrace": [f.as_dict() for f in self.frames],
+            "unwind_note": self.unwind_note,
+        }
 
 
 class TaskLayout:
@@ -127,12 +147,20 @@ def _read_task(k: LinuxKernel, L: TaskLayout, addr: int) -> TaskInfo:
     except FaultError:
         ppid = -1
     return TaskInfo(
-        address=addr, pid=struct.unpack_from("<i", raw, L.pid)[0], tgid=struct.unpack_from("<i", raw, L.tgid)[0],
-        ppid=ppid, comm=raw[L.comm:L.comm + 16].split(b"\0")[0].decode("utf-8", "replace"),
-        state=task_state_letter(u32(L.state), u32(L.exit_state)), cpu=u32(L.cpu), on_cpu=bool(u32(L.on_cpu)),
-        kthread=bool(u32(L.flags) & PF_KTHREAD), stack=u64(L.stack), thread_sp=u64(L.thread_sp),
+        address=addr,
+        pid=struct.unpack_from("<i", raw, L.pid)[0],
+        tgid=struct.unpack_from("<i", raw, L.tgid)[0],
+        ppid=ppid,
+        comm=raw[L.comm : L.comm + 16].split(b"\0")[0].decode("utf-8", "replace"),
+        state=task_state_letter(u32(L.state), u32(L.exit_state)),
+        cpu=u32(L.cpu),
+        on_cpu=bool(u32(L.on_cpu)),
+        kthread=bool(u32(L.flags) & PF_KTHREAD),
+        stack=u64(L.stack),
+        thread_sp=u64(L.thread_sp),
         # the idle task (pid 0) is scheduled outside the fair class: its times mean nothing
-        last_ran_ns=max((u64(o) for o in L.sched_times), default=0) if struct.unpack_from("<i", raw, L.pid)[0] else 0)
+        last_ran_ns=max((u64(o) for o in L.sched_times), default=0) if struct.unpack_from("<i", raw, L.pid)[0] else 0,
+    )
 
 
 def rq_clocks(k: LinuxKernel, ncpus: int) -> dict[int, int]:
@@ -248,11 +276,37 @@ def memory_summary(k: LinuxKernel) -> tuple[dict[str, int], list[str]]:
             out["totalram_pages"] = k.mem.s64(syms.address("_totalram_pages"))  # type: ignore[arg-type]
     except FaultError as e:
         notes.append(f"memory counters: totalram_pages: {e}")
-    groups = ((("NR_FREE_PAGES", "NR_ZONE_ACTIVE_ANON", "NR_ZONE_INACTIVE_ANON", "NR_ZONE_ACTIVE_FILE",
-                "NR_ZONE_INACTIVE_FILE", "NR_MLOCK", "NR_BOUNCE", "NR_ZSPAGES"), "vm_zone_stat", "zone_stat_item"),
-              (("NR_FILE_PAGES", "NR_ANON_MAPPED", "NR_SHMEM", "NR_FILE_DIRTY", "NR_WRITEBACK",
-                "NR_SLAB_RECLAIMABLE_B", "NR_SLAB_UNRECLAIMABLE_B", "NR_KERNEL_STACK_KB", "NR_PAGETABLE"),
-               "vm_node_stat", "node_stat_item"))
+    groups = (
+        (
+            (
+                "NR_FREE_PAGES",
+                "NR_ZONE_ACTIVE_ANON",
+                "NR_ZONE_INACTIVE_ANON",
+                "NR_ZONE_ACTIVE_FILE",
+                "NR_ZONE_INACTIVE_FILE",
+                "NR_MLOCK",
+                "NR_BOUNCE",
+                "NR_ZSPAGES",
+            ),
+            "vm_zone_stat",
+            "zone_stat_item",
+        ),
+        (
+            (
+                "NR_FILE_PAGES",
+                "NR_ANON_MAPPED",
+                "NR_SHMEM",
+                "NR_FILE_DIRTY",
+                "NR_WRITEBACK",
+                "NR_SLAB_RECLAIMABLE_B",
+                "NR_SLAB_UNRECLAIMABLE_B",
+                "NR_KERNEL_STACK_KB",
+                "NR_PAGETABLE",
+            ),
+            "vm_node_stat",
+            "node_stat_item",
+        ),
+    )
     for names, sym, enum_name in groups:  # each group on its own: one missing enum loses only its counters
         base = syms.address(sym)
         if base is None:

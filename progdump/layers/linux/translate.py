@@ -18,10 +18,10 @@ whether that degrades a layer or just one task.
 from __future__ import annotations
 
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
-from progdump.snapshot import Snapshot, SnapshotError
 from progdump.errors import ProgdumpError
+from progdump.snapshot import Snapshot, SnapshotError
 
 __all__ = ["FaultError", "KernelMemory", "START_KERNEL_MAP"]
 
@@ -47,8 +47,15 @@ class KernelMemory:
     (``NUMBER(pgtable_l5_enabled)``). ``sme_mask`` is cleared from entries.
     """
 
-    def __init__(self, snapshot: Snapshot, phys_base: int, pgd: int, levels: int = 4,
-                 sme_mask: int = 0, image_size: int = KERNEL_IMAGE_MAX) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        phys_base: int,
+        pgd: int,
+        levels: int = 4,
+        sme_mask: int = 0,
+        image_size: int = KERNEL_IMAGE_MAX,
+    ) -> None:
         if levels not in (4, 5):
             raise ValueError(f"page table levels {levels} (want 4 or 5)")
         self.snapshot = snapshot

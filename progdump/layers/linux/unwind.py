@@ -26,8 +26,17 @@ from dataclasses import dataclass
 
 from progdump.layers.linux.translate import FaultError
 
-__all__ = ["Frame", "MemoryBytes", "OrcTable", "OrcSet", "orc_unwind", "stack_scan", "stacks_of", "THREAD_SIZE",
-           "is_call_preceded"]
+__all__ = [
+    "Frame",
+    "MemoryBytes",
+    "OrcTable",
+    "OrcSet",
+    "orc_unwind",
+    "stack_scan",
+    "stacks_of",
+    "THREAD_SIZE",
+    "is_call_preceded",
+]
 
 THREAD_SIZE = 16384
 MAX_FRAMES = 64
@@ -36,9 +45,29 @@ ORC_REG_R10, ORC_REG_R13, ORC_REG_BP_INDIRECT, ORC_REG_SP_INDIRECT = 6, 7, 8, 9
 ORC_TYPE_CALL, ORC_TYPE_REGS, ORC_TYPE_REGS_PARTIAL = 0, 1, 2
 PT_REGS_SIZE = 168
 # struct pt_regs (x86-64) member offsets used by the unwinder
-PT = {"r15": 0, "r14": 8, "r13": 16, "r12": 24, "bp": 32, "bx": 40, "r11": 48, "r10": 56, "r9": 64,
-      "r8": 72, "ax": 80, "cx": 88, "dx": 96, "si": 104, "di": 112, "orig_ax": 120, "ip": 128,
-      "cs": 136, "flags": 144, "sp": 152, "ss": 160}
+PT = {
+    "r15": 0,
+    "r14": 8,
+    "r13": 16,
+    "r12": 24,
+    "bp": 32,
+    "bx": 40,
+    "r11": 48,
+    "r10": 56,
+    "r9": 64,
+    "r8": 72,
+    "ax": 80,
+    "cx": 88,
+    "dx": 96,
+    "si": 104,
+    "di": 112,
+    "orig_ax": 120,
+    "ip": 128,
+    "cs": 136,
+    "flags": 144,
+    "sp": 152,
+    "ss": 160,
+}
 IRET_FRAME_OFFSET = PT["ip"]
 KERNEL_MIN = 0xFFFF800000000000
 
@@ -54,9 +83,14 @@ class Frame:
     sp: int = 0  # ORC: the stack pointer at this frame (which stack the walk was on)
 
     def as_dict(self) -> dict[str, object]:
-        return {"address": f"{self.address:#x}", "symbol": self.symbol, "method": self.method,
-                "reliable": self.reliable, "stack_addr": f"{self.stack_addr:#x}" if self.stack_addr else None,
-                "note": self.note or None}
+        return {
+            "address": f"{self.address:#x}",
+            "symbol": self.symbol,
+            "method": self.method,
+            "reliable": self.reliable,
+            "stack_addr": f"{self.stack_addr:#x}" if self.stack_addr else None,
+            "note": self.note or None,
+        }
 
 
 class MemoryBytes:
@@ -117,7 +151,7 @@ class OrcTable:
         i = self._index(ip)
         if i < 0 or ip - int(self.ips[i]) > 1 << 20:
             return None
-        sp_off, bp_off, bits = struct.unpack("<hhH", self.entries[6 * i:6 * i + 6])
+        sp_off, bp_off, bits = struct.unpack("<hhH", self.entries[6 * i : 6 * i + 6])
         return sp_off, bp_off, bits & 0xF, (bits >> 4) & 0xF, (bits >> 8) & 0x3, (bits >> 10) & 1
 
 
@@ -142,8 +176,18 @@ class OrcSet:
         return self.vmlinux.find(ip)
 
 
-def orc_unwind(mem, syms, orc: OrcTable, ip: int, sp: int, bp: int, regs_valid: bool = True,
-               stack_lo: int = 0, stack_hi: int = 1 << 64, max_frames: int = MAX_FRAMES) -> tuple[list[Frame], str]:
+def orc_unwind(
+    mem,
+    syms,
+    orc: OrcTable,
+    ip: int,
+    sp: int,
+    bp: int,
+    regs_valid: bool = True,
+    stack_lo: int = 0,
+    stack_hi: int = 1 << 64,
+    max_frames: int = MAX_FRAMES,
+) -> tuple[list[Frame], str]:
     """Unwind from ``(ip, sp, bp)``: frames and the reason the walk ended.
 
     ``regs_valid`` is true when ``ip`` came from a register (the first lookup
@@ -244,7 +288,9 @@ def stacks_of(sps: list[int]) -> list[tuple[int, int]]:
     return [(lo, top) for top, lo in out.items()]
 
 
-def stack_scan(mem, syms, sp: int, stack_hi: int, text_ok=None, max_frames: int = MAX_FRAMES) -> tuple[list[Frame], str]:
+def stack_scan(
+    mem, syms, sp: int, stack_hi: int, text_ok=None, max_frames: int = MAX_FRAMES
+) -> tuple[list[Frame], str]:
     """Text addresses found on the stack from ``sp`` up to ``stack_hi``."""
     frames: list[Frame] = []
     sp &= ~7

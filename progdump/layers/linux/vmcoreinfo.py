@@ -11,8 +11,8 @@ stated reason.
 
 from __future__ import annotations
 
-from progdump.snapshot import parse_vmcoreinfo
 from progdump.errors import ProgdumpError
+from progdump.snapshot import parse_vmcoreinfo
 
 __all__ = ["Vmcoreinfo", "VmcoreinfoMissing"]
 
