@@ -10,7 +10,7 @@ DEB_PACKAGES := qemu-system-x86 qemu-utils qemu-block-extra makedumpfile busybox
 	dropbear-bin cpio zstd tgt e2fsprogs gcc-12 make gdb crash python3-pip mtools
 STAMP := .cache/setup.stamp
 
-.PHONY: setup test test-unit test-vm guest-image dbg-vmlinux scenario scenarios regress fidelity bench bench-quick clean
+.PHONY: setup lint test test-unit test-vm guest-image dbg-vmlinux scenario scenarios regress fidelity bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -48,7 +48,12 @@ endif
 dbg-vmlinux: guest-image
 	$(PYTHON) guest-images/linux/fetch_dbg.py
 
-test: setup guest-image dbg-vmlinux
+# ruff's lint and formatter check (configured in pyproject.toml); `ruff format .` applies the format
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: setup lint guest-image dbg-vmlinux
 	$(PYTHON) -m pytest -ra tests/unit tests/vm
 
 test-unit: setup

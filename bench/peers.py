@@ -164,7 +164,7 @@ def capture(mem_mib: int, work: Path, repeat: int, elf: Path) -> tuple[dict, lis
             snap.close()
         m = s.m
         qpid = m.proc.pid  # type: ignore[union-attr]
-        for i in range(repeat):
+        for _ in range(repeat):
             for fmt in ("elf", "kdump-zlib"):
                 out = work / f"qemu-{fmt}.out"
                 out.unlink(missing_ok=True)

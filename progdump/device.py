@@ -70,7 +70,8 @@ class DumpDevice(ABC):
     def flush(self) -> None: ...
 
     def mark(self, label: str) -> None:
-        """Record a layer boundary (used by traced devices)."""
+        """Record a layer boundary (used by traced devices; a plain device keeps none)."""
+        return None
 
     @abstractmethod
     def clock(self) -> float: ...

@@ -363,7 +363,7 @@ def _cpus_from_json(desc: bytes) -> list[CpuState]:
     """Validate and decode a PROGDUMP CPU-registers note; raises ValueError."""
     doc = json.loads(desc.decode("utf-8"))
     if not isinstance(doc, list) or len(doc) > MAX_CPUS:
-        raise ValueError("not a list of at most %d CPUs" % MAX_CPUS)
+        raise ValueError(f"not a list of at most {MAX_CPUS} CPUs")
     cpus = []
     for item in doc:
         if not isinstance(item, dict):

@@ -121,7 +121,7 @@ def _write_vmcore(res: ScanResult, path: str, warnings: list[str], zero_by_layer
     # known-zero pages are holes of the sparse file, so they take no disk blocks. (PT_LOADs
     # with p_filesz 0 for long zero runs were tried: makedumpfile 1.7.2 crashes reading them.)
     segments: list[list[int]] = []  # [first pfn, end pfn]
-    for first, n, skip, h in pieces:
+    for first, n, skip, _h in pieces:
         a, b = first + skip, first + n
         if segments and segments[-1][1] == a:
             segments[-1][1] = b
@@ -132,7 +132,7 @@ def _write_vmcore(res: ScanResult, path: str, warnings: list[str], zero_by_layer
     pages = zero = 0
     w = ElfCoreWriter(path, notes, elf_segs)
     try:
-        for first, n, skip, h in pieces:
+        for _first, n, skip, h in pieces:
             got = res.read_pages(h)
             if got is None:
                 raise _BadRecord(h)

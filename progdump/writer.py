@@ -633,7 +633,7 @@ def write_dump(
                 emit("layer-start", lay)
                 pend = _write_layer(
                     log, spec, content, lay, specs, producer, snapshot, written, pool, nthreads, past_deadline,
-                    pages_done, lambda: emit("pages", lay),
+                    pages_done, lambda lay=lay: emit("pages", lay),
                 )  # fmt: skip
                 for h in lay.holes:
                     emit(

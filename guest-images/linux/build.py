@@ -546,7 +546,7 @@ def build(out: Path, kernel_pkg: str | None, force: bool) -> dict:
                 cpio.symlink(a, "/bin/busybox")
         # modules, flat, in load order
         load = []
-        for i, (name, path) in enumerate(mods):
+        for i, (_name, path) in enumerate(mods):
             fname = f"{i:02d}-{path.name}"
             cpio.file(f"lib/modules/{fname}", path.read_bytes())
             load.append(fname)

@@ -100,7 +100,11 @@ class GuestProfile(ABC):
         """(first line of a panic, group 1 = panic string; last line of the panic report)."""
 
     async def prepare_trigger(self, name: str, machine: Machine) -> None:
-        """Set up what trigger ``name`` needs (untimed; raise PanicError if it cannot)."""
+        """Set up what trigger ``name`` needs (untimed; raise PanicError if it cannot).
+
+        Optional: most triggers need nothing prepared, so the default does nothing.
+        """
+        return None
 
     @abstractmethod
     async def trigger(self, name: str, machine: Machine) -> None:

@@ -41,7 +41,7 @@ def test_chunking_does_not_change_lines(seed: int) -> None:
     assert whole.lines_since(0) == pieces.lines_since(0)
     assert whole.tail(5000) == pieces.tail(5000) == data[-5000:]
     expected = data.replace(b"\r", b"").split(b"\n")[:-1]
-    assert [l for _, l in whole.lines_since(0)] == expected
+    assert [ln for _, ln in whole.lines_since(0)] == expected
 
 
 def test_ready_and_markers_found() -> None:
@@ -103,7 +103,7 @@ def test_no_match_in_sysrq_log_for_a_boot_failure_before_ready() -> None:
     lines = buf.lines_since(0)
     ready = first_match(lines, LINUX.ready_patterns())
     assert ready is not None
-    before = [l for l in lines if l[0] <= ready.lineno]
+    before = [ln for ln in lines if ln[0] <= ready.lineno]
     hit = first_match(before, LINUX.ready_patterns())
     assert hit is not None and hit.pattern.name == "ready"
 
@@ -112,9 +112,9 @@ def test_long_lines_are_cut_and_bounded() -> None:
     buf = ConsoleBuffer(max_bytes=4 * MAX_LINE)
     buf.feed(b"x" * (MAX_LINE * 10 + 5) + b"\nend\n")
     lines = buf.lines_since(0)
-    assert all(len(l) <= MAX_LINE for _, l in lines)
+    assert all(len(ln) <= MAX_LINE for _, ln in lines)
     assert lines[-1][1] == b"end"
-    assert sum(len(l) for _, l in lines) <= 4 * MAX_LINE + 3
+    assert sum(len(ln) for _, ln in lines) <= 4 * MAX_LINE + 3
     assert len(buf.tail(10**9)) <= 4 * MAX_LINE
 
 

@@ -106,7 +106,7 @@ def test_enumeration_is_deterministic_deduplicated_and_covers(tmp_path):
     assert any(s.torn for _, s in s1)
     ts = [s.t for _, s in s1]
     assert min(ts) < tr.end_time * 0.1 and max(ts) > tr.end_time * 0.9
-    for i, s in s1[:50]:
+    for _i, s in s1[:50]:
         assert crash_state(tr, s.t, s.kind, s.seed) == s
     # a different master seed gives a different draw
     assert [s.key for _, s in enumerate_states(tr, 200, seed=8)] != keys

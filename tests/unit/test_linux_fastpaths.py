@@ -72,7 +72,7 @@ class Reference:
 
     def __init__(self, syms: list[tuple[str, str, int]]) -> None:
         self.first: dict[str, int] = {}
-        for typ, name, addr in syms:
+        for _typ, name, addr in syms:
             self.first.setdefault(name, addr)
         self.sorted = sorted(((a, n, "") for _t, n, a in syms if a >= 1 << 63), key=lambda s: s[0])
         self.ranges: list[tuple[int, int]] = []

@@ -222,7 +222,7 @@ def test_scan_reads_little_on_a_small_dump_on_a_large_device():
     must not cost a read of the whole device."""
     snap = make_snapshot(16, seed=21)
     dev = MemDevice(64 << 20)
-    res = write_dump(snap, dev)
+    write_dump(snap, dev)
     src = _CountingSource(bytes(dev.image))
     sr = reader.scan(src)
     assert sr.found and all(lay.status == "complete" for lay in sr.layers)
@@ -434,7 +434,7 @@ def test_R_REC_1_scan_of_a_4k_aligned_dump_reads_little():
     """Records padded to 4 KiB (a 4096-byte-sector device): the walk finds each next record directly."""
     snap = make_snapshot(64, seed=23)
     dev = MemDevice(8 << 20, sector_size=4096)
-    res = write_dump(snap, dev, producer=ClassProducer(snap))
+    write_dump(snap, dev, producer=ClassProducer(snap))
     src = _CountingSource(bytes(dev.image))
     sr = reader.scan(src)
     assert sr.found and all(lay.status == "complete" for lay in sr.layers)

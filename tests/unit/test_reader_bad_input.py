@@ -195,7 +195,7 @@ def _progdump_modules():
 def test_every_progdump_exception_class_has_the_one_root():
     own = []
     for mod in _progdump_modules():
-        for name, obj in vars(mod).items():
+        for obj in vars(mod).values():
             if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == mod.__name__:
                 own.append(obj)
     assert len(own) >= 14  # the roots issue 8 counted, now subclasses

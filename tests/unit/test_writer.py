@@ -64,7 +64,7 @@ def test_R_COM_1_commit_written_after_flush_and_flushed():
     snap = make_snapshot(64, seed=6)
     dev, res = _write(snap, producer=ClassProducer(snap))
     ops = dev.ops
-    for k, (opi, label) in enumerate(dev.marks):
+    for opi, label in dev.marks:
         assert re.match(r"layer \d+ \w+ committed", label)
         assert ops[opi - 1].kind == "F", "mark only after the commit's flush"
         # the write before that flush holds the COMMIT record, and a flush precedes it
@@ -229,7 +229,7 @@ def test_R_HDR_1_R_MAP_2_R_WR_6_R_TYP_1_R_COM_2_R_WR_2_R_SUM_1_layout_of_a_dump(
     by_layer = {}
     for r in recs[:-1]:
         by_layer.setdefault(r.h.layer, []).append(r)
-    for layer, rs in by_layer.items():
+    for rs in by_layer.values():
         assert rs[0].h.rtype == F.RecordType.LAYER_INFO
         assert sum(r.h.rtype == F.RecordType.LAYER_INFO for r in rs) == 1
         c = rs[-1]

@@ -101,9 +101,9 @@ def test_R_WR_7_bad_region_longer_than_max_hole_stops_the_dump():
     res = write_dump(snap, dev, producer=ClassProducer(snap), threads=1)
     assert res.stopped == "error" and "in a row" in res.error
     sr = reader.scan(BytesSource(bytes(dev.image)))
-    for lay, st in zip(res.layers, sr.layers):
+    for lay, got in zip(res.layers, sr.layers):
         if lay.committed and not lay.lost_records:
-            assert st.status == "complete"
+            assert got.status == "complete"
     assert res.layers[0].committed
     check_recovery(sr, snapshot_pages(snap), res.dump_id)
 
