@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 
-from progdump.layers.base import KernelKind, KernelMap, PageClass, PageClassMap
+from progdump.layers.base import KernelKind, KernelMap, PageClassMap
 from progdump.layers.linux.btf import BtfError
 from progdump.layers.linux.kernel import LinuxKernel
 from progdump.layers.linux.modules import list_entries
@@ -311,8 +311,3 @@ def _vmalloc(
     if bad:
         notes.append(f"{bad} vmalloc areas unreadable or inconsistent: their pages stay OTHER")
     return dict(sorted(((o, n) for o, n in owners.items() if n), key=lambda kv: -kv[1]))
-
-
-def classify_kernel_pages(pcm: PageClassMap) -> int:
-    """KERNEL pages in ``pcm`` (for shares)."""
-    return pcm.classes.count(int(PageClass.KERNEL))
