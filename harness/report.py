@@ -215,13 +215,17 @@ def write_summary(summary: dict[str, object], path: str | os.PathLike[str]) -> N
 
 
 def _staircase(durable: dict[str, list[float]], names: list[str]) -> tuple[list[float], list[float]]:
-    """Median durable time per layer as a step function: x in seconds, y the share of the plan's layers."""
+    """Median durable time per layer as a step function: x in seconds, y the share of the plan's layers.
+
+    The median is the table's p50 (:func:`percentiles`, nearest rank), so the curve's steps and
+    the table's figures are the same measured values.
+    """
     xs, ys = [0.0], [0.0]
     for i, name in enumerate(names):
-        v = sorted(durable.get(name, []))
-        if not v:
+        p50 = percentiles(durable.get(name, []))["p50"]
+        if p50 is None:
             break
-        xs.append(v[len(v) // 2] / 1e3)
+        xs.append(p50 / 1e3)
         ys.append((i + 1) / len(names))
     return xs, ys
 

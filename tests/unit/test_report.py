@@ -149,3 +149,15 @@ def test_results_dir_and_latest_symlink(tmp_path):
     d2 = new_results_dir(tmp_path, "x", "20260101T000001Z")
     assert d1.is_dir() and d2.is_dir()
     assert (tmp_path / "x" / "latest").resolve() == d2.resolve()
+
+
+def test_curve_steps_sit_at_the_tables_p50() -> None:
+    """Two runs at 100 and 200 ms: nearest-rank p50 is 100 ms (rank ceil(0.5*2) = 1), in the
+    table and on the curve alike (the curve once took the upper middle, 200 ms)."""
+    from harness.report import _staircase, percentiles
+
+    durable = {"panic": [200.0, 100.0], "all": [300.0, 500.0]}
+    assert percentiles(durable["panic"])["p50"] == 100.0
+    xs, ys = _staircase(durable, ["panic", "all"])
+    assert xs == [0.0, 0.1, 0.3]
+    assert ys == [0.0, 0.5, 1.0]
