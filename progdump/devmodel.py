@@ -62,6 +62,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from typing import Any
 
 import xxhash
 
@@ -156,17 +157,17 @@ def _resolve(name: str, tables: dict[str, dict], depth: int = 0) -> dict[str, ob
     return merged
 
 
-def _model_from_table(name: str, merged: dict[str, object]) -> DeviceModel:
+def _model_from_table(name: str, merged: dict[str, Any]) -> DeviceModel:
     try:
-        bw = float(merged["bandwidth_mb_s"]) * 1e6  # type: ignore[arg-type]
-        lat = float(merged["latency_us"]) * 1e-6  # type: ignore[arg-type]
-        seek = float(merged.get("seek_ms", 0.0)) * 1e-3  # type: ignore[arg-type]
-        fl = float(merged["flush_ms"]) * 1e-3  # type: ignore[arg-type]
-        cache = int(float(merged["cache_mib"]) * _MIB)  # type: ignore[arg-type]
-        sector = int(merged["sector_size"])  # type: ignore[arg-type]
-        err = float(merged.get("error_ms", 0.0)) * 1e-3  # type: ignore[arg-type]
+        bw = float(merged["bandwidth_mb_s"]) * 1e6
+        lat = float(merged["latency_us"]) * 1e-6
+        seek = float(merged.get("seek_ms", 0.0)) * 1e-3
+        fl = float(merged["flush_ms"]) * 1e-3
+        cache = int(float(merged["cache_mib"]) * _MIB)
+        sector = int(merged["sector_size"])
+        err = float(merged.get("error_ms", 0.0)) * 1e-3
         faults = []
-        for f in merged.get("fail", []) or []:  # type: ignore[union-attr]
+        for f in merged.get("fail", []) or []:
             at = float(f["at"])
             if not 0.0 <= at < 1.0:
                 raise ValueError(f"fail.at {at} not in [0, 1)")

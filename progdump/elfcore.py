@@ -451,7 +451,7 @@ def _fields_from_notes(all_notes: list[Note], warnings: list[str]) -> _NoteField
 
 
 class _Phdr(NamedTuple):
-    index: int
+    num: int  # the header's position in the table (not `index`: tuple.index)
     type: int
     flags: int
     offset: int
@@ -504,7 +504,7 @@ def _read_notes(mm: mmap.mmap, fsize: int, name: str, phdrs: list[_Phdr]) -> lis
     for ph in phdrs:
         if ph.type != PT_NOTE:
             continue
-        where = f"{name}: PT_NOTE[{ph.index}] at {ph.offset:#x}"
+        where = f"{name}: PT_NOTE[{ph.num}] at {ph.offset:#x}"
         if ph.filesz > MAX_NOTE_SEGMENT:
             raise SnapshotError(f"{where}: {ph.filesz} bytes exceed the limit of {MAX_NOTE_SEGMENT}")
         if ph.offset > fsize or ph.filesz > fsize - ph.offset:
@@ -537,7 +537,7 @@ def _memory_plan(phdrs: list[_Phdr], fsize: int, name: str, warnings: list[str])
     for ph in phdrs:
         if ph.type != PT_LOAD or ph.memsz == 0:
             continue
-        where = f"{name}: PT_LOAD[{ph.index}] (paddr {ph.paddr:#x})"
+        where = f"{name}: PT_LOAD[{ph.num}] (paddr {ph.paddr:#x})"
         if ph.filesz > ph.memsz:
             raise SnapshotError(f"{where}: p_filesz {ph.filesz:#x} exceeds p_memsz {ph.memsz:#x}")
         if ph.paddr + ph.memsz > MAX_PHYS:
@@ -553,23 +553,21 @@ def _memory_plan(phdrs: list[_Phdr], fsize: int, name: str, warnings: list[str])
         end = (ph.paddr + ph.memsz) // PAGE_SIZE * PAGE_SIZE
         if start != ph.paddr or end != ph.paddr + ph.memsz:
             warnings.append(
-                f"PT_LOAD[{ph.index}] {ph.paddr:#x}+{ph.memsz:#x} is not page aligned; rounded inwards to "
+                f"PT_LOAD[{ph.num}] {ph.paddr:#x}+{ph.memsz:#x} is not page aligned; rounded inwards to "
                 f"{start:#x}-{end:#x}"
             )
         if end > start:
             loads.append((start, end, ph))
-    loads.sort(key=lambda t: (t[0], -(t[1] - t[0]), t[2].index))
+    loads.sort(key=lambda t: (t[0], -(t[1] - t[0]), t[2].num))
 
     pieces: list[_Piece] = []
     covered = 0
     for start, end, ph in loads:
         if end <= covered:
-            warnings.append(f"PT_LOAD[{ph.index}] {start:#x}-{end:#x} lies inside earlier segments; ignored")
+            warnings.append(f"PT_LOAD[{ph.num}] {start:#x}-{end:#x} lies inside earlier segments; ignored")
             continue
         if start < covered:
-            warnings.append(
-                f"PT_LOAD[{ph.index}] {start:#x}-{end:#x} overlaps earlier segments; clipped to {covered:#x}"
-            )
+            warnings.append(f"PT_LOAD[{ph.num}] {start:#x}-{end:#x} overlaps earlier segments; clipped to {covered:#x}")
             start = covered
         file_end = ph.paddr + ph.filesz  # physical address where file bytes stop
         fend = min(end, max(start, file_end // PAGE_SIZE * PAGE_SIZE))

@@ -282,7 +282,7 @@ def _export_into(res: ScanResult, outdir: str) -> dict[str, object]:
             _write_file(
                 os.path.join(outdir, "layers", f"{lay.index}.json"), json.dumps(lay.to_json(), indent=1).encode()
             )
-        manifest = {
+        manifest: dict[str, object] = {
             "dump_id": res.dump_id,
             "format_version": res.format_version,
             "dump_time_ns": res.dump_time_ns,

@@ -291,7 +291,7 @@ class Snapshot:
                 release()
                 raise SnapshotError(f"{path}: range at file offset {foff:#x}+{size:#x} beyond end of file")
             mr.append(MemoryRange(phys, size, view[foff : foff + size], mm, foff))
-        owned = list(kwargs.pop("_owned", []))  # type: ignore[arg-type]
+        owned = list(kwargs.pop("_owned", []))  # type: ignore[call-overload]
         try:
             snap = cls(ranges=mr, _owned=owned + [view, mm], **kwargs)  # type: ignore[arg-type]
         except SnapshotError:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from progdump.layers.base import Artifact, LayerContent, Producer
 from progdump.layers.illumos.console import parse_illumos
@@ -32,6 +33,9 @@ from progdump.layers.illumos.manifest import Manifest, ManifestError, manifest_f
 from progdump.layers.illumos.msglog import LogOffsets, format_log, read_recent_log
 from progdump.layers.illumos.panicbuf import PANICBUFSIZE, PanicbufError, decode_panicbuf
 from progdump.layers.illumos.threads import walk_threads
+
+if TYPE_CHECKING:
+    from progdump.layers.linux.translate import KernelMemory
 from progdump.layers.registry import ProducerEntry, register_producer
 from progdump.snapshot import Snapshot
 
@@ -59,7 +63,7 @@ class IllumosProducer(Producer):
             raise ManifestError("no illumos manifest note")
         self.m: Manifest = m
         self.report = parse_illumos(snapshot.console_tail)
-        self.mem = None
+        self.mem: KernelMemory | None = None
         self.mem_cpu: int | None = None
         self._init_memory()
 

@@ -159,9 +159,9 @@ class LinuxProducer(Producer):
 
             currents = current_tasks(self.k, len(self.snapshot.cpus))
             L = TaskLayout(self.k.btf)
-            for cpu, t in currents.items():
-                comm = self.k.mem.read(t + L.comm, 16).split(b"\0")[0].decode("utf-8", "replace")
-                comm_of[cpu] = f"{comm}[{self.k.mem.s32(t + L.pid)}]"
+            for cpu_i, task_va in currents.items():
+                comm = self.k.mem.read(task_va + L.comm, 16).split(b"\0")[0].decode("utf-8", "replace")
+                comm_of[cpu_i] = f"{comm}[{self.k.mem.s32(task_va + L.pid)}]"
         except Exception as e:
             notes.append(f"current tasks unknown: {_err(e)}")
         if pcpu is not None and pcpu in comm_of:
@@ -311,10 +311,10 @@ class LinuxProducer(Producer):
         self._task_stacks = [t.stack for t in tasks if t.stack]
         regs_of: dict[int, dict[str, int]] = {}
         try:
-            for cpu, t in current_tasks(self.k, len(self.snapshot.cpus)).items():
-                c = next((c for c in self.snapshot.cpus if c.index == cpu), None)
+            for cpu_i, task_va in current_tasks(self.k, len(self.snapshot.cpus)).items():
+                c = next((c for c in self.snapshot.cpus if c.index == cpu_i), None)
                 if c is not None:
-                    regs_of[t] = c.regs
+                    regs_of[task_va] = c.regs
         except Exception as e:
             notes.append(f"running tasks unknown: {_err(e)}")
         for t in tasks:

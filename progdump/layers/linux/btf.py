@@ -21,6 +21,7 @@ import array
 import struct
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from progdump.errors import ProgdumpError
 
@@ -136,7 +137,7 @@ class Btf:
         self._found: dict[tuple[int, str], int | None] = {}
         self._members: dict[int, tuple[Member, ...]] = {}
         self._member_cache: dict[tuple[str, str], tuple[int, int]] = {}
-        self._np_cols: tuple[int, object, object] | None = None  # (types covered, name_offs, kinds) for scans
+        self._np_cols: tuple[int, Any, Any] | None = None  # (types covered, name_offs, kinds) for scans
         n = type_len // 4
         self._words = array.array("I")
         self._words.frombytes(blob[t0 : t0 + 4 * n])

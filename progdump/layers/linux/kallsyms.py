@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from progdump.errors import ProgdumpError
 
@@ -302,14 +302,13 @@ def _bisect_right(seq: object, x: int) -> int:
     return int(np.searchsorted(seq, np.uint64(x), side="right"))  # type: ignore[call-overload]
 
 
-def _sorted_by_address(
-    small: list[int] | None, addrs: list[int], addr_array: object = None
-) -> tuple[list[int], list[int], object]:
+def _sorted_by_address(small: list[int] | None, addrs: list[int], addr_array: Any = None) -> tuple[Any, Any, Any]:
     """Indices of the kernel-address symbols (``>= 2**63``) in stable address order, and those addresses.
 
     ``small``: the selected indices when the table is small (pure Python);
     ``None``: select and sort with numpy (a kernel's ~100k symbols); then the
     third item is the pair of numpy arrays, kept for :func:`_merge_by_address`.
+    The indices and addresses are lists, or numpy arrays when numpy did the work (hence Any).
     """
     if small is None:
         try:
@@ -322,13 +321,11 @@ def _sorted_by_address(
             return order, sa, (order, sa)
         except (ImportError, OverflowError, ValueError):  # no numpy, or an address outside u64
             small = [i for i in range(len(addrs)) if addrs[i] >= 1 << 63]
-    order = sorted(small, key=addrs.__getitem__)
-    return order, [addrs[i] for i in order], None
+    by_addr = sorted(small, key=addrs.__getitem__)
+    return by_addr, [addrs[i] for i in by_addr], None
 
 
-def _merge_by_address(
-    order: list[int], sorted_addrs: list[int], arrays: object, new: range, addrs: list[int]
-) -> tuple[list[int], list[int], object]:
+def _merge_by_address(order: Any, sorted_addrs: Any, arrays: Any, new: range, addrs: list[int]) -> tuple[Any, Any, Any]:
     """``order`` (sorted) with the indices ``new`` merged in, stably (existing entries first on ties)."""
     if not len(new):
         return order, sorted_addrs, arrays
@@ -336,12 +333,12 @@ def _merge_by_address(
         try:
             import numpy as np  # noqa: PLC0415
 
-            old_order, old_addrs = arrays  # type: ignore[misc]
+            old_order, old_addrs = arrays
             new_addrs = np.array([addrs[i] for i in new], dtype=np.uint64)
             new_sorted = np.argsort(new_addrs, kind="stable")
             # each new entry goes after every existing one at its address; new ones keep their order
             at = np.searchsorted(old_addrs, new_addrs[new_sorted], side="right")
-            idx = np.insert(old_order, at, np.asarray(new, dtype=old_order.dtype)[new_sorted])
+            idx = np.insert(old_order, at, np.fromiter(new, dtype=old_order.dtype, count=len(new))[new_sorted])
             adr = np.insert(old_addrs, at, new_addrs[new_sorted])
             return idx, adr, (idx, adr)
         except (ImportError, OverflowError, ValueError):

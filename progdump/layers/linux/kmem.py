@@ -233,9 +233,9 @@ def build_kernel_map(
         if a is None or b is None or not 0 <= b - a <= 1 << 30:
             notes.append(f"kernel image section {a_name}..{b_name} unknown")
             continue
-        pa = k.mem.image_to_phys(a)
-        if pa is not None:
-            image_n += _mark_range(np, kinds, base_pfn, pa, b - a, KernelKind.IMAGE)
+        ipa = k.mem.image_to_phys(a)
+        if ipa is not None:
+            image_n += _mark_range(np, kinds, base_pfn, ipa, b - a, KernelKind.IMAGE)
     t3 = time.perf_counter()
     km = KernelMap(
         base_pfn, bytearray(kinds.tobytes()), bytearray(cache_ids.astype("<u2").tobytes()), names, owners, notes
@@ -281,8 +281,8 @@ def _vmalloc(
     owners: dict[str, int] = {}
     total = len(kinds)
     bad = 0
-    for e in entries:
-        va = e - o_list
+    for ent in entries:
+        va = ent - o_list
         try:
             start, end, vm = k.mem.u64(va + o_start), k.mem.u64(va + o_end), k.mem.u64(va + o_vm)
             if not vm or not start < end:

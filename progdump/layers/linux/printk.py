@@ -240,10 +240,11 @@ def parse_ring(
         if begin & 1 and begin == nxt:
             text = b""  # data-less record (the text was lost or empty)
         else:
-            text = _block_text(begin, nxt, size, data, did)
-            if text is None:
+            got = _block_text(begin, nxt, size, data, did)
+            if got is None:
                 skipped += 1
                 continue
+            text = got
             text = text[:text_len]
         out.append(
             LogRecord(seq, ts, text, caller, flev, subsys.decode("ascii", "replace"), device.decode("ascii", "replace"))

@@ -23,6 +23,7 @@ import array
 import bisect
 import struct
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from progdump.layers.linux.translate import FaultError
 
@@ -112,14 +113,24 @@ class MemoryBytes:
         return self.mem.read(self.va + start, max(0, stop - start))
 
 
+class ByteTable(Protocol):
+    """What the ORC entries are read from: bytes, or guest memory read on demand (MemoryBytes)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, s: slice) -> bytes: ...
+
+
 class OrcTable:
     """The vmlinux ORC tables: sorted ips and 6-byte entries (pure over bytes)."""
 
-    def __init__(self, ip_table_va: int, ip_table: bytes, entries: bytes) -> None:
+    def __init__(self, ip_table_va: int, ip_table: bytes, entries: ByteTable) -> None:
         n = len(ip_table) // 4
         if len(entries) < 6 * n:
             raise ValueError("ORC entry table shorter than its ip table")
         self.entries = entries
+        self._np: Any  # numpy uint64 ips, or None without numpy
+        self.ips: Any  # the same array, or array('Q')
         try:
             import numpy as np  # noqa: PLC0415
 
@@ -130,11 +141,11 @@ class OrcTable:
             self.ips = self._np
         except ImportError:
             self._np = None
-            rel = array.array("i")
-            rel.frombytes(ip_table[: 4 * n])
+            rel32 = array.array("i")
+            rel32.frombytes(ip_table[: 4 * n])
             mask = (1 << 64) - 1
             # array('Q'), not a list: 8 bytes per entry however large the table claims to be
-            self.ips = array.array("Q", ((ip_table_va + 4 * i + r) & mask for i, r in enumerate(rel)))
+            self.ips = array.array("Q", ((ip_table_va + 4 * i + r) & mask for i, r in enumerate(rel32)))
 
     def _index(self, ip: int) -> int:
         if self._np is not None:
@@ -179,7 +190,7 @@ class OrcSet:
 def orc_unwind(
     mem,
     syms,
-    orc: OrcTable,
+    orc: OrcTable | OrcSet,
     ip: int,
     sp: int,
     bp: int,
