@@ -30,7 +30,10 @@ Protocol (one line each way, UTF-8 JSON, newline-terminated):
    ``{"done": true, "stopped": ..., "go_to_layer_s": {"0": s, ...},
    "go_to_start_s": s, "result": {...}}``. ``go_to_layer_s`` counts from
    the moment the go line was read to each layer's commit flush returning
-   (monotonic clock); ``result`` is the writer's :class:`WriteResult`.
+   (monotonic clock); ``go_monotonic_ns`` is that moment on the host's
+   CLOCK_MONOTONIC (comparable with a parent's ``time.monotonic_ns()``, e.g.
+   the instant it received the panic event); ``result`` is the writer's
+   :class:`WriteResult`.
    Exit 0 when the dump stopped cleanly (done or deadline), 1 otherwise; a bad
    go message is one ``{"done": false, "error": "..."}`` line and exit 1.
 """
@@ -167,7 +170,8 @@ def _warm(plan: str) -> None:
     buf[20480:24576] = os.urandom(4096)
     vi = b"OSRELEASE=warm-up\nPAGESIZE=4096\nNUMBER(phys_base)=0\nSYMBOL(swapper_pg_dir)=ffffffff81000000\n"
     snap = Snapshot([MemoryRange(0, len(buf), memoryview(buf))], cpus=[CpuState(0, {"rip": 1, "rsp": 4096})],
-                    notes=[Note("VMCOREINFO", 0, vi)], console_tail=b"warm-up\n", metadata={"os": "warm-up"})  # fmt: skip
+                    notes=[Note("VMCOREINFO", 0, vi)], console_tail=b"warm-up\n",
+                    metadata={"os": "warm-up"})  # fmt: skip
     parse_go(json.dumps({"ram": "/warm-up", "ranges": [[0, 0, 4096]], "cpus": [{"index": 0, "regs": {"rip": 1}}]}))
     write_dump(snap, _Discard(), plan=plan)
 
@@ -244,7 +248,8 @@ def main(argv: list[str] | None = None, stdin: IO[bytes] | None = None, stdout: 
         finally:
             snap.close()
         _say(out, {"done": True, "stopped": res.stopped, "go_to_layer_s": go_to,
-                   "go_to_start_s": round(t_start[0] - t_go, 6) if t_start else None, "result": res.to_json()})  # fmt: skip
+                   "go_to_start_s": round(t_start[0] - t_go, 6) if t_start else None,
+                   "go_monotonic_ns": int(t_go * 1e9), "result": res.to_json()})  # fmt: skip
         return 0 if res.stopped in ("done", "deadline") else 1
     finally:
         dev.close()
