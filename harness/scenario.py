@@ -90,6 +90,10 @@ class Scenario:
     expect_holes: bool = False
     knobs: dict[str, str] = field(default_factory=dict)
     path: str = ""
+    #: dumps per device model by a writer armed before the panic, timed from GUEST_PANICKED (harness.eventdump)
+    event_dumps: int = 0
+    event_plan: str = "progressive-raw"
+    event_models: list[str] = field(default_factory=list)  # empty: every device model
 
     def with_env(self, env: dict[str, str] | None = None) -> Scenario:
         """Apply ``TRIALS=`` / ``STATES=`` overrides (non-negative integers) and ``GUEST=`` (a profile name)."""
@@ -97,7 +101,7 @@ class Scenario:
         out = Scenario(**{k: getattr(self, k) for k in self.__dataclass_fields__})
         if env.get("GUEST", "") != "":
             out.guest = env["GUEST"]
-        for var, attr in (("TRIALS", "real"), ("STATES", "states")):
+        for var, attr in (("TRIALS", "real"), ("STATES", "states"), ("EVENTS", "event_dumps")):
             if env.get(var, "") != "":
                 try:
                     v = int(env[var])
@@ -162,6 +166,17 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
     real, states = trials.get("real", 1), trials.get("states", 100)
     if not isinstance(real, int) or not isinstance(states, int) or real < 0 or states < 0:
         raise ScenarioError(f"{p}: trials.real and trials.states must be non-negative integers")
+    events = trials.get("event_dumps", 0)
+    if not isinstance(events, int) or isinstance(events, bool) or not 0 <= events <= 1000:
+        raise ScenarioError(f"{p}: trials.event_dumps must be an integer 0..1000")
+    event_plan = trials.get("event_plan", "progressive-raw")
+    if event_plan not in PLANS:
+        raise ScenarioError(f"{p}: trials.event_plan: unknown plan {event_plan!r}")
+    event_models = trials.get("event_models", [])
+    if not isinstance(event_models, list) or any(m not in models for m in event_models):  # type: ignore[operator]
+        raise ScenarioError(f"{p}: trials.event_models must list some of the scenario's device_models")
+    if events and setup is not None:
+        raise ScenarioError(f"{p}: trials.event_dumps needs a scenario without a setup (the setup drives its panic)")
     return Scenario(
         name=p.stem,
         description=str(d.get("description", "")),
@@ -180,6 +195,9 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
         expect_holes=bool(d.get("expect_holes", False)),
         knobs={str(k): str(v) for k, v in dict(d.get("knobs", {})).items()},
         path=str(p),
+        event_dumps=events,
+        event_plan=str(event_plan),
+        event_models=[str(m) for m in event_models],
     )
 
 
@@ -259,7 +277,8 @@ def compare(summary: dict, baseline: dict, tolerance: dict = REGRESS_TOLERANCE) 
         True,
     )
     lines.append(
-        f"tolerance: layer-0 p95 may exceed the baseline by x{tolerance['ratio']} or +{tolerance['floor_ms']:.0f} ms, whichever is larger"
+        f"tolerance: layer-0 p95 may exceed the baseline by x{tolerance['ratio']} "
+        f"or +{tolerance['floor_ms']:.0f} ms, whichever is larger"
     )
     return ok, lines
 
