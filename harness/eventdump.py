@@ -135,6 +135,7 @@ class ResidentWriter:
             self.close()
             raise TrialError(f"resident writer did not arm: {err}")
         self.go_sent_monotonic_ns: int | None = None
+        self.sent: dict[str, Any] | None = None  # the go message handed over (ground truth of the dump)
 
     def _read(self, f: IO[bytes]) -> None:
         for raw in f:
@@ -169,6 +170,7 @@ class ResidentWriter:
         self.proc.stdin.write(data)
         self.proc.stdin.flush()
         self.go_sent_monotonic_ns = time.monotonic_ns()
+        self.sent = msg
 
     def wait(self, timeout: float) -> dict[str, Any]:
         """The writer's final JSON line (``done``), after it exited."""

@@ -315,6 +315,7 @@ class RealRun:
                 "handoff_ms": pr.handoff_ms, "event_delivery_ms": round((pr.event_rx_ns - pr.event_ns) / 1e6, 3),
                 "go_read_after_event_ms": round((int(fin["go_monotonic_ns"]) - pr.event_rx_monotonic_ns) / 1e6, 3),
                 "go_to_layer_ms": {k: round(float(v) * 1e3, 3) for k, v in fin.get("go_to_layer_s", {}).items()},
+                "go_to_writer_start_ms": round(float(fin.get("go_to_start_s") or 0.0) * 1e3, 3),
                 "stopped": fin.get("stopped"),
             }  # fmt: skip
             tr = read_trace(trace)
@@ -325,9 +326,9 @@ class RealRun:
             rec["durable_after_event_ms"] = ev
             for lname, ms in ev.items():
                 self.ph.event_ms.setdefault(model, {}).setdefault(lname, []).append(ms)
-            if i == 0:  # the whole dump, once per model: scored against the memory it was written from
-                rec["full_check"] = self._score_event_dump(name, plan)
-            self.g.finish_console()
+            if i == 0 and w.sent is not None:  # the whole dump, once per model: scored against what it was given
+                rec["full_check"] = self._score_event_dump(name, plan, w.sent)
+            rec["console_complete"] = self.g.finish_console()
             problems: list[str] = []
             try:
                 expect = console_expectations(self.g.console_since_panic())
@@ -350,9 +351,17 @@ class RealRun:
                 f"layer 0 alone {'ok' if not problems else 'FAILED'}",
             )
 
-    def _score_event_dump(self, name: str, plan: str) -> dict[str, object]:
-        """Recover the whole event dump and score it against a capture of the still-stopped guest."""
-        live = self.g.capture()
+    def _score_event_dump(self, name: str, plan: str, go: dict[str, Any]) -> dict[str, object]:
+        """Recover the whole event dump and score it against the snapshot its go line names.
+
+        Ground truth is what the writer was given, as in every trial: the
+        snapshot built from the same go message in this process (its
+        ``/proc/self/fd/N`` is this process's descriptor of the same RAM
+        file), while the guest is still stopped as it was at the event.
+        """
+        from progdump.resident import snapshot_from_go  # noqa: PLC0415
+
+        live = snapshot_from_go(go)
         try:
             cap = Captured("", live, dict(self.g.markers or {}))
             outdir = str(self.work / "recovered" / name)
