@@ -169,3 +169,22 @@ def test_event_dump_options_are_checked_and_overridable(tmp_path):
     p.write_text(head.replace("[trials]\n", 'setup = "iscsi"\n[trials]\n') + "event_dumps = 1\n")
     with pytest.raises(ScenarioError, match="without a setup"):
         load_scenario(p)
+
+
+def test_compare_fails_when_an_event_dumps_layer_0_alone_missed_the_console():
+    from harness.scenario import compare
+
+    def ev(ok, checked=10, full="complete/complete", rec=2):
+        s = _summary()
+        s["event_dumps"] = {
+            "nvme": {"layer0_after_event_ms": {"p95": 12.0, "n": checked},
+                     "layer0_alone": {"ok": ok, "checked": checked},
+                     "full_check": {"statuses": full, "layers_recovered": rec, "false_accept": False}},
+        }  # fmt: skip
+        return s
+
+    assert compare(ev(10), _summary())[0]
+    ok, lines = compare(ev(9), _summary())
+    assert not ok and any("layer 0 alone" in ln and "FAIL" in ln for ln in lines)
+    assert not compare(ev(0, checked=0), _summary())[0]  # nothing checked proves nothing
+    assert not compare(ev(10, full="complete/partial", rec=1), _summary())[0]
