@@ -119,7 +119,10 @@ class ResidentWriter:
         arm_timeout: float = 120.0,
         stderr_path: str | None = None,
     ) -> None:
-        self._err_path = stderr_path or tempfile.mktemp(prefix="pd-resident-", suffix=".err")
+        if stderr_path is None:
+            fd, stderr_path = tempfile.mkstemp(prefix="pd-resident-", suffix=".err")
+            os.close(fd)
+        self._err_path = stderr_path
         self._err = open(self._err_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
@@ -136,6 +139,7 @@ class ResidentWriter:
             raise TrialError(f"resident writer did not arm: {err}")
         self.go_sent_monotonic_ns: int | None = None
         self.sent: dict[str, Any] | None = None  # the go message handed over (ground truth of the dump)
+        self.go_error = ""
 
     def _read(self, f: IO[bytes]) -> None:
         for raw in f:
@@ -167,8 +171,12 @@ class ResidentWriter:
         """Hand over the captured state (one line on stdin). Called on the controller's loop thread."""
         data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
         assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except OSError as e:  # the writer died after arming: wait() reports it with its stderr
+            self.go_error = f"{type(e).__name__}: {e}"
+            return
         self.go_sent_monotonic_ns = time.monotonic_ns()
         self.sent = msg
 

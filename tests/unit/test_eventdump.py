@@ -126,3 +126,29 @@ def test_check_layer0_names_what_is_missing(tmp_path):
     )
     (tmp_path / "dmesg.txt").write_text(swapped.replace("TMP", "sysrq_handle_crash+0x16/0x20"))
     assert any("frame" in p for p in check_layer0(str(tmp_path), ["complete"], e))
+
+
+def test_resident_writer_process_arms_refuses_and_reports_a_death_after_arming(tmp_path):
+    """The real progdump.resident child: a missing device is a clear TrialError; a writer that dies after
+    arming makes go() quiet and wait() name the failure (no traceback from the controller's loop)."""
+    import os
+    import signal
+
+    from harness.eventdump import ResidentWriter, resident_argv
+    from harness.trial import child_env
+
+    with pytest.raises(TrialError, match="did not arm"):
+        ResidentWriter(resident_argv(str(tmp_path / "nope.img"), "progressive-raw", "nvme", str(tmp_path / "t")),
+                       child_env())  # fmt: skip
+    dev = tmp_path / "dev.img"
+    dev.write_bytes(b"\0" * (4 << 20))
+    w = ResidentWriter(resident_argv(str(dev), "progressive-raw", "nvme", str(tmp_path / "t")), child_env())
+    try:
+        assert w.armed["armed"] is True
+        os.kill(w.proc.pid, signal.SIGKILL)
+        w.proc.wait(10)
+        w.go({"ram": "/nonexistent", "ranges": [[0, 0, 4096]]})
+        with pytest.raises(TrialError, match="exited"):
+            w.wait(30)
+    finally:
+        w.close()
