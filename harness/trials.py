@@ -317,6 +317,7 @@ class RealRun:
                 "go_to_layer_ms": {k: round(float(v) * 1e3, 3) for k, v in fin.get("go_to_layer_s", {}).items()},
                 "go_to_writer_start_ms": round(float(fin.get("go_to_start_s") or 0.0) * 1e3, 3),
                 "stopped": fin.get("stopped"),
+                "loadavg_1m": round(os.getloadavg()[0], 2),  # the host is shared: context for the figure
             }  # fmt: skip
             tr = read_trace(trace)
             try:
