@@ -603,6 +603,8 @@ def run_scenario(sc: Any, results_root: str) -> dict:
     )
     write_csv(rows, run_dir / "trials.csv")
     write_summary(summary, run_dir / "summary.json")
+    if ph.events:  # one record per event dump: every figure the summary's percentiles come from
+        write_summary({"event_dumps": ph.events}, run_dir / "events.json")
     plot_curve(
         rows,
         ph.durable_ms,
