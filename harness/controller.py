@@ -488,6 +488,10 @@ class GuestSession:
         self._panic_cursor = cursor
         if self.profile.panic_detection == "console":
             return await self._panic_console(trigger, m, cursor, start_pat, end_pat)
+        if at_event is not None:
+            # QEMU itself pauses the VM at the pvpanic write (the guest's panic notifier): no `stop`
+            # round trip on the way to the go line, and memory frozen at the event. Set back after.
+            await m.execute("set-action", {"panic": "pause"})
         async with m.listen("GUEST_PANICKED") as lst:
             trigger_ns = time.time_ns()
             t0 = time.monotonic()
@@ -509,9 +513,13 @@ class GuestSession:
             event_ns = rx_ns
         if at_event is not None:
             assert handoff is not None
-            return await self._hand_over(
-                m, trigger, trigger_ns, t0, event_ns, rx_mono_ns, rx_ns, cursor, start_pat, at_event, handoff
-            )
+            try:
+                return await self._hand_over(
+                    m, trigger, trigger_ns, t0, event_ns, rx_mono_ns, rx_ns, cursor, start_pat, at_event, handoff,
+                    paused_by_qemu=ev.get("data", {}).get("action") == "pause",
+                )  # fmt: skip
+            finally:
+                await m.execute("set-action", {"panic": m.config.panic_action})
         complete = True
         try:
             await m.console.wait_for([end_pat], since=cursor, timeout=self.t.panic_console)
@@ -547,10 +555,17 @@ class GuestSession:
         start_pat: Any,
         at_event: Callable[[dict[str, Any]], None],
         handoff: Handoff,
+        paused_by_qemu: bool = False,
     ) -> PanicResult:
-        """The resident path at GUEST_PANICKED: stop, registers, go line; nothing else before the go."""
+        """The resident path at GUEST_PANICKED: (stop,) registers, go line; nothing else before the go.
+
+        With ``-action panic=pause`` in force (``panic()`` sets it for the
+        event) QEMU has already stopped the vCPU that wrote the pvpanic
+        register; otherwise the VM is stopped here first.
+        """
         assert m.console is not None
-        await m.stop()
+        if not paused_by_qemu:
+            await m.stop()
         t_stop = time.monotonic_ns()
         regs = await read_registers(m)
         t_regs = time.monotonic_ns()
@@ -590,7 +605,8 @@ class GuestSession:
             event_rx_monotonic_ns=rx_mono_ns,
             event_rx_ns=rx_ns,
             handoff_ms={
-                "stop": round((t_stop - rx_mono_ns) / 1e6, 3),
+                "stop": round((t_stop - rx_mono_ns) / 1e6, 3),  # 0 when QEMU paused the VM itself
+                "paused_by_qemu": 1.0 if paused_by_qemu else 0.0,
                 "registers": round((t_regs - rx_mono_ns) / 1e6, 3),
                 "go_sent": round((t_go - rx_mono_ns) / 1e6, 3),
             },
