@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,14 +29,14 @@ from harness.guests import get_profile
 from harness.guests.base import GuestProfile, parse_marker_json
 from harness.qemu.accel import PROBE_SECONDS, choose_accel
 from harness.qemu.argv import DiskSpec, MachineConfig
-from harness.qemu.capture import capture_state
+from harness.qemu.capture import capture_state, read_layout, read_notes, read_registers
 from harness.qemu.cmdchan import CommandResult
 from harness.qemu.console import first_match
 from harness.qemu.machine import Machine, RunDir
 from harness.timeouts import Timeouts, timeouts_for
 from progdump.snapshot import Snapshot
 
-__all__ = ["GuestSession", "BootResult", "PanicResult", "CommandResult", "probe_kvm"]
+__all__ = ["GuestSession", "BootResult", "PanicResult", "CommandResult", "Handoff", "probe_kvm"]
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -59,6 +59,32 @@ class PanicResult:
     panic_string: str  # from "Kernel panic - not syncing: ..." on the console
     console_complete: bool  # the panic's last line reached the console before the stop
     status: str  # QMP run state after the stop (expected "paused")
+    #: host CLOCK_MONOTONIC (ns) when the controller received GUEST_PANICKED: the "from event" instant
+    event_rx_monotonic_ns: int = 0
+    event_rx_ns: int = 0  # the same instant on CLOCK_REALTIME (event_rx_ns - event_ns: QMP delivery)
+    #: at_event panics: ms from reception to the stop returning, the registers read, the go line handed over
+    handoff_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """What a resident dump path needs at the panic, prepared once per boot, before it.
+
+    Why before: at ``GUEST_PANICKED`` only the registers are new; the RAM
+    layout (QEMU's flat map) and VMCOREINFO (published by the kernel at boot,
+    fixed until a kexec loads a crash kernel, which this guest never does)
+    are known earlier, and reading VMCOREINFO costs a one-page
+    ``dump-guest-memory`` (2-15 ms) that the 20 ms budget cannot hold.
+    ``ram_fd`` is the harness's read-only descriptor of QEMU's shared RAM
+    file: a child started with ``pass_fds=(ram_fd,)`` opens it as
+    ``/proc/self/fd/<ram_fd>`` (the file itself is already unlinked).
+    """
+
+    boot_id: str
+    ram_fd: int
+    ranges: tuple[tuple[int, int, int], ...]  # (guest-physical start, file offset, size)
+    vmcoreinfo: str
+    prepare_ms: float
 
 
 class _Loop:
@@ -149,6 +175,7 @@ class GuestSession:
         self.timings: dict[str, float] = {}  # last duration of each step, seconds
         self.history: list[tuple[str, float]] = []
         self.last_panic: PanicResult | None = None
+        self._panic_cursor = 0
         self._loop: _Loop | None = None
         self._live: list[weakref.ref[Snapshot]] = []
         self._closed = False
@@ -342,26 +369,129 @@ class GuestSession:
         """Give a dump layer content: ``pagecache`` / ``anon`` (MiB) or ``slab`` (entries)."""
         return self.run(self.profile.workload_script(kind, amount), timeout=timeout, check=True)
 
-    def panic(self, trigger: str = "sysrq") -> PanicResult:
-        """Make the guest panic; return once GUEST_PANICKED arrived and the VM is stopped."""
+    def panic(
+        self,
+        trigger: str = "sysrq",
+        at_event: Callable[[dict[str, Any]], None] | None = None,
+        handoff: Handoff | None = None,
+    ) -> PanicResult:
+        """Make the guest panic; return once GUEST_PANICKED arrived and the VM is stopped.
+
+        ``at_event`` (with the ``handoff`` :meth:`prepare_handoff` made for
+        this boot) is the resident dump path: the moment the event is
+        received the VM is stopped, its registers read, and
+        ``at_event(go)`` is called on the session's loop thread with the go
+        message of ``progdump.resident`` (shared RAM file, ranges, registers,
+        VMCOREINFO, console tail, metadata). Nothing waits for the console
+        first: the panic's last lines are printed later by
+        :meth:`finish_console`. ``at_event`` must not block for long (write
+        the line to the armed writer's stdin).
+        """
         if trigger not in self.profile.triggers:
             raise ValueError(
                 f"unknown trigger {trigger!r} for {self.guest} (known: {', '.join(self.profile.triggers)})"
             )
+        if at_event is not None:
+            if handoff is None or handoff.boot_id != self.boot_id:
+                raise HarnessError("panic(at_event=...) needs the handoff prepare_handoff() made for this boot")
+            if self.profile.panic_detection != "event":
+                raise HarnessError(f"{self.guest}: at_event needs GUEST_PANICKED (pvpanic), not console detection")
         t0 = time.monotonic()
-        res = self.call(self._panic(trigger))
+        res = self.call(self._panic(trigger, at_event, handoff))
         self._step("panic", t0)
         self.last_panic = res
         return res
 
-    async def _panic(self, trigger: str) -> PanicResult:
+    def prepare_handoff(self) -> Handoff:
+        """RAM layout and VMCOREINFO of this boot, for a dump path armed before the panic (:class:`Handoff`)."""
+        m = self.m
+        if m.ram_fd is None or self.boot_id is None:
+            raise HarnessError("prepare_handoff needs a booted guest with shared RAM (shared_ram=True)")
+        t0 = time.monotonic()
+
+        async def prep() -> tuple[list[Any], list[Any]]:
+            blocks = await read_layout(m)
+            notes, _ = await read_notes(m, self.workdir)  # a one-page dump: QEMU pauses the guest for it
+            return blocks, notes
+
+        blocks, notes = self.call(prep())
+        vmci = next((n.desc for n in notes if n.name == "VMCOREINFO"), b"")
+        h = Handoff(
+            boot_id=self.boot_id,
+            ram_fd=m.ram_fd,
+            ranges=tuple((b.phys_start, b.offset, b.size) for b in blocks),
+            vmcoreinfo=vmci.rstrip(b"\0").decode("utf-8", "replace"),
+            prepare_ms=(time.monotonic() - t0) * 1e3,
+        )
+        self._step("prepare_handoff", t0)
+        return h
+
+    def finish_console(self) -> bool:
+        """After an ``at_event`` panic: let the stopped guest finish printing its panic, stop it again.
+
+        The VM was stopped the moment the event arrived, before the kernel
+        printed the panic's last lines (``---[ end Kernel panic``). Run it
+        until that line is on the console (at most ``panic_console``
+        seconds), then stop it. Call this only once nothing reads guest
+        memory as it was at the event (the writer finished, the snapshot
+        was saved): the guest changes its memory while it runs. Returns
+        whether the end line was seen.
+        """
+        m = self.m
+        assert m.console is not None
+        _, end_pat = self.profile.panic_patterns()
+        since = self._panic_cursor
+        if first_match(m.console.buffer.lines_since(since), [end_pat]) is not None:
+            return True
+
+        async def run_to_end() -> bool:
+            await m.cont()
+            try:
+                await m.console.wait_for([end_pat], since=since, timeout=self.t.panic_console)  # type: ignore[union-attr]
+                ok = True
+            except (TimeoutError, EOFError):
+                ok = False
+            await m.stop()
+            return ok
+
+        t0 = time.monotonic()
+        ok = self.call(run_to_end())
+        self._step("finish_console", t0)
+        if self.last_panic is not None:
+            start_pat, _ = self.profile.panic_patterns()
+            hit = first_match(m.console.buffer.lines_since(since), [start_pat])
+            self.last_panic = replace(
+                self.last_panic,
+                console_complete=ok,
+                panic_string=self.last_panic.panic_string or (hit.group(1) if hit else ""),
+            )
+        return ok
+
+    def console_since_panic(self) -> str:
+        """Console text from just before the last panic's trigger to now."""
+        if self.machine is None or self.machine.console is None:
+            return ""
+        lines = self.machine.console.buffer.lines_since(self._panic_cursor)
+        return b"\n".join(text for _, text in lines).decode("utf-8", "replace")
+
+    async def _panic(
+        self,
+        trigger: str,
+        at_event: Callable[[dict[str, Any]], None] | None = None,
+        handoff: Handoff | None = None,
+    ) -> PanicResult:
         m = self.m
         assert m.console is not None
         start_pat, end_pat = self.profile.panic_patterns()
         await self.profile.prepare_trigger(trigger, m)
         cursor = m.console.cursor()
+        self._panic_cursor = cursor
         if self.profile.panic_detection == "console":
             return await self._panic_console(trigger, m, cursor, start_pat, end_pat)
+        if at_event is not None:
+            # QEMU itself pauses the VM at the pvpanic write (the guest's panic notifier): no `stop`
+            # round trip on the way to the go line, and memory frozen at the event. Set back after.
+            await m.execute("set-action", {"panic": "pause"})
         async with m.listen("GUEST_PANICKED") as lst:
             trigger_ns = time.time_ns()
             t0 = time.monotonic()
@@ -373,12 +503,23 @@ class GuestSession:
                     f"trigger {trigger!r}: no GUEST_PANICKED within {self.t.panic_event:.0f} s; "
                     f"console tail:\n{m.console.buffer.tail(2000).decode('utf-8', 'replace')}"
                 ) from None
-        t_ev = time.monotonic()
+        rx_mono_ns = time.monotonic_ns()
+        rx_ns = time.time_ns()
+        t_ev = rx_mono_ns / 1e9
         ts = ev.get("timestamp") or {}
         try:
             event_ns = int(ts["seconds"]) * 1_000_000_000 + int(ts["microseconds"]) * 1000
         except (KeyError, TypeError, ValueError):
-            event_ns = time.time_ns()
+            event_ns = rx_ns
+        if at_event is not None:
+            assert handoff is not None
+            try:
+                return await self._hand_over(
+                    m, trigger, trigger_ns, t0, event_ns, rx_mono_ns, rx_ns, cursor, start_pat, at_event, handoff,
+                    paused_by_qemu=ev.get("data", {}).get("action") == "pause",
+                )  # fmt: skip
+            finally:
+                await m.execute("set-action", {"panic": m.config.panic_action})
         complete = True
         try:
             await m.console.wait_for([end_pat], since=cursor, timeout=self.t.panic_console)
@@ -397,6 +538,78 @@ class GuestSession:
             panic_string=hit.group(1) if hit else "",
             console_complete=complete,
             status=status,
+            event_rx_monotonic_ns=rx_mono_ns,
+            event_rx_ns=rx_ns,
+        )
+
+    async def _hand_over(
+        self,
+        m: Machine,
+        trigger: str,
+        trigger_ns: int,
+        t0: float,
+        event_ns: int,
+        rx_mono_ns: int,
+        rx_ns: int,
+        cursor: int,
+        start_pat: Any,
+        at_event: Callable[[dict[str, Any]], None],
+        handoff: Handoff,
+        paused_by_qemu: bool = False,
+    ) -> PanicResult:
+        """The resident path at GUEST_PANICKED: (stop,) registers, go line; nothing else before the go.
+
+        With ``-action panic=pause`` in force (``panic()`` sets it for the
+        event) QEMU has already stopped the vCPU that wrote the pvpanic
+        register; otherwise the VM is stopped here first.
+        """
+        assert m.console is not None
+        if not paused_by_qemu:
+            await m.stop()
+        t_stop = time.monotonic_ns()
+        regs = await read_registers(m)
+        t_regs = time.monotonic_ns()
+        meta = {
+            "os": self.profile.os,
+            "release": str(self.markers.get("release", "")),
+            "hostname": str(self.markers.get("hostname", "")),
+            "ram_bytes": self.mem_mib * MiB,
+            "guest": self.guest,
+            "accel": self.accel or "",
+            "boot_id": self.boot_id or "",
+            "panic_event_ns": event_ns,
+            "panic_event_rx_monotonic_ns": rx_mono_ns,
+            "panic_trigger": trigger,
+            "capture_method": "resident-shared-memory-backend",
+        }
+        go = {
+            "ram": f"/proc/self/fd/{handoff.ram_fd}",
+            "ranges": [list(r) for r in handoff.ranges],
+            "cpus": [{"index": i, "regs": {k: v for k, v in r.items() if v >= 0}} for i, r in enumerate(regs)],
+            "vmcoreinfo": handoff.vmcoreinfo,
+            "console_tail": m.console.buffer.tail(16 * 1024).decode("utf-8", "replace"),
+            "metadata": meta,
+        }
+        at_event(go)
+        t_go = time.monotonic_ns()
+        hit = first_match(m.console.buffer.lines_since(cursor), [start_pat])
+        return PanicResult(
+            trigger=trigger,
+            trigger_ns=trigger_ns,
+            event_ns=event_ns,
+            event_latency_ms=(rx_mono_ns / 1e9 - t0) * 1000,
+            stop_ms=(t_stop - rx_mono_ns) / 1e6,
+            panic_string=hit.group(1) if hit else "",
+            console_complete=False,
+            status="paused",
+            event_rx_monotonic_ns=rx_mono_ns,
+            event_rx_ns=rx_ns,
+            handoff_ms={
+                "stop": round((t_stop - rx_mono_ns) / 1e6, 3),  # 0 when QEMU paused the VM itself
+                "paused_by_qemu": 1.0 if paused_by_qemu else 0.0,
+                "registers": round((t_regs - rx_mono_ns) / 1e6, 3),
+                "go_sent": round((t_go - rx_mono_ns) / 1e6, 3),
+            },
         )
 
     async def _panic_console(self, trigger: str, m: Machine, cursor: int, start_pat: Any, end_pat: Any) -> PanicResult:

@@ -31,6 +31,8 @@ __all__ = [
     "write_summary",
     "plot_curve",
     "format_table",
+    "format_event_table",
+    "event_summary",
     "write_report_md",
     "new_results_dir",
     "SUMMARY_KEYS",
@@ -49,6 +51,8 @@ SUMMARY_KEYS = (
     "committed_layers_lost",
     "layer_durable_ms",
     "layer_durable_after_event_ms",
+    "layer_durable_after_event_plan",
+    "event_dumps",
     "plans",
     "agreement",
 )
@@ -109,7 +113,10 @@ def summarize(
     guest: str,
     plans: dict[str, list[str]],
     durable_ms: dict[str, dict[str, dict[str, list[float]]]],
-    durable_after_event_ms: dict[str, dict[str, dict[str, list[float]]]] | None = None,
+    durable_after_event_cli_ms: dict[str, dict[str, dict[str, list[float]]]] | None = None,
+    event_ms: dict[str, dict[str, list[float]]] | None = None,
+    event_plan: tuple[str, list[str]] | None = None,
+    events: list[dict[str, object]] | None = None,
     extra: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """summary.json: totals over all device models, plus ``per_model`` and ``plans`` breakdowns.
@@ -119,14 +126,23 @@ def summarize(
     writer opened the device) at which that layer became durable, one per
     trace that got that far. Every figure is keyed by (plan, layer index,
     layer name): ``plans[plan]["layers"]`` is a list of ``{"index", "name",
-    "durable_ms", "durable_after_event_ms"}``: ``durable_after_event_ms``
-    counts from the panic event (QEMU's GUEST_PANICKED) instead of the writer
-    opening the device, so it includes the capture and the writer's start.
+    "durable_ms", "durable_after_event_cli_ms"}``; the latter counts the same
+    trial dumps from the panic event (QEMU's GUEST_PANICKED timestamp), so it
+    includes the ELF save and the ``progdump write`` process start.
     ``layer_durable_ms`` repeats the first plan's layers by name (the
-    scenario's headline plan; baselines compare it) and
-    ``layer_durable_after_event_ms`` the same from the event.
+    scenario's headline plan; baselines compare it).
+
+    ``layer_durable_after_event_ms`` is the event dumps' figure (a writer
+    armed before the panic, :mod:`harness.eventdump`): ``event_ms[model][layer
+    name]`` ms from the controller's reception of GUEST_PANICKED to the
+    layer's commit being durable, for the plan ``event_plan = (name, layer
+    names)``; ``{}`` when the scenario made no event dumps. ``events`` (one
+    dict per event dump) adds ``event_dumps`` with the hand-over figures and
+    the layer-0-alone checks.
     """
-    after = durable_after_event_ms or {}
+    cli = durable_after_event_cli_ms or {}
+    evm = event_ms or {}
+    ev_names = event_plan[1] if event_plan else []
     models = sorted({r.device_model for r in rows} | set(durable_ms))
     first = next(iter(plans), None)
 
@@ -144,7 +160,10 @@ def summarize(
         }
 
     def block(
-        rs: list[Row], dur: dict[str, dict[str, list[float]]], aft: dict[str, dict[str, list[float]]]
+        rs: list[Row],
+        dur: dict[str, dict[str, list[float]]],
+        aft: dict[str, dict[str, list[float]]],
+        ev: dict[str, list[float]],
     ) -> dict[str, object]:
         out = counts(rs)
         by_plan: dict[str, object] = {}
@@ -156,7 +175,7 @@ def summarize(
                     "index": i,
                     "name": n,
                     "durable_ms": percentiles(d.get(n, [])),
-                    "durable_after_event_ms": percentiles(a.get(n, [])),
+                    "durable_after_event_cli_ms": percentiles(a.get(n, [])),
                 }
                 for i, n in enumerate(names)
             ]
@@ -164,7 +183,7 @@ def summarize(
         out["plans"] = by_plan
         head = plans.get(first, []) if first else []
         out["layer_durable_ms"] = {n: percentiles(dur.get(first, {}).get(n, [])) for n in head}
-        out["layer_durable_after_event_ms"] = {n: percentiles(aft.get(first, {}).get(n, [])) for n in head}
+        out["layer_durable_after_event_ms"] = {n: percentiles(ev.get(n, [])) for n in ev_names if ev}
         return out
 
     def merge(src: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, dict[str, list[float]]]:
@@ -175,17 +194,62 @@ def summarize(
                     merged.setdefault(plan, {}).setdefault(k, []).extend(v)
         return merged
 
+    ev_all: dict[str, list[float]] = {}
+    for m in sorted(evm):
+        for k, v in evm[m].items():
+            ev_all.setdefault(k, []).extend(v)
     per_model = {
-        m: block([r for r in rows if r.device_model == m], durable_ms.get(m, {}), after.get(m, {})) for m in models
+        m: block([r for r in rows if r.device_model == m], durable_ms.get(m, {}), cli.get(m, {}), evm.get(m, {}))
+        for m in models
     }
     top: dict[str, object] = {"scenario": scenario, "guest": guest, "device_model": ",".join(models)}
-    top.update(block(rows, merge(durable_ms), merge(after)))
+    top.update(block(rows, merge(durable_ms), merge(cli), ev_all))
+    top["layer_durable_after_event_plan"] = event_plan[0] if event_plan and evm else None
     top["plan_names"] = list(plans)
     top["device_models"] = models
     top["per_model"] = per_model
+    top["event_dumps"] = event_summary(events or [], ev_names) if events else None
     if extra:
         top.update(extra)
     return top
+
+
+def event_summary(events: list[dict[str, object]], names: list[str]) -> dict[str, object]:
+    """The ``event_dumps`` block: per device model, how the time from the event to layer 0 splits, and the checks.
+
+    ``handoff_go_sent_ms``: event received -> go line written (stop, registers);
+    ``go_read_after_event_ms``: event received -> the writer read the go line;
+    ``go_to_layer0_ms``: go read -> layer 0 durable (the writer);
+    ``event_delivery_ms``: QEMU's event timestamp -> its reception (CLOCK_REALTIME both).
+    """
+    out: dict[str, object] = {}
+    for m in sorted({str(e["model"]) for e in events}):
+        es = [e for e in events if e["model"] == m]
+        l0 = [e.get("layer0_alone") or {} for e in es]
+        out[m] = {
+            "n": len(es),
+            "plan": es[0].get("plan"),
+            "layer0_after_event_ms": percentiles(
+                float(e["durable_after_event_ms"][names[0]])  # type: ignore[index]
+                for e in es
+                if names and names[0] in (e.get("durable_after_event_ms") or {})  # type: ignore[operator]
+            ),
+            "handoff_go_sent_ms": percentiles(float(e["handoff_ms"]["go_sent"]) for e in es if e.get("handoff_ms")),  # type: ignore[index]
+            "go_read_after_event_ms": percentiles(float(e["go_read_after_event_ms"]) for e in es),  # type: ignore[arg-type]
+            "go_to_layer0_ms": percentiles(
+                float(e["go_to_layer_ms"]["0"])  # type: ignore[index]
+                for e in es
+                if "0" in (e.get("go_to_layer_ms") or {})  # type: ignore[operator]
+            ),
+            "event_delivery_ms": percentiles(float(e["event_delivery_ms"]) for e in es),  # type: ignore[arg-type]
+            "layer0_alone": {
+                "checked": len(l0),
+                "ok": sum(1 for c in l0 if c.get("ok")),
+                "problems": [p for c in l0 for p in (c.get("problems") or [])][:20],  # type: ignore[union-attr]
+            },
+            "full_check": next((e["full_check"] for e in es if "full_check" in e), None),
+        }
+    return out
 
 
 def write_csv(rows: list[Row], path: str | os.PathLike[str]) -> None:
@@ -338,8 +402,10 @@ def _fmt(v: object) -> str:
 def format_table(summary: dict[str, object], plans: dict[str, list[str]]) -> str:
     """The short table printed at the end of a run: one line per (device model, plan).
 
-    Layer cells are ``name p50/max`` in ms since the writer opened the device,
-    then ``ev p50`` in ms since the panic event (GUEST_PANICKED), where known.
+    Layer cells are ``name p50/max`` in ms since the writer opened the
+    device, then ``cli-ev p50``: the same dumps counted from the panic event
+    (they include the ELF save and the writer's process start). When the
+    scenario made event dumps, a second table follows (:func:`format_event_table`).
     """
     per = summary.get("per_model", {})
     width = max((len(v) for v in plans.values()), default=0)
@@ -364,20 +430,66 @@ def format_table(summary: dict[str, object], plans: dict[str, list[str]]) -> str
             ]
             for lay in pb["layers"]:
                 d = lay["durable_ms"]
-                ev = (lay.get("durable_after_event_ms") or {}).get("p50")
+                ev = (lay.get("durable_after_event_cli_ms") or {}).get("p50")
                 cells.append(
                     f"{lay['name']} {_fmt(d.get('p50'))}/{_fmt(d.get('max'))}"
-                    + (f" ev {_fmt(ev)}" if ev is not None else "")
+                    + (f" cli-ev {_fmt(ev)}" if ev is not None else "")
                 )
             cells += [""] * (len(head) - len(cells))
             lines.append(cells)
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    out = _columns(lines)
+    ev_table = format_event_table(summary)
+    return out + ("\n\n" + ev_table if ev_table else "")
+
+
+def _columns(lines: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
     out = []
     for j, r in enumerate(lines):
         out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def format_event_table(summary: dict[str, object]) -> str:
+    """From the panic event: one line per device model of the event dumps ('' when there were none).
+
+    Layer cells ``name p50/p95`` in ms from the controller's reception of
+    GUEST_PANICKED to the layer's commit being durable; then where layer 0's
+    time went (p50: go line written, go line read by the writer, writer's
+    go to layer 0) and the layer-0-alone checks passed.
+    """
+    plan = summary.get("layer_durable_after_event_plan")
+    per = summary.get("per_model", {})
+    evs = summary.get("event_dumps") or {}
+    if not plan or not evs:
+        return ""
+    names: list[str] = []
+    for b in per.values():  # type: ignore[union-attr]
+        names = names or list((b.get("layer_durable_after_event_ms") or {}).keys())
+    head = ["model", "plan", "n"] + [f"L{i} p50/p95 ms from event" for i in range(len(names))]
+    head += ["go sent", "go read", "go->L0", "L0 alone ok"]
+    lines = [head]
+    for m, b in per.items():  # type: ignore[union-attr]
+        led = b.get("layer_durable_after_event_ms") or {}
+        e = evs.get(m)  # type: ignore[union-attr]
+        if not led or e is None:
+            continue
+        cells = [m, str(plan), str(e["n"])]
+        for n in names:
+            p = led.get(n) or {}
+            cells.append(f"{n} {_fmt(p.get('p50'))}/{_fmt(p.get('p95'))}")
+        cells += [
+            _fmt(e["handoff_go_sent_ms"]["p50"]),
+            _fmt(e["go_read_after_event_ms"]["p50"]),
+            _fmt(e["go_to_layer0_ms"]["p50"]),
+            f"{e['layer0_alone']['ok']}/{e['layer0_alone']['checked']}",
+        ]
+        lines.append(cells)
+    if len(lines) == 1:
+        return ""
+    return "from the panic event (writer armed before the panic; ms from GUEST_PANICKED received):\n" + _columns(lines)
 
 
 def write_report_md(
@@ -399,7 +511,11 @@ def write_report_md(
         f"- agreement (real outcome = replay of its trace at its reset time): "
         f"{summary['agreement']['agree']} agree, {summary['agreement']['disagree']} disagree",  # type: ignore[index]
         "- durable times are ms from the writer opening the device to the flush that made the layer's commit durable;"
-        " `ev` is the same moment counted from the panic event (QEMU's GUEST_PANICKED)",
+        " `cli-ev` is the same moment counted from the panic event (QEMU's GUEST_PANICKED timestamp): it includes"
+        " the snapshot's ELF save and the `progdump write` process start",
+        "- from the panic event: dumps by a writer armed before the panic (`progdump.resident`), handed the guest's"
+        " shared RAM and registers when the controller received GUEST_PANICKED; ms from that reception"
+        " (host CLOCK_MONOTONIC) to the completion of the flush that made the layer's commit durable",
         "",
         "![layers recovered vs reset time](curve.png)",
         "",
@@ -413,7 +529,8 @@ def write_report_md(
     ]
     for r in real:
         md.append(
-            f"| {r.device_model} | {r.plan} | {'end' if r.kind == 'complete' else f'{r.t_ms:.1f}'} | {r.layers_recovered}/{r.layers_total} "
+            f"| {r.device_model} | {r.plan} | {'end' if r.kind == 'complete' else f'{r.t_ms:.1f}'} "
+            f"| {r.layers_recovered}/{r.layers_total} "
             f"| {r.statuses} | {r.committed} | {r.committed_lost} | {r.false_accept} | {r.agreement} |"
         )
     md.append("")
@@ -430,7 +547,8 @@ def write_report_md(
         ]
         for r in bad[:50]:
             md.append(
-                f"- {r.source} {r.device_model} {r.plan} kind={r.kind} t={r.t_ms:.3f} ms seed={r.seed} trace={r.trace}: {r.reasons}"
+                f"- {r.source} {r.device_model} {r.plan} kind={r.kind} t={r.t_ms:.3f} ms seed={r.seed} "
+                f"trace={r.trace}: {r.reasons}"
             )
         md.append("")
     Path(path).write_text("\n".join(md) + "\n")

@@ -237,6 +237,7 @@ def score_recovery(
         return Score(layers, False, [], 0, _markers(markers, None, layers), None, False)
     out = Path(outdir)
     man = _load_manifest(out)
+    origin = man.get("artifacts") if isinstance(man.get("artifacts"), dict) else {}
     claimed = {}
     for entry in man["layers"]:
         if isinstance(entry, dict) and isinstance(entry.get("index"), int):
@@ -266,7 +267,10 @@ def score_recovery(
             ls.verified = False
         for name, data in e.artifacts.items():
             p = out / name
-            if not p.exists():
+            src = origin.get(name)
+            if not p.exists() or (isinstance(src, int) and not isinstance(src, bool) and src != e.index):
+                # absent, or the manifest says another layer made it (recovery renders panic.txt from
+                # layer 0's raw pages when layer 1 is lost): not this layer's artifact
                 ls.artifacts_missing.append(name)
                 continue
             got = p.read_bytes()
@@ -280,7 +284,8 @@ def score_recovery(
             if ls.artifacts_missing:
                 ls.verified = False
                 reasons.append(
-                    f"layer {e.index} {e.name}: claimed complete but artifacts missing: {', '.join(ls.artifacts_missing)}"
+                    f"layer {e.index} {e.name}: claimed complete but artifacts missing: "
+                    f"{', '.join(ls.artifacts_missing)}"
                 )
             if ls.pages_recovered < ls.expected_pages:
                 ls.verified = False

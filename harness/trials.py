@@ -52,6 +52,7 @@ from harness.report import (
 from harness.scoring import expected_layers, score_recovery
 from harness.setups import get_setup
 from harness.trial import (
+    WRITER_TIMEOUT_S,
     Captured,
     TrialContext,
     TrialOutcome,
@@ -62,8 +63,11 @@ from harness.trial import (
     guest_sees_disk,
     layer_names,
     manifest_dump_id,
+    quiesce_host_io,
     recover,
+    restore_image,
     run_trial,
+    score_real,
     warm_file,
     writer_argv,
 )
@@ -107,6 +111,10 @@ class RealPhase:
     timings: dict[str, list[float]] = field(default_factory=dict)
     #: per reference run "model/plan": failed writes in its trace, holes its recovery reported per layer
     holes: dict[str, dict[str, object]] = field(default_factory=dict)
+    #: event dumps (resident writer, harness.eventdump): ``[model][layer name]`` -> ms from GUEST_PANICKED
+    event_ms: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    #: one dict per event dump: hand-over, delivery, go->layer 0, the layer-0-alone check
+    events: list[dict[str, object]] = field(default_factory=list)
 
     def timed(self, what: str, t0: float) -> None:
         self.timings.setdefault(what, []).append(time.monotonic() - t0)
@@ -258,6 +266,118 @@ class RealRun:
                 )
         return trial_no
 
+    def event_dumps(self, model: str) -> None:
+        """``event_dumps`` panics dumped by a writer armed before each (harness.eventdump), timed from the event.
+
+        Each: workload, disk back to the older dump, ``progdump.resident``
+        armed on it (the model's trace), the per-boot hand-over prepared,
+        panic with the go line sent at GUEST_PANICKED, the dump written to
+        its end. Then, the guest still stopped as at the event: the first
+        dump of each model is recovered whole and scored against a capture;
+        the guest prints the rest of its panic (``finish_console``); layer 0
+        is recovered alone (the trace replayed at its commit) and checked
+        against the console; reset.
+        """
+        from harness.eventdump import (  # noqa: PLC0415
+            ResidentWriter,
+            after_event_ms,
+            check_layer0,
+            console_expectations,
+            recover_layer0_alone,
+            resident_argv,
+        )
+
+        plan = self.sc.event_plan
+        names = layer_names(plan)
+        for i in range(self.sc.event_dumps):
+            name = f"event-{model}-{i:03d}"
+            self.workload()
+            t = time.monotonic()
+            restore_image(self.base, self.image)
+            quiesce_host_io()
+            hand = self.g.prepare_handoff()
+            trace = str(self.work / "traces" / f"{name}.trace")
+            os.makedirs(os.path.dirname(trace), exist_ok=True)
+            w = ResidentWriter(
+                resident_argv(self.image, plan, model, trace),
+                child_env(),
+                pass_fds=(hand.ram_fd,),
+                stderr_path=str(self.work / f"{name}.err"),
+            )
+            try:
+                pr = self.g.panic(self.sc.trigger, at_event=w.go, handoff=hand)
+                fin = w.wait(WRITER_TIMEOUT_S)
+            finally:
+                w.close()
+            self.ph.timed("event_dump_s", t)
+            rec: dict[str, object] = {
+                "model": model, "plan": plan, "dump": i, "trace": trace, "arm_s": w.armed.get("arm_s"),
+                "handoff_ms": pr.handoff_ms, "event_delivery_ms": round((pr.event_rx_ns - pr.event_ns) / 1e6, 3),
+                "go_read_after_event_ms": round((int(fin["go_monotonic_ns"]) - pr.event_rx_monotonic_ns) / 1e6, 3),
+                "go_to_layer_ms": {k: round(float(v) * 1e3, 3) for k, v in fin.get("go_to_layer_s", {}).items()},
+                "go_to_writer_start_ms": round(float(fin.get("go_to_start_s") or 0.0) * 1e3, 3),
+                "stopped": fin.get("stopped"),
+                "loadavg_1m": round(os.getloadavg()[0], 2),  # the host is shared: context for the figure
+            }  # fmt: skip
+            tr = read_trace(trace)
+            try:
+                ev = after_event_ms(tr, names, pr.event_rx_monotonic_ns)
+            finally:
+                tr.close()
+            rec["durable_after_event_ms"] = ev
+            for lname, ms in ev.items():
+                self.ph.event_ms.setdefault(model, {}).setdefault(lname, []).append(ms)
+            if i == 0 and w.sent is not None:  # the whole dump, once per model: scored against what it was given
+                rec["full_check"] = self._score_event_dump(name, plan, w.sent)
+            rec["console_complete"] = self.g.finish_console()
+            problems: list[str] = []
+            try:
+                expect = console_expectations(self.g.console_since_panic())
+            except ValueError as e:
+                expect, problems = None, [f"console: {e}"]
+            out = str(self.work / "recovered" / f"{name}-layer0")
+            t0, statuses = recover_layer0_alone(trace, self.base, names, out)
+            if expect is not None:
+                problems = check_layer0(out, statuses, expect, str((self.g.markers or {}).get("kmsg", "")))
+            rec["layer0_alone"] = {
+                "t_ms": round(t0 * 1e3, 3), "statuses": "/".join(statuses), "ok": not problems, "problems": problems,
+                "frames": len(expect.frames) if expect else 0, "log_lines": len(expect.log_lines) if expect else 0,
+            }  # fmt: skip
+            self.ph.events.append(rec)
+            self.reset()
+            l0 = ev.get(names[0])
+            self.progress.step(
+                1,
+                f"{model} event dump {i + 1}: layer 0 {'-' if l0 is None else f'{l0:.1f}'} ms after the event, "
+                f"layer 0 alone {'ok' if not problems else 'FAILED'}",
+            )
+
+    def _score_event_dump(self, name: str, plan: str, go: dict[str, Any]) -> dict[str, object]:
+        """Recover the whole event dump and score it against the snapshot its go line names.
+
+        Ground truth is what the writer was given, as in every trial: the
+        snapshot built from the same go message in this process (its
+        ``/proc/self/fd/N`` is this process's descriptor of the same RAM
+        file), while the guest is still stopped as it was at the event.
+        """
+        from progdump.resident import snapshot_from_go  # noqa: PLC0415
+
+        live = snapshot_from_go(go)
+        try:
+            cap = Captured("", live, dict(self.g.markers or {}))
+            outdir = str(self.work / "recovered" / name)
+            rrc, _ = recover(self.image, outdir)
+            score, _ = score_real(outdir, rrc, cap, plan, self.ph.older_ids)
+        finally:
+            live.close()
+        drop_vmcore(outdir)
+        return {
+            "statuses": "/".join(score.statuses()),
+            "layers_recovered": score.layers_recovered,
+            "false_accept": score.false_accept,
+            "reasons": list(score.reasons)[:10],
+        }
+
 
 def run_real_phase(sc: Any, work: Path, progress: Progress) -> RealPhase:
     """Boot the guest once, then panic / dump / kill / reset / recover / score, trial after trial."""
@@ -298,7 +418,16 @@ def run_real_phase(sc: Any, work: Path, progress: Progress) -> RealPhase:
         for model in sc.device_models:
             run.references(model)
             trial_no = run.killed(model, trial_no)
+            if model in event_models(sc):
+                run.event_dumps(model)
     return ph
+
+
+def event_models(sc: Any) -> list[str]:
+    """The device models that get event dumps (none when ``event_dumps`` is 0)."""
+    if not getattr(sc, "event_dumps", 0):
+        return []
+    return [m for m in sc.device_models if not sc.event_models or m in sc.event_models]
 
 
 # -- replay phase ---------------------------------------------------------------------
@@ -438,7 +567,7 @@ def run_scenario(sc: Any, results_root: str) -> dict:
         f"models {', '.join(sc.device_models)}; plans {', '.join(sc.plans)}; {sc.real} killed trials and "
         f"{sc.states} replayed states per (model, plan); results {run_dir}"
     )
-    n_real = 1 + len(sc.device_models) * len(sc.plans) * (1 + sc.real)
+    n_real = 1 + len(sc.device_models) * len(sc.plans) * (1 + sc.real) + len(event_models(sc)) * sc.event_dumps
     t0 = time.monotonic()
     ph = run_real_phase(sc, work, Progress("real trials", n_real))
     real_s = time.monotonic() - t0
@@ -453,7 +582,10 @@ def run_scenario(sc: Any, results_root: str) -> dict:
         guest=sc.guest,
         plans=plans,
         durable_ms=ph.durable_ms,
-        durable_after_event_ms=ph.durable_after_event_ms,
+        durable_after_event_cli_ms=ph.durable_after_event_ms,
+        event_ms=ph.event_ms,
+        event_plan=(sc.event_plan, layer_names(sc.event_plan)) if ph.events else None,
+        events=ph.events,
         extra={
             "memory_mib": sc.memory_mib,
             "trigger": sc.trigger,
@@ -471,6 +603,8 @@ def run_scenario(sc: Any, results_root: str) -> dict:
     )
     write_csv(rows, run_dir / "trials.csv")
     write_summary(summary, run_dir / "summary.json")
+    if ph.events:  # one record per event dump: every figure the summary's percentiles come from
+        write_summary({"event_dumps": ph.events}, run_dir / "events.json")
     plot_curve(
         rows,
         ph.durable_ms,

@@ -30,7 +30,10 @@ Protocol (one line each way, UTF-8 JSON, newline-terminated):
    ``{"done": true, "stopped": ..., "go_to_layer_s": {"0": s, ...},
    "go_to_start_s": s, "result": {...}}``. ``go_to_layer_s`` counts from
    the moment the go line was read to each layer's commit flush returning
-   (monotonic clock); ``result`` is the writer's :class:`WriteResult`.
+   (monotonic clock); ``go_monotonic_ns`` is that moment on the host's
+   CLOCK_MONOTONIC (comparable with a parent's ``time.monotonic_ns()``, e.g.
+   the instant it received the panic event); ``result`` is the writer's
+   :class:`WriteResult`.
    Exit 0 when the dump stopped cleanly (done or deadline), 1 otherwise; a bad
    go message is one ``{"done": false, "error": "..."}`` line and exit 1.
 """
@@ -38,6 +41,7 @@ Protocol (one line each way, UTF-8 JSON, newline-terminated):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -167,7 +171,8 @@ def _warm(plan: str) -> None:
     buf[20480:24576] = os.urandom(4096)
     vi = b"OSRELEASE=warm-up\nPAGESIZE=4096\nNUMBER(phys_base)=0\nSYMBOL(swapper_pg_dir)=ffffffff81000000\n"
     snap = Snapshot([MemoryRange(0, len(buf), memoryview(buf))], cpus=[CpuState(0, {"rip": 1, "rsp": 4096})],
-                    notes=[Note("VMCOREINFO", 0, vi)], console_tail=b"warm-up\n", metadata={"os": "warm-up"})  # fmt: skip
+                    notes=[Note("VMCOREINFO", 0, vi)], console_tail=b"warm-up\n",
+                    metadata={"os": "warm-up"})  # fmt: skip
     parse_go(json.dumps({"ram": "/warm-up", "ranges": [[0, 0, 4096]], "cpus": [{"index": 0, "regs": {"rip": 1}}]}))
     write_dump(snap, _Discard(), plan=plan)
 
@@ -212,6 +217,13 @@ def main(argv: list[str] | None = None, stdin: IO[bytes] | None = None, stdout: 
     except Exception as e:  # noqa: BLE001 - one line for the parent, never a traceback
         _say(out, {"armed": False, "error": f"{type(e).__name__}: {e}"})
         return 1
+    # The collector must not run between the go line and layer 0: a full collection over everything
+    # imported took ~27 ms in one event dump here (scenario sysrq-panic, 2026-12-05), more than the
+    # whole layer-0 budget. Objects made while arming are frozen out of later collections; collection
+    # resumes once layer 0 is durable.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     _say(out, {"armed": True, "pid": os.getpid(), "arm_s": round(time.monotonic() - t_arm0, 4)})
 
     try:
@@ -234,6 +246,7 @@ def main(argv: list[str] | None = None, stdin: IO[bytes] | None = None, stdout: 
                 t_start.append(now - ev.t)
             if ev.kind == "layer-durable":
                 go_to[str(ev.layer.index)] = round(now - t_go, 6)
+                gc.enable()
                 _say(out, format_durable_line(ev.layer))
 
         try:
@@ -244,10 +257,13 @@ def main(argv: list[str] | None = None, stdin: IO[bytes] | None = None, stdout: 
         finally:
             snap.close()
         _say(out, {"done": True, "stopped": res.stopped, "go_to_layer_s": go_to,
-                   "go_to_start_s": round(t_start[0] - t_go, 6) if t_start else None, "result": res.to_json()})  # fmt: skip
+                   "go_to_start_s": round(t_start[0] - t_go, 6) if t_start else None,
+                   "go_monotonic_ns": int(t_go * 1e9), "result": res.to_json()})  # fmt: skip
         return 0 if res.stopped in ("done", "deadline") else 1
     finally:
         dev.close()
+        gc.enable()  # main() also runs inside other processes (tests): leave the collector as it was
+        gc.unfreeze()
 
 
 if __name__ == "__main__":

@@ -114,3 +114,13 @@ def test_plan_layer0_raw_then_recovery_of_layer0_alone_renders(tmp_path) -> None
     assert (tmp_path / "out" / "dmesg.txt").read_text() == EXPECTED_DMESG
     assert "Kernel panic - not syncing: boom" in (tmp_path / "out" / "panic.txt").read_text()
     assert m["artifacts"]["panic.txt"] == 0
+
+
+def test_the_raw_artifact_is_a_function_of_the_snapshot_alone() -> None:
+    """Scoring compares each artifact with the producer's output for the same snapshot (harness.scoring):
+    a timing inside it (the raw layer once carried ``capture_ms``) made every progressive-raw dump look
+    like a false accept."""
+    _img, snap, _ = panicked_image()
+    a, b = raw_panic(snap), raw_panic(snap)
+    assert [x.data for x in a.artifacts] == [x.data for x in b.artifacts]
+    assert b"_ms" not in a.artifacts[0].data

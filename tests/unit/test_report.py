@@ -79,7 +79,7 @@ def test_summary_has_the_issue_keys_and_counts():
             "index": 0,
             "name": "all",
             "durable_ms": {"p50": 900.0, "p95": 900.0, "max": 900.0, "n": 1},
-            "durable_after_event_ms": {"p50": None, "p95": None, "max": None, "n": 0},
+            "durable_after_event_cli_ms": {"p50": None, "p95": None, "max": None, "n": 0},
         }
     ]
     assert s["plans"]["progressive"]["layers"][1]["name"] == "tasks"
@@ -109,20 +109,49 @@ def test_a_third_plan_gets_its_own_rows_layers_and_table_lines():
     assert any(line.split()[:2] == ["hdd", "two"] and "rest 70.0/70.0" in line for line in table)
 
 
-def test_durable_after_event_is_reported_beside_the_from_open_figure():
+def test_cli_durable_after_event_is_reported_beside_the_from_open_figure():
     rows = [_row(source="real", kind="complete", agreement="n/a")]
     dur = {"hdd": {"progressive": {"panic": [80.0]}}}
     after = {"hdd": {"progressive": {"panic": [1480.0]}}}
-    s = summarize(rows, scenario="s", guest="linux", plans=PLANS, durable_ms=dur, durable_after_event_ms=after)
+    s = summarize(rows, scenario="s", guest="linux", plans=PLANS, durable_ms=dur, durable_after_event_cli_ms=after)
     lay = s["per_model"]["hdd"]["plans"]["progressive"]["layers"][0]
-    assert lay["durable_ms"]["p50"] == 80.0 and lay["durable_after_event_ms"] == {
+    assert lay["durable_ms"]["p50"] == 80.0 and lay["durable_after_event_cli_ms"] == {
         "p50": 1480.0,
         "p95": 1480.0,
         "max": 1480.0,
         "n": 1,
     }
-    assert s["layer_durable_after_event_ms"]["panic"]["n"] == 1
-    assert "panic 80.0/80.0 ev 1480" in format_table(s, PLANS)
+    # no event dumps: no from-event figure of a resident writer, no second table
+    assert s["layer_durable_after_event_ms"] == {} and s["event_dumps"] is None
+    t = format_table(s, PLANS)
+    assert "panic 80.0/80.0 cli-ev 1480" in t and "from the panic event" not in t
+
+
+def test_event_dumps_give_layer_durable_after_event_per_model_and_the_second_table():
+    rows = [_row(source="real", kind="complete", agreement="n/a"), _row(model="nvme", source="real", kind="complete")]
+    dur = {"hdd": {"progressive": {"panic": [80.0]}}, "nvme": {"progressive": {"panic": [60.0]}}}
+    ev_names = ["panic", "tasks"]
+    # 20 nvme event dumps: layer 0 at 10..29 ms (nearest rank: p50 = 19, p95 = 28); none on hdd
+    ev = {"nvme": {"panic": [10.0 + i for i in range(20)], "tasks": [300.0] * 20}}
+    events = [
+        {"model": "nvme", "plan": "raw", "durable_after_event_ms": {"panic": 10.0 + i}, "handoff_ms": {"go_sent": 2.0},
+         "go_read_after_event_ms": 4.0, "go_to_layer_ms": {"0": 6.0 + i}, "event_delivery_ms": 0.5,
+         "layer0_alone": {"ok": i != 3, "problems": ["x"] if i == 3 else []}}
+        for i in range(20)
+    ]  # fmt: skip
+    s = summarize(rows, scenario="s", guest="linux", plans=PLANS, durable_ms=dur, event_ms=ev,
+                  event_plan=("raw", ev_names), events=events)  # fmt: skip
+    assert s["per_model"]["nvme"]["layer_durable_after_event_ms"]["panic"] == {
+        "p50": 19.0, "p95": 28.0, "max": 29.0, "n": 20,
+    }  # fmt: skip
+    assert s["per_model"]["hdd"]["layer_durable_after_event_ms"] == {}
+    assert s["layer_durable_after_event_ms"]["tasks"]["n"] == 20 and s["layer_durable_after_event_plan"] == "raw"
+    e = s["event_dumps"]["nvme"]
+    assert e["n"] == 20 and e["layer0_alone"] == {"checked": 20, "ok": 19, "problems": ["x"]}
+    assert e["go_to_layer0_ms"]["p50"] == 15.0 and e["handoff_go_sent_ms"]["p95"] == 2.0
+    t = format_table(s, PLANS)
+    line = next(ln for ln in t.splitlines() if ln.startswith("nvme") and "raw" in ln)
+    assert "panic 19.0/28.0" in line and "tasks 300.0/300.0" in line and "19/20" in line
 
 
 def test_csv_round_trip(tmp_path):

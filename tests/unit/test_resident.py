@@ -134,3 +134,29 @@ def test_parse_go_rejects(line, words):
     with pytest.raises(GoError, match=None) as e:
         parse_go(line)
     assert words in str(e.value)
+
+
+def test_the_collector_is_off_from_arming_to_layer_0_and_restored_after(tmp_path):
+    """The resident writer disables the cyclic collector while it waits (a collection over everything
+    imported cost ~27 ms once, more than layer 0's budget) and turns it back on; in-process too."""
+    import gc
+    import io
+
+    from progdump.resident import main
+
+    dev = tmp_path / "dev.img"
+    dev.write_bytes(b"\0" * (1 << 20))
+
+    class Probe(io.BytesIO):
+        seen: list[bool] = []
+
+        def readline(self, *a):  # type: ignore[override]
+            self.seen.append(gc.isenabled())
+            return b""  # EOF: disarm
+
+    out = io.StringIO()
+    inp = Probe()
+    assert gc.isenabled()
+    assert main([str(dev), "--plan", "progressive-raw", "--no-warm"], stdin=inp, stdout=out) == 0
+    assert Probe.seen == [False]  # armed and waiting: no collection can start
+    assert gc.isenabled() and gc.get_freeze_count() == 0

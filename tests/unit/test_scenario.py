@@ -144,3 +144,47 @@ def test_regress_totals_add_up_scenarios_and_count_only_killed_trials():
     assert t["scenarios"] == ["a", "b"] and t["replayed_states"] == 500 and t["real_trials"] == 5
     assert t["real_resets"] == 2 and t["agreement"] == {"agree": 1, "disagree": 1}
     assert len(t["disagreements"]) == 1
+
+
+def test_event_dump_options_are_checked_and_overridable(tmp_path):
+    from harness.trials import event_models
+
+    p = tmp_path / "e.toml"
+    head = 'guest = "linux"\nmemory_mib = 256\ntrigger = "sysrq"\ndevice_models = ["hdd", "nvme"]\n[trials]\n'
+    p.write_text(head + 'event_dumps = 3\nevent_models = ["nvme"]\n')
+    s = load_scenario(p)
+    assert (s.event_dumps, s.event_plan, event_models(s)) == (3, "progressive-raw", ["nvme"])
+    assert s.with_env({"EVENTS": "0"}).event_dumps == 0 and event_models(s.with_env({"EVENTS": "0"})) == []
+    p.write_text(head + "event_dumps = 2\n")
+    assert event_models(load_scenario(p)) == ["hdd", "nvme"]  # none listed: every model
+    for bad, why in (
+        ("event_dumps = -1\n", "event_dumps"),
+        ("event_dumps = true\n", "event_dumps"),
+        ('event_plan = "nope"\n', "event_plan"),
+        ('event_models = ["sata-ssd"]\n', "event_models"),
+    ):
+        p.write_text(head + bad)
+        with pytest.raises(ScenarioError, match=why):
+            load_scenario(p)
+    p.write_text(head.replace("[trials]\n", 'setup = "iscsi"\n[trials]\n') + "event_dumps = 1\n")
+    with pytest.raises(ScenarioError, match="without a setup"):
+        load_scenario(p)
+
+
+def test_compare_fails_when_an_event_dumps_layer_0_alone_missed_the_console():
+    from harness.scenario import compare
+
+    def ev(ok, checked=10, full="complete/complete", rec=2):
+        s = _summary()
+        s["event_dumps"] = {
+            "nvme": {"layer0_after_event_ms": {"p95": 12.0, "n": checked},
+                     "layer0_alone": {"ok": ok, "checked": checked},
+                     "full_check": {"statuses": full, "layers_recovered": rec, "false_accept": False}},
+        }  # fmt: skip
+        return s
+
+    assert compare(ev(10), _summary())[0]
+    ok, lines = compare(ev(9), _summary())
+    assert not ok and any("layer 0 alone" in ln and "FAIL" in ln for ln in lines)
+    assert not compare(ev(0, checked=0), _summary())[0]  # nothing checked proves nothing
+    assert not compare(ev(10, full="complete/partial", rec=1), _summary())[0]

@@ -165,3 +165,32 @@ def test_bad_vmcore_and_manifest_are_clear_errors(case, tmp_path):
     (out / "manifest.json").write_text("[1, 2")
     with pytest.raises(ScoringError, match="not JSON"):
         score_recovery(out, snap, exp)
+
+
+def test_an_artifact_the_manifest_says_another_layer_made_is_not_compared_as_this_layers(case, tmp_path):
+    """progressive-raw: with layer 1 lost, recovery renders panic.txt from layer 0's pages (manifest
+    ``artifacts: {"panic.txt": 0}``); it is not layer 1's panic.txt and must not count as a wrong one.
+    Claimed complete, layer 1 without its own file is still a false accept. (The generic producer's
+    layer 0 has a panic.txt of its own, so the test's layer-1 file is ``decoded.txt``.)"""
+    import dataclasses
+
+    snap, exp = case
+    exp = [dataclasses.replace(e, artifacts=dict(e.artifacts)) for e in exp]
+    exp[1].artifacts["decoded.txt"] = b"layer 1's decoded panic text\n"
+    out = _recovery(tmp_path, snap, exp, ["complete"] + ["missing"] * 4)
+    (out / "decoded.txt").write_bytes(b"rendered at recovery from layer 0's raw pages\n")
+    man = json.loads((out / "manifest.json").read_text())
+    man["artifacts"] = {n: 0 for n in exp[0].artifacts} | {"decoded.txt": 0}
+    (out / "manifest.json").write_text(json.dumps(man))
+    s = score_recovery(out, snap, exp)
+    assert not s.false_accept, s.reasons
+    assert s.layers_recovered == 1 and "decoded.txt" in s.layers[1].artifacts_missing
+    # the same file claimed as layer 1's (no origin, or origin 1) is compared, and is wrong
+    man["artifacts"]["decoded.txt"] = 1
+    (out / "manifest.json").write_text(json.dumps(man))
+    assert score_recovery(out, snap, exp).false_accept
+    man["layers"][1]["status"] = "complete"
+    man["artifacts"]["decoded.txt"] = 0
+    (out / "manifest.json").write_text(json.dumps(man))
+    s = score_recovery(out, snap, exp)
+    assert s.false_accept and any("artifacts missing" in r for r in s.reasons)

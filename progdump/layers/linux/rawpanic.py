@@ -26,7 +26,6 @@ reads exactly what the recovery-side reader will read, no more.
 from __future__ import annotations
 
 import json
-import time
 
 from progdump.errors import ProgdumpError
 from progdump.layers.base import Artifact, LayerContent
@@ -104,7 +103,6 @@ def _runs(pfns: list[int]) -> list[tuple[int, int]]:
 
 def raw_panic(snapshot: Snapshot) -> LayerContent:
     """Layer 0's raw content (see the module docstring). Raises :class:`RawPanicError` when impossible."""
-    t0 = time.perf_counter()
     rec = _Recording(snapshot)
     mem, vi = minimal_memory(rec)
     notes: list[str] = []
@@ -137,7 +135,6 @@ def raw_panic(snapshot: Snapshot) -> LayerContent:
         "format": 1,
         "regions": regions,
         "pages": len(pfns),
-        "capture_ms": round((time.perf_counter() - t0) * 1e3, 3),
         "render": "progdump recover renders dmesg.txt and panic.txt from these pages (progdump.layers.linux.recovery)",
     }
     return LayerContent(artifacts=[Artifact(RAW_ARTIFACT, json.dumps(doc, indent=1).encode())],
