@@ -8,7 +8,9 @@ order, so a plan is also a promise about what survives first.
 ``progressive`` follows DESIGN.md (panic, tasks, kernel, cache, all);
 ``progressive-raw`` is progressive with layer 0 as raw pages (``panic-raw``:
 the printk ring, stacks, page tables; text rendered at recovery) and the
-decoded panic text moved to layer 1 (issue 13).
+decoded panic text moved to layer 1 (issue 13). ``raw-kernel`` decodes nothing
+while writing: raw layer 0, then the kernel pages, cache, the rest; recovery
+renders the panic text from the pages (issue 13's "dump raw, render at recovery").
 ``monolithic`` is today's behaviour: one layer with everything, committed
 only at the end. It is the baseline every figure is compared against.
 ``triage`` is the two-step compromise: everything an engineer reads first
@@ -107,6 +109,16 @@ PLANS: dict[str, tuple[LayerSpec, ...]] = {
         LayerSpec(2, "kernel", 1, ("kernel",)),
         LayerSpec(3, "cache", 1, ("cache",)),
         LayerSpec(4, "all", 1, ("all",)),
+    ),
+    # issue 13, "dump raw, render at recovery" carried one step further: nothing is decoded while
+    # the machine waits. Layer 0 is raw (as in progressive-raw), then the kernel pages makedumpfile's
+    # -d 31 keeps, cache, the rest. The decoded panic.txt/dmesg.txt are rendered by `progdump
+    # recover` from the raw pages; tasks.txt is not written (the kernel layer opens in drgn/crash).
+    "raw-kernel": (
+        LayerSpec(0, "panic", 3, ("panic-raw",)),
+        LayerSpec(1, "kernel", 1, ("kernel",)),
+        LayerSpec(2, "cache", 1, ("cache",)),
+        LayerSpec(3, "all", 1, ("all",)),
     ),
     "monolithic": (LayerSpec(0, "all", 1, ("panic", "tasks", "kernel", "cache", "all")),),
     "triage": (

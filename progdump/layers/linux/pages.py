@@ -30,13 +30,14 @@ per physically contiguous piece of vmemmap), never a Python loop per page.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from progdump.layers.base import PageClass, PageClassMap
 from progdump.layers.linux.kernel import LinuxKernel
 from progdump.layers.linux.translate import FaultError
 from progdump.snapshot import PAGE_SIZE, SnapshotError
 
-__all__ = ["PageFlags", "classify_struct_pages", "build_page_classes"]
+__all__ = ["PageFlags", "classify_struct_pages", "build_page_classes", "vmemmap_from_mem_section", "raw_page_classes"]
 
 PAGE_MAPPING_ANON = 1
 PAGE_MAPPING_MOVABLE = 2
@@ -99,18 +100,100 @@ def classify_struct_pages(np, raw, pf: PageFlags):  # type: ignore[no-untyped-de
     return cls, order, head_va
 
 
-def build_page_classes(k: LinuxKernel) -> tuple[PageClassMap, list[str], dict[str, float]]:
-    """The map over every pfn in the snapshot, notes, and timings (seconds)."""
+MAX_SECTION_ROOTS = 1 << 16  # LENGTH(mem_section) is NR_SECTION_ROOTS: 2048 for 46 physical address bits
+SECTION_HAS_MEM_MAP = 2
+MAX_SECTIONS_CHECKED = 64
+
+
+def vmemmap_from_mem_section(mem, vi) -> int:  # type: ignore[no-untyped-def]
+    """``vmemmap_base`` from VMCOREINFO's ``mem_section`` (SPARSEMEM_EXTREME), without kallsyms.
+
+    Why: a plan that writes the kernel pages right after a raw layer 0 would
+    otherwise load kallsyms (30-300 ms) for one symbol. Each present section's
+    ``section_mem_map`` holds ``sparse_encode_mem_map(mem_map, nr)``, that is
+    ``mem_map - section_nr_to_pfn(nr)`` with flag bits in its low bits (at most
+    ``SECTION_MAP_LAST_BIT`` = 6 of them); under SPARSEMEM_VMEMMAP ``mem_map``
+    is ``vmemmap + start pfn``, so every section decodes to ``vmemmap`` itself
+    (page aligned: the low 12 bits are cleared). makedumpfile reads the same
+    table to find ``mem_map`` without a vmlinux. The sections checked must all
+    agree and the value must be a kernel address, else ValueError says why.
+    """
+    root = vi.symbol("mem_section")
+    nroots = vi.length("mem_section")
+    ssize = vi.size("mem_section")
+    off = vi.offset("mem_section.section_mem_map")
+    if not 0 < nroots <= MAX_SECTION_ROOTS or not 8 <= ssize <= PAGE_SIZE or off % 8 or off + 8 > ssize:
+        raise ValueError(f"mem_section layout unusable (LENGTH {nroots}, SIZE {ssize}, OFFSET {off})")
+    per_root = PAGE_SIZE // ssize
+    roots = mem.read(root, 8 * nroots)
+    found: set[int] = set()
+    seen = 0
+    for r in range(nroots):
+        ptr = int.from_bytes(roots[8 * r : 8 * r + 8], "little")
+        if not ptr:
+            continue
+        table = mem.read(ptr, per_root * ssize)
+        for i in range(per_root):
+            smm = int.from_bytes(table[i * ssize + off : i * ssize + off + 8], "little")
+            if smm & SECTION_HAS_MEM_MAP:
+                found.add(smm & ~(PAGE_SIZE - 1))
+                seen += 1
+                if seen >= MAX_SECTIONS_CHECKED:
+                    break
+        if seen >= MAX_SECTIONS_CHECKED:
+            break
+    if not found:
+        raise ValueError("no present section with a mem_map in mem_section")
+    if len(found) > 1:
+        raise ValueError(f"mem_section sections disagree on vmemmap ({', '.join(hex(v) for v in sorted(found)[:4])})")
+    vmemmap = found.pop()
+    if vmemmap < 0xFFFF800000000000:
+        raise ValueError(f"mem_section decodes to {vmemmap:#x}, not a kernel address (not SPARSEMEM_VMEMMAP?)")
+    return vmemmap
+
+
+@dataclass
+class _MinimalKernel:
+    """What :func:`build_page_classes` reads: the snapshot, VMCOREINFO, kernel memory."""
+
+    snapshot: object
+    vi: object
+    mem: object
+
+
+def raw_page_classes(snapshot) -> tuple[PageClassMap, list[str]]:  # type: ignore[no-untyped-def]
+    """Page classes from VMCOREINFO alone (page tables, ``mem_section``, ``mem_map``): no kallsyms.
+
+    The Linux registry entry offers it so a plan can write the kernel pages
+    before any producer is chosen (plan ``raw-kernel``, issue 13). Raises
+    (ValueError, FaultError, ...) when the snapshot lacks something; the
+    caller then classifies through the full producer.
+    """
+    from progdump.layers.linux.rawpanic import minimal_memory  # noqa: PLC0415
+
+    mem, vi = minimal_memory(snapshot)
+    vmemmap = vmemmap_from_mem_section(mem, vi)
+    pcm, notes, _ = build_page_classes(_MinimalKernel(snapshot, vi, mem), vmemmap)  # type: ignore[arg-type]
+    return pcm, ["page classes from VMCOREINFO's mem_section (no kallsyms)", *notes]
+
+
+def build_page_classes(k: LinuxKernel, vmemmap: int | None = None) -> tuple[PageClassMap, list[str], dict[str, float]]:
+    """The map over every pfn in the snapshot, notes, and timings (seconds).
+
+    ``vmemmap``: the base of the ``struct page`` array when already known (else
+    read from the ``vmemmap_base`` symbol through ``k.syms``).
+    """
     import numpy as np  # noqa: PLC0415 (optional dependency: the caller degrades without it)
 
     t0 = time.perf_counter()
     snap = k.snapshot
     pf = PageFlags(k.vi)
     notes: list[str] = []
-    vb_sym = k.syms.address("vmemmap_base")
-    if vb_sym is None:
-        raise ValueError("no vmemmap_base symbol (kernel without SPARSEMEM_VMEMMAP?)")
-    vmemmap = k.mem.u64(vb_sym)
+    if vmemmap is None:
+        vb_sym = k.syms.address("vmemmap_base")
+        if vb_sym is None:
+            raise ValueError("no vmemmap_base symbol (kernel without SPARSEMEM_VMEMMAP?)")
+        vmemmap = k.mem.u64(vb_sym)
     if not runs_ok(snap):
         raise ValueError("snapshot has no memory")
     base_pfn = snap.ranges[0].phys_start // PAGE_SIZE
