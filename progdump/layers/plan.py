@@ -62,7 +62,8 @@ class BulkRule:
     min_share: float = 0.10
 
     def describe(self) -> str:
-        return f"bulk caches: {', '.join(self.patterns) or '(none)'}; else any cache above {self.min_share:.0%} of kernel pages"
+        pats = ", ".join(self.patterns) or "(none)"
+        return f"bulk caches: {pats}; else any cache above {self.min_share:.0%} of kernel pages"
 
 
 #: ZFS's data caches: the ARC's data and metadata record buffers (illumos and
@@ -147,7 +148,8 @@ def bulk_caches(kmap: KernelMap, classes: PageClassMap, rule: BulkRule) -> tuple
     why = "matched " + ", ".join(rule.patterns)
     if not named:
         named = {n for n, c in pages.items() if n != "?" and c > rule.min_share * kernel}
-        why = f"no cache matched {', '.join(rule.patterns) or '(no patterns)'}; caches above {rule.min_share:.0%} of {kernel} kernel pages"
+        pats = ", ".join(rule.patterns) or "(no patterns)"
+        why = f"no cache matched {pats}; caches above {rule.min_share:.0%} of {kernel} kernel pages"
     ids = {i + 1 for i, n in enumerate(kmap.caches) if n in named}
     listed = ", ".join(f"{n} ({pages[n]} pages)" for n in sorted(named, key=lambda n: -pages[n]))
     return ids, f"bulk caches ({why}): {listed or 'none'}"

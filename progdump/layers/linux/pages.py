@@ -43,6 +43,7 @@ PAGE_MAPPING_ANON = 1
 PAGE_MAPPING_MOVABLE = 2
 PAGE_TYPE_BASE = 0xF0000000
 SLICE_PAGES = 32768  # struct pages classified at once: 2 MiB of them, ~10 MiB of numpy temporaries
+COVER_WINDOW = 1 << 18  # pages per window when marking free blocks (2 MiB of int64 running counts)
 
 
 class PageFlags:
@@ -200,10 +201,16 @@ def build_page_classes(k: LinuxKernel, vmemmap: int | None = None) -> tuple[Page
     end_pfn = snap.ranges[-1].phys_end // PAGE_SIZE
     npages = end_pfn - base_pfn
     cls = np.full(npages, int(PageClass.UNKNOWN), dtype=np.uint8)
-    order = np.full(npages, -1, dtype=np.int8)  # buddy orders are <= max_order (about 10): 1 byte a page
-    head_va = np.zeros(npages, dtype=np.uint64)
+    # Buddy heads and tail pages are kept sparse (per slice, only where they are), never as a
+    # per-page array: 1 byte a page (the classes) is all that grows with the guest's RAM (issue 13).
+    buddy_idx: list = []  # indices of buddy heads with order > 0, and their orders
+    buddy_ord: list = []
+    tail_idx: list = []  # indices of tail pages, and their head's index (-1: head outside memory)
+    tail_head: list = []
     missing = 0
     t_read = 0.0
+    vm = np.uint64(vmemmap)
+    psize = np.uint64(pf.size)
     for first, n in snap.pfn_runs():
         va = vmemmap + first * pf.size
         pfn = first
@@ -229,25 +236,40 @@ def build_page_classes(k: LinuxKernel, vmemmap: int | None = None) -> tuple[Page
                     continue
                 c, o, h = classify_struct_pages(np, raw, pf)
                 i = pfn - base_pfn + s0
-                cls[i : i + m], order[i : i + m], head_va[i : i + m] = c, o, h
+                cls[i : i + m] = c
+                b = np.nonzero(o > 0)[0]
+                if b.size:
+                    buddy_idx.append(b + i)
+                    buddy_ord.append(o[b].astype(np.int8))
+                tl = np.nonzero(h)[0]
+                if tl.size:
+                    hv = h[tl]
+                    hp = (hv - vm) // psize  # wraps to a huge value below vmemmap: refused below
+                    ok = (hv >= vm) & (hp < np.uint64(end_pfn)) & (hp >= np.uint64(base_pfn))
+                    tail_idx.append(tl + i)
+                    tail_head.append(np.where(ok, hp.astype(np.int64) - base_pfn, -1))
                 del c, o, h, raw
                 snap.release_phys(pa + s0 * pf.size, m * pf.size)
     t1 = time.perf_counter()
-    # buddy blocks: mark the 2^order pages after each head free
-    heads = np.nonzero(order > 0)[0]
-    if heads.size:
-        span = np.zeros(npages + 1, dtype=np.int32)
-        ends = np.minimum(heads + (1 << order[heads].astype(np.int64)), npages)
+    # buddy blocks: mark the 2^order pages after each head free (a running count of open blocks,
+    # summed window by window so no per-page temporary wider than a byte is ever whole)
+    if buddy_idx:
+        heads = np.concatenate(buddy_idx)
+        ends = np.minimum(heads + (np.int64(1) << np.concatenate(buddy_ord).astype(np.int64)), npages)
+        span = np.zeros(npages + 1, dtype=np.int8)  # |value| <= 12: one head, at most 11 ends (orders)
         np.add.at(span, heads, 1)
         np.add.at(span, ends, -1)
-        covered = np.cumsum(span[:-1]) > 0
-        cls[covered] = int(PageClass.FREE)
+        carry = 0
+        for w in range(0, npages, COVER_WINDOW):
+            open_blocks = np.cumsum(span[w : min(w + COVER_WINDOW, npages)], dtype=np.int64) + carry
+            cls[w : w + COVER_WINDOW][open_blocks > 0] = int(PageClass.FREE)
+            carry = int(open_blocks[-1])
+        del span, heads, ends
     # tail pages take their head's class
-    tails = np.nonzero(head_va)[0]
-    if tails.size:
-        hp = (head_va[tails] - np.uint64(vmemmap)) // np.uint64(pf.size)
-        hi = hp.astype(np.int64) - base_pfn
-        ok = (hp < np.uint64(end_pfn)) & (hi >= 0) & (hi < npages)
+    if tail_idx:
+        tails = np.concatenate(tail_idx)
+        hi = np.concatenate(tail_head)
+        ok = hi >= 0
         sel = tails[ok]
         inherit = cls[hi[ok]]
         # a tail inside a free block stays free; otherwise it takes the head's class
