@@ -177,3 +177,35 @@ def test_lazy_producer_takes_raw_page_classes_without_selecting_the_producer():
                 assert "unit-raw raw page classes failed: ValueError: no mem_section here" in notes
         finally:
             unregister_producer("unit-raw")
+
+
+def test_class_runs_are_the_same_across_window_boundaries(monkeypatch):
+    """PageClassMap.runs scans in windows; runs crossing a window's end come out whole.
+
+    Expected runs from a plain per-page loop over the class bytes (independent of the regex code).
+    """
+    import random
+
+    from progdump.layers import base
+
+    rng = random.Random(13)
+    n = 1000
+    s = _snap(npages=n)
+    m = PageClassMap(0, n, PageClass.USER)
+    for _ in range(60):
+        m.set_run(rng.randrange(n), rng.randrange(1, 40), rng.choice([PageClass.KERNEL, PageClass.CACHE]))
+    wanted = frozenset({PageClass.KERNEL})
+    expected, i = [], 0
+    while i < n:
+        if m.classes[i] == int(PageClass.KERNEL):
+            j = i
+            while j < n and m.classes[j] == int(PageClass.KERNEL):
+                j += 1
+            expected.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    for window in (1, 7, 64, 1 << 20):
+        monkeypatch.setattr(base, "RUN_WINDOW", window)
+        assert list(m.runs(wanted, s)) == expected, window
+        assert list(m.runs_of_values(frozenset({int(PageClass.KERNEL)}), s, False)) == expected, window

@@ -129,3 +129,38 @@ def test_vmemmap_from_mem_section_refuses_what_does_not_add_up() -> None:
                      b"OFFSET(mem_section.section_mem_map)=0\n")  # fmt: skip
     with pytest.raises(ValueError, match="layout unusable"):
         vmemmap_from_mem_section(Image().kmem(), bad)
+
+
+def test_tails_and_free_blocks_across_small_windows(monkeypatch) -> None:
+    """Compound pages and buddy blocks straddling the windows the classifier works in (set to 7 pages).
+
+    Expected classes written out by hand from the struct pages planted here.
+    """
+    from progdump.layers.linux import pages as pages_mod
+
+    monkeypatch.setattr(pages_mod, "COVER_WINDOW", 7)
+    img = Image(size=16 << 20)
+    npages = len(img.mem) // PAGE
+    pages = [page() for _ in range(npages)]
+    cache = 0xFFFF888000004000
+    pages[1000] = page(flags=1 << 4, mapping=cache)  # page-cache head of an order-4 compound page
+    for t in range(1001, 1016):
+        pages[t] = page(head=VMEMMAP + 64 * 1000 + 1)  # its 15 tails: cross windows at 1001, 1008, 1015
+    pages[1016] = page(flags=1 << 4, mapping=0xFFFF888000000001)  # anon head, order 1
+    pages[1017] = page(head=VMEMMAP + 64 * 1016 + 1)  # its tail, right after the other run
+    pages[1020] = page(head=VMEMMAP - 64 + 1)  # a tail pointing below vmemmap: left as it was (kernel)
+    pages[2000] = page(mapcount=-129, private=4)  # free block 2000..2015
+    pages[2005] = page(head=VMEMMAP + 64 * 1016 + 1)  # stale tail inside the free block: stays free
+    raw = b"".join(pages)
+    backing = [img.alloc_page() for _ in range(len(raw) // PAGE)]
+    for i, pa in enumerate(backing):
+        img.map(VMEMMAP + i * PAGE, pa)
+        img.put(pa, raw[i * PAGE : (i + 1) * PAGE])
+    k = SimpleNamespace(vi=Vmcoreinfo(VI), snapshot=img.snapshot(), mem=img.kmem())
+    pcm, notes, _ = build_page_classes(k, VMEMMAP)  # type: ignore[arg-type]
+    assert notes == ["1 tail pages point at heads outside memory: left as they were"]
+    assert [pcm.get(p) for p in range(1000, 1016)] == [PageClass.CACHE] * 16
+    assert [pcm.get(p) for p in (1016, 1017, 1018, 1020)] == [PageClass.USER] * 2 + [PageClass.KERNEL] * 2
+    assert [pcm.get(p) for p in range(1999, 2017)] == [PageClass.KERNEL] + [PageClass.FREE] * 16 + [PageClass.KERNEL]
+    counts = pcm.counts()
+    assert counts["cache"] == 16 and counts["user"] == 2 and counts["free"] == 16

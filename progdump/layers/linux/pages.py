@@ -205,7 +205,8 @@ def build_page_classes(k: LinuxKernel, vmemmap: int | None = None) -> tuple[Page
     # per-page array: 1 byte a page (the classes) is all that grows with the guest's RAM (issue 13).
     buddy_idx: list = []  # indices of buddy heads with order > 0, and their orders
     buddy_ord: list = []
-    tail_idx: list = []  # indices of tail pages, and their head's index (-1: head outside memory)
+    tail_start: list = []  # runs of tail pages sharing one head: first index, length, head index
+    tail_len: list = []  # (-1 as head: outside memory)
     tail_head: list = []
     missing = 0
     t_read = 0.0
@@ -246,8 +247,14 @@ def build_page_classes(k: LinuxKernel, vmemmap: int | None = None) -> tuple[Page
                     hv = h[tl]
                     hp = (hv - vm) // psize  # wraps to a huge value below vmemmap: refused below
                     ok = (hv >= vm) & (hp < np.uint64(end_pfn)) & (hp >= np.uint64(base_pfn))
-                    tail_idx.append(tl + i)
-                    tail_head.append(np.where(ok, hp.astype(np.int64) - base_pfn, -1))
+                    gi = tl.astype(np.int64) + i
+                    hidx = np.where(ok, hp.astype(np.int64) - base_pfn, -1)
+                    # one entry per run of consecutive tails with one head (a compound page)
+                    brk = np.flatnonzero((np.diff(gi) != 1) | (np.diff(hidx) != 0)) + 1
+                    starts = np.concatenate(([0], brk))
+                    tail_start.append(gi[starts])
+                    tail_len.append(np.diff(np.concatenate((starts, [gi.size]))))
+                    tail_head.append(hidx[starts])
                 del c, o, h, raw
                 snap.release_phys(pa + s0 * pf.size, m * pf.size)
     t1 = time.perf_counter()
@@ -265,24 +272,41 @@ def build_page_classes(k: LinuxKernel, vmemmap: int | None = None) -> tuple[Page
             cls[w : w + COVER_WINDOW][open_blocks > 0] = int(PageClass.FREE)
             carry = int(open_blocks[-1])
         del span, heads, ends
-    # tail pages take their head's class
-    if tail_idx:
-        tails = np.concatenate(tail_idx)
-        hi = np.concatenate(tail_head)
-        ok = hi >= 0
-        sel = tails[ok]
-        inherit = cls[hi[ok]]
-        # a tail inside a free block stays free; otherwise it takes the head's class
-        keep_free = cls[sel] == int(PageClass.FREE)
-        cls[sel[~keep_free]] = inherit[~keep_free]
-        if (~ok).sum():
-            notes.append(f"{int((~ok).sum())} tail pages point at heads outside memory: left as they were")
+    # tail pages take their head's class (the heads' classes read once, before any tail changes)
+    if tail_start:
+        rs = np.concatenate(tail_start)
+        rl = np.concatenate(tail_len)
+        rh = np.concatenate(tail_head)
+        bad = rh < 0
+        if bad.any():
+            notes.append(f"{int(rl[bad].sum())} tail pages point at heads outside memory: left as they were")
+            rs, rl, rh = rs[~bad], rl[~bad], rh[~bad]
+        if rs.size > 1 and (np.diff(rs) < 0).any():  # slices came out of pfn order: sort the runs
+            o = np.argsort(rs, kind="stable")
+            rs, rl, rh = rs[o], rl[o], rh[o]
+        head_cls = cls[rh]
+        ends = rs + rl
+        for w in range(0, npages, COVER_WINDOW):
+            we = min(w + COVER_WINDOW, npages)
+            r0 = int(np.searchsorted(ends, w, side="right"))
+            r1 = int(np.searchsorted(rs, we, side="left"))
+            if r0 >= r1:
+                continue
+            a = np.maximum(rs[r0:r1], w)
+            cnt = np.minimum(ends[r0:r1], we) - a
+            first = np.cumsum(cnt) - cnt
+            idx = np.repeat(a - first, cnt) + np.arange(int(cnt.sum()), dtype=np.int64)
+            inherit = np.repeat(head_cls[r0:r1], cnt)
+            # a tail inside a free block stays free; otherwise it takes the head's class
+            change = cls[idx] != int(PageClass.FREE)
+            cls[idx[change]] = inherit[change]
     t2 = time.perf_counter()
     t3 = time.perf_counter()
     if missing:
         notes.append(f"{missing} pages have no readable struct page: UNKNOWN (kept in the kernel layer)")
     pcm = PageClassMap(base_pfn, 0)
-    pcm.classes = bytearray(cls.tobytes())
+    pcm.classes = bytearray(cls)  # one copy (tobytes() would make two)
+    del cls
     timings = {"struct_pages_s": t1 - t0, "buddy_tail_s": t2 - t1, "total_s": t3 - t0, "pages": float(npages)}
     return pcm, notes, timings
 
