@@ -19,16 +19,17 @@ traceback (set ``PROGDUMP_TRACEBACK=1`` to see one when debugging). Any
 other exception is a bug in progdump: it is not caught, so Python prints
 its traceback (exit status 1) for a bug report.
 
-Other modules add subcommands with :func:`register` (``replay``, ``bench``):
-any module named in :data:`PLUGIN_MODULES` that exists, and any entry point
-of group ``progdump.cli``, is loaded and its ``register_cli(register)``
-called.
+Other modules add subcommands with :func:`register` (``replay``): every entry
+point of group ``progdump.cli`` is loaded and its ``register_cli(register)``
+called, but only when the command line needs them (a command that is not
+built in, or the top-level help): ``write``, ``recover`` and ``info`` start
+without importing ``importlib.metadata`` or the harness (issue 13: 35-87 ms
+of a ``write``'s start went to plugins it never used).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -38,9 +39,10 @@ from dataclasses import dataclass
 
 from progdump.errors import EXIT_ERROR, EXIT_NO_DUMP, EXIT_OK, ProgdumpError
 
-__all__ = ["main", "register", "Subcommand", "SUBCOMMANDS", "PLUGIN_MODULES"]
+__all__ = ["main", "register", "Subcommand", "SUBCOMMANDS", "BUILTIN"]
 
-PLUGIN_MODULES = ("progdump.replay", "progdump.bench")
+#: subcommands defined here: they need no plugin loaded
+BUILTIN = ("write", "recover", "info")
 
 
 @dataclass
@@ -74,7 +76,14 @@ def _setup_write(p: argparse.ArgumentParser) -> None:
         "snapshot", metavar="SNAPSHOT", help="ELF core of the machine (QEMU dump-guest-memory, /proc/vmcore)"
     )
     p.add_argument("device", metavar="DEVICE", help="existing file or block device to write the dump to")
-    p.add_argument("--plan", default="progressive", help="layer plan: progressive (default) or monolithic")
+    from progdump.layers.plan import PLANS  # noqa: PLC0415 (only when write's arguments are wanted)
+
+    p.add_argument(
+        "--plan",
+        default="progressive",
+        metavar="PLAN",
+        help=f"layer plan (progdump/layers/plan.py): {', '.join(PLANS)}; default progressive",
+    )
     p.add_argument(
         "--device-model",
         default="none",
@@ -193,8 +202,8 @@ def _run_write(a: argparse.Namespace) -> int:
             else "every lost page was written again by a later layer"
         )
         print(
-            f"progdump: {res.failed_writes} writes failed on the medium; layers with a hole: {', '.join(holey) or 'none'}"
-            f" ({retry}; recover reports the holes)",
+            f"progdump: {res.failed_writes} writes failed on the medium;"
+            f" layers with a hole: {', '.join(holey) or 'none'} ({retry}; recover reports the holes)",
             file=sys.stderr,
         )
     if res.stopped == "error":
@@ -239,7 +248,8 @@ def layer_table(res) -> str:  # type: ignore[no-untyped-def]
     if res.dump_time_ns:
         when = time.strftime(", written %Y-%m-%d %H:%M:%S UTC", time.gmtime(res.dump_time_ns / 1e9))
     lines = [
-        f"dump {res.dump_id} (format {res.format_version}), plan {res.plan or '?'}, producer {res.producer or '?'}{when}",
+        f"dump {res.dump_id} (format {res.format_version}), plan {res.plan or '?'},"
+        f" producer {res.producer or '?'}{when}",
         f"{'layer':>5}  {'name':<8} {'status':<9} {'bytes':>10} {'pages':>9} {'flushed':>10}  artifacts / why",
     ]
     for lay in res.layers:
@@ -247,7 +257,8 @@ def layer_table(res) -> str:  # type: ignore[no-untyped-def]
         if lay.status != "complete" and lay.reasons:
             extra = (extra + "  " if extra else "") + f"({lay.reasons[0]})"
         lines.append(
-            f"{lay.index:>5}  {lay.name:<8} {lay.status:<9} {_human(lay.bytes):>10} {lay.pages:>9} {_secs(lay.durable_s):>10}  {extra}"
+            f"{lay.index:>5}  {lay.name:<8} {lay.status:<9} {_human(lay.bytes):>10} {lay.pages:>9}"
+            f" {_secs(lay.durable_s):>10}  {extra}"
         )
     if res.end:
         lines.append(f"writer ended: {res.end.get('reason', '?')}")
@@ -320,48 +331,51 @@ register("info", "print the layer table of the newest dump on a device", _setup_
 
 
 def _load_plugins() -> None:
-    """Subcommands from other modules: :data:`PLUGIN_MODULES` that exist, and entry points
-    of group ``progdump.cli`` (``replay = "harness.crashsim.cli:register_cli"`` in
-    pyproject.toml), so ``progdump`` itself never imports the harness."""
-    hooks = []
-    for mod in PLUGIN_MODULES:
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue
-            raise
-        hooks.append(getattr(m, "register_cli", None))
-    try:
-        from importlib.metadata import entry_points  # noqa: PLC0415
+    """Subcommands from other modules: entry points of group ``progdump.cli``
+    (``replay = "harness.crashsim.cli:register_cli"`` in pyproject.toml), so
+    ``progdump`` itself never imports the harness."""
+    from importlib.metadata import entry_points  # noqa: PLC0415 (10-15 ms: only when plugins are wanted)
 
-        for ep in entry_points(group="progdump.cli"):
-            hooks.append(ep.load())
-    except ImportError:
-        pass
-    for hook in hooks:
+    for ep in entry_points(group="progdump.cli"):
+        hook = ep.load()
         if callable(hook):
             hook(register)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not a top-level option)."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that subcommand's arguments are set up (the others are
+    listed by name, which is all the top-level help shows), so ``recover`` never imports the plans."""
     ap = argparse.ArgumentParser(prog="progdump", description="Progressive crash dumps: write, recover, inspect.")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     for sc in SUBCOMMANDS.values():
         p = sub.add_parser(sc.name, help=sc.help, description=sc.help)
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print only errors")
-        sc.setup(p)
+        if command is None or command == sc.name:
+            sc.setup(p)
         p.set_defaults(_run=sc.run)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        _load_plugins()
-    except Exception as e:  # a broken optional plugin must not break write/recover
-        print(f"progdump: warning: subcommand plugin failed to load: {type(e).__name__}: {e}", file=sys.stderr)
-    ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command(argv)
+    if command not in BUILTIN:  # a plugin's command, the top-level help, or a usage error listing commands
+        try:
+            _load_plugins()
+        except Exception as e:  # a broken optional plugin must not break write/recover
+            print(f"progdump: warning: subcommand plugin failed to load: {type(e).__name__}: {e}", file=sys.stderr)
+    ap = build_parser(command if command in SUBCOMMANDS else None)
     try:
         a = ap.parse_args(argv)
     except SystemExit as e:  # argparse: usage errors exit 2; the contract says 1

@@ -125,6 +125,7 @@ class LazyProducer:
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
         self._p: Producer | None = None
+        self._degraded: list[str] = []  # noted before the producer was selected; handed to it then
 
     @property
     def name(self) -> str:
@@ -135,12 +136,30 @@ class LazyProducer:
 
     @property
     def degraded(self) -> list[str]:
-        return self._p.degraded if self._p is not None else []
+        return self._p.degraded if self._p is not None else self._degraded
 
     def get(self) -> Producer:
         if self._p is None:
             self._p = select_producer(self.snapshot)
+            self._p.degraded[:0] = [d for d in self._degraded if d not in self._p.degraded]
         return self._p
+
+    def page_classes(self) -> PageClassMap | None:
+        """Page classes without selecting the producer when its registry entry offers them raw
+        (Linux: from VMCOREINFO, no kallsyms); else, or when that fails, through the producer."""
+        if self._p is None:
+            _import_os_packages()
+            for entry in producers():
+                if entry.raw_page_classes is None or entry.accepts(self.snapshot) is not None:
+                    continue
+                try:
+                    pcm, notes = entry.raw_page_classes(self.snapshot)
+                    self._degraded += [n for n in notes if not n.startswith("page classes from")]
+                    return pcm
+                except Exception as e:  # noqa: BLE001 - untrusted memory: the full producer tries next
+                    self._degraded.append(f"{entry.name} raw page classes failed: {type(e).__name__}: {e}")
+                break
+        return self.get().page_classes()
 
     def __getattr__(self, attr: str):  # type: ignore[no-untyped-def]
         return getattr(self.get(), attr)

@@ -137,6 +137,30 @@ class LayerContent:
     notes: list[str] = field(default_factory=list)
 
 
+RUN_WINDOW = 1 << 20  # class bytes translated at once: a 1 MiB temporary whatever the guest's RAM
+
+
+def _marked_runs(classes: bytearray, lo: int, hi: int, table: bytes) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` runs in ``classes[lo:hi]`` of bytes that ``table`` maps to 1.
+
+    In windows of :data:`RUN_WINDOW` (``bytes.translate`` and a regex, in C), a run that crosses
+    a window's end joined with its continuation, so a large guest needs no whole-map copies.
+    """
+    start = end = -1
+    for w in range(lo, hi, RUN_WINDOW):
+        marks = classes[w : min(w + RUN_WINDOW, hi)].translate(table)
+        for m in re.finditer(rb"\x01+", marks):
+            a, b = w + m.start(), w + m.end()
+            if a == end:
+                end = b
+                continue
+            if end > start:
+                yield start, end
+            start, end = a, b
+    if end > start:
+        yield start, end
+
+
 class PageClassMap:
     """Class of every page frame in the snapshot: one byte per pfn.
 
@@ -183,9 +207,8 @@ class PageClassMap:
                 continue
             inside_hi = min(hi, len(self.classes))
             if inside_hi > lo:
-                marks = self.classes[lo:inside_hi].translate(table)
-                for m in re.finditer(rb"\x01+", marks):
-                    yield first + m.start(), m.end() - m.start()
+                for a, b in _marked_runs(self.classes, lo, inside_hi, table):
+                    yield first + a - lo, b - a
             if hi > inside_hi and unknown_wanted:
                 start = self.base_pfn + max(inside_hi, lo)
                 yield start, self.base_pfn + hi - start
@@ -209,9 +232,8 @@ class PageClassMap:
                 lo = 0
             inside_hi = min(hi, len(self.classes))
             if inside_hi > lo:
-                marks = self.classes[lo:inside_hi].translate(table)
-                for m in re.finditer(rb"\x01+", marks):
-                    yield self.base_pfn + lo + m.start(), m.end() - m.start()
+                for a, b in _marked_runs(self.classes, lo, inside_hi, table):
+                    yield self.base_pfn + a, b - a
             if hi > inside_hi and outside:
                 start = max(inside_hi, lo)
                 yield self.base_pfn + start, hi - start

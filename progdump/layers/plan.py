@@ -8,7 +8,9 @@ order, so a plan is also a promise about what survives first.
 ``progressive`` follows DESIGN.md (panic, tasks, kernel, cache, all);
 ``progressive-raw`` is progressive with layer 0 as raw pages (``panic-raw``:
 the printk ring, stacks, page tables; text rendered at recovery) and the
-decoded panic text moved to layer 1 (issue 13).
+decoded panic text moved to layer 1 (issue 13). ``raw-kernel`` decodes nothing
+while writing: raw layer 0, then the kernel pages, cache, the rest; recovery
+renders the panic text from the pages (issue 13's "dump raw, render at recovery").
 ``monolithic`` is today's behaviour: one layer with everything, committed
 only at the end. It is the baseline every figure is compared against.
 ``triage`` is the two-step compromise: everything an engineer reads first
@@ -60,7 +62,8 @@ class BulkRule:
     min_share: float = 0.10
 
     def describe(self) -> str:
-        return f"bulk caches: {', '.join(self.patterns) or '(none)'}; else any cache above {self.min_share:.0%} of kernel pages"
+        pats = ", ".join(self.patterns) or "(none)"
+        return f"bulk caches: {pats}; else any cache above {self.min_share:.0%} of kernel pages"
 
 
 #: ZFS's data caches: the ARC's data and metadata record buffers (illumos and
@@ -108,6 +111,16 @@ PLANS: dict[str, tuple[LayerSpec, ...]] = {
         LayerSpec(3, "cache", 1, ("cache",)),
         LayerSpec(4, "all", 1, ("all",)),
     ),
+    # issue 13, "dump raw, render at recovery" carried one step further: nothing is decoded while
+    # the machine waits. Layer 0 is raw (as in progressive-raw), then the kernel pages makedumpfile's
+    # -d 31 keeps, cache, the rest. The decoded panic.txt/dmesg.txt are rendered by `progdump
+    # recover` from the raw pages; tasks.txt is not written (the kernel layer opens in drgn/crash).
+    "raw-kernel": (
+        LayerSpec(0, "panic", 3, ("panic-raw",)),
+        LayerSpec(1, "kernel", 1, ("kernel",)),
+        LayerSpec(2, "cache", 1, ("cache",)),
+        LayerSpec(3, "all", 1, ("all",)),
+    ),
     "monolithic": (LayerSpec(0, "all", 1, ("panic", "tasks", "kernel", "cache", "all")),),
     "triage": (
         LayerSpec(0, "triage", 3, ("panic", "tasks")),
@@ -135,7 +148,8 @@ def bulk_caches(kmap: KernelMap, classes: PageClassMap, rule: BulkRule) -> tuple
     why = "matched " + ", ".join(rule.patterns)
     if not named:
         named = {n for n, c in pages.items() if n != "?" and c > rule.min_share * kernel}
-        why = f"no cache matched {', '.join(rule.patterns) or '(no patterns)'}; caches above {rule.min_share:.0%} of {kernel} kernel pages"
+        pats = ", ".join(rule.patterns) or "(no patterns)"
+        why = f"no cache matched {pats}; caches above {rule.min_share:.0%} of {kernel} kernel pages"
     ids = {i + 1 for i, n in enumerate(kmap.caches) if n in named}
     listed = ", ".join(f"{n} ({pages[n]} pages)" for n in sorted(named, key=lambda n: -pages[n]))
     return ids, f"bulk caches ({why}): {listed or 'none'}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from progdump.layers.base import LayerContent, Producer
+from progdump.layers.base import LayerContent, PageClassMap, Producer
 from progdump.snapshot import Snapshot
 
 __all__ = ["ProducerEntry", "register_producer", "unregister_producer", "producers"]
@@ -31,6 +31,8 @@ class ProducerEntry:
     preload: tuple[str, ...] = ()  # module names imported before a writer's clock starts
     #: layer 0 as raw pages (a plan's ``panic-raw`` part): fast, no decoding; text rendered at recovery
     raw_panic: Callable[[Snapshot], LayerContent] | None = None
+    #: page classes without the full producer (no symbol tables): ``(map, notes)``; raises when it cannot
+    raw_page_classes: Callable[[Snapshot], tuple[PageClassMap, list[str]]] | None = None
 
 
 _REGISTRY: dict[str, ProducerEntry] = {}

@@ -176,3 +176,56 @@ def test_progress_bar_only_on_a_terminal():
     b = _Bar(p)
     b.update(50, 100, "x")
     assert p.getvalue() == ""
+
+
+def test_builtin_commands_load_no_plugins(elf, tmp_path, monkeypatch, capsys):
+    """write/recover/info never load entry-point plugins (issue 13: start-up time); other words do."""
+    from progdump import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_load_plugins", lambda: calls.append(1))
+    snap_path, _ = elf
+    dev = _dev(tmp_path)
+    assert main(["-q", "write", str(snap_path), str(dev)]) == 0
+    assert main(["info", str(dev)]) == 0
+    assert main(["recover", str(dev), str(tmp_path / "out")]) == 0
+    assert calls == []
+    assert main(["no-such-command"]) == 1  # usage error: plugins were tried, they might have defined it
+    assert calls == [1]
+    capsys.readouterr()
+
+
+def test_write_process_imports_no_harness(elf, tmp_path):
+    """The ``write`` process never imports the harness or importlib.metadata (checked by the interpreter)."""
+    snap_path, _ = elf
+    dev = _dev(tmp_path)
+    code = (
+        "import sys; from progdump.cli import main; rc = main(['-q', 'write', sys.argv[1], sys.argv[2]]);"
+        "bad = sorted(m for m in sys.modules if m.startswith('harness') or m == 'importlib.metadata');"
+        "print(rc, bad)"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", code, str(snap_path), str(dev)], env=env, capture_output=True, text=True)
+    assert r.stdout.strip() == "0 []", r.stdout + r.stderr
+
+
+def test_write_help_lists_every_plan(capsys):
+    """``--plan`` help names every plan in the plan registry, not only two."""
+    from progdump.layers.plan import PLANS
+
+    assert main(["write", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert len(PLANS) >= 5
+    for name in PLANS:
+        assert name in out, name
+
+
+def test_top_level_help_lists_plugin_commands(capsys):
+    """The top-level help still loads entry-point plugins and lists their commands (replay, from pyproject.toml)."""
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "write" in out and "recover" in out
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="progdump.cli"):
+        assert ep.name in out, ep.name

@@ -78,6 +78,20 @@ def test_page_class_parts_and_failure_fallback():
     assert any("fake producer failed in tasks()" in n for n in layers[1][1].notes)
 
 
+def test_raw_kernel_plan_decodes_nothing_and_puts_kernel_pages_second():
+    """``raw-kernel`` (issue 13): no panic/tasks decoding in any layer; kernel pages in layer 1."""
+    specs = get_plan("raw-kernel")
+    assert [s.name for s in specs] == ["panic", "kernel", "cache", "all"]
+    assert not {"panic", "tasks"} & {p for s in specs for p in s.parts}
+    s = _snap()
+    p = _Classifying(s)
+    layers = build_layers(s, "raw-kernel", p)
+    runs = [list(c.page_runs()) for _, c in layers]
+    assert runs[1] == [(2, 3)] and runs[2] == [(8, 2)] and runs[3] == [(0, 16)]
+    names = {a.name for _, c in layers for a in c.artifacts}
+    assert "tasks.txt" not in names and "panic.txt" in names  # generic layer 0: no VMCOREINFO here
+
+
 def test_select_producer_falls_back_with_reason():
     p = select_producer(_snap())
     assert isinstance(p, GenericProducer) and any("VMCOREINFO" in d for d in p.degraded)
@@ -121,3 +135,77 @@ def test_a_registered_producer_is_chosen_by_what_the_snapshot_carries():
         assert p.name == "generic" and any(d == "unit-tagged: not unit-os" for d in p.degraded)
     finally:
         unregister_producer("unit-tagged")
+
+
+def test_lazy_producer_takes_raw_page_classes_without_selecting_the_producer():
+    """LazyProducer.page_classes uses a registry entry's raw classifier; the producer stays unselected.
+
+    A test-only producer entry (fake classifier and factory): it proves the seam, not Linux decoding.
+    """
+    from progdump.layers import LazyProducer, ProducerEntry, register_producer
+    from progdump.layers.registry import unregister_producer
+
+    made = []
+
+    def factory(s):
+        made.append(1)
+        return _Classifying(s)
+
+    def raw(s):
+        m = PageClassMap(0, 16, PageClass.USER)
+        m.set_run(5, 2, PageClass.KERNEL)
+        return m, ["page classes from the fake raw path", "1 page odd"]
+
+    def failing(s):
+        raise ValueError("no mem_section here")
+
+    for rawfn, expect_made, expect_kernel in ((raw, [], [(5, 2)]), (failing, [1], [(2, 3)])):
+        made.clear()
+        register_producer(
+            ProducerEntry(name="unit-raw", factory=factory, priority=1, accepts=lambda s: None, raw_page_classes=rawfn)
+        )
+        try:
+            s = _snap()
+            lp = LazyProducer(s)
+            layers = build_layers(s, "raw-kernel", lp)  # type: ignore[arg-type]
+            assert list(layers[1][1].page_runs()) == expect_kernel
+            assert made == expect_made
+            notes = " ".join(n for _, c in layers for n in c.notes)
+            if rawfn is raw:
+                assert "1 page odd" in notes and "fake raw path" not in notes
+            else:
+                assert "unit-raw raw page classes failed: ValueError: no mem_section here" in notes
+        finally:
+            unregister_producer("unit-raw")
+
+
+def test_class_runs_are_the_same_across_window_boundaries(monkeypatch):
+    """PageClassMap.runs scans in windows; runs crossing a window's end come out whole.
+
+    Expected runs from a plain per-page loop over the class bytes (independent of the regex code).
+    """
+    import random
+
+    from progdump.layers import base
+
+    rng = random.Random(13)
+    n = 1000
+    s = _snap(npages=n)
+    m = PageClassMap(0, n, PageClass.USER)
+    for _ in range(60):
+        m.set_run(rng.randrange(n), rng.randrange(1, 40), rng.choice([PageClass.KERNEL, PageClass.CACHE]))
+    wanted = frozenset({PageClass.KERNEL})
+    expected, i = [], 0
+    while i < n:
+        if m.classes[i] == int(PageClass.KERNEL):
+            j = i
+            while j < n and m.classes[j] == int(PageClass.KERNEL):
+                j += 1
+            expected.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    for window in (1, 7, 64, 1 << 20):
+        monkeypatch.setattr(base, "RUN_WINDOW", window)
+        assert list(m.runs(wanted, s)) == expected, window
+        assert list(m.runs_of_values(frozenset({int(PageClass.KERNEL)}), s, False)) == expected, window

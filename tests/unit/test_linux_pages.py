@@ -5,11 +5,12 @@ from __future__ import annotations
 import struct
 from types import SimpleNamespace
 
-from test_linux_image import PAGE, Image
+import pytest
+from test_linux_image import PAGE, PAGE_OFFSET, Image
 
 from progdump.layers.base import PageClass
 from progdump.layers.linux.kallsyms import Symbol, SymbolTable
-from progdump.layers.linux.pages import PageFlags, build_page_classes, classify_struct_pages
+from progdump.layers.linux.pages import PageFlags, build_page_classes, classify_struct_pages, vmemmap_from_mem_section
 from progdump.layers.linux.vmcoreinfo import Vmcoreinfo
 
 VI = b"""SIZE(page)=64
@@ -80,6 +81,9 @@ def test_build_page_classes_over_vmemmap() -> None:
     )
     pcm, notes, timings = build_page_classes(k)  # type: ignore[arg-type]
     assert notes == []
+    # the same classes with vmemmap given (found from mem_section, no symbol): byte for byte
+    pcm2, notes2, _ = build_page_classes(k, VMEMMAP)  # type: ignore[arg-type]
+    assert notes2 == [] and bytes(pcm2.classes) == bytes(pcm.classes)
     # an all-zero kernel page stays KERNEL: the writer stores it as a zero marker in layer 2
     assert [pcm.get(p) for p in range(3000, 3009)] == [PageClass.FREE] * 8 + [PageClass.KERNEL]
     assert pcm.get(3100) == pcm.get(3101) == PageClass.USER
@@ -88,3 +92,75 @@ def test_build_page_classes_over_vmemmap() -> None:
     counts = pcm.counts()
     assert counts["free"] == 8 and counts["user"] == 2 and counts["cache"] == 1
     assert sum(counts.values()) == npages and counts["zero"] == 0
+
+
+MS_VI = b"SYMBOL(mem_section)=%x\nLENGTH(mem_section)=4\nSIZE(mem_section)=16\nOFFSET(mem_section.section_mem_map)=0\n"
+
+
+def _mem_section(img: Image, entries: list[int], root_index: int = 1) -> Vmcoreinfo:
+    """A SPARSEMEM_EXTREME table as 6.1 lays it out: roots (direct map) -> pages of 16-byte sections."""
+    roots = img.alloc_page()
+    table = img.alloc_page()
+    img.q(roots + 8 * root_index, PAGE_OFFSET + table)  # roots before it are empty (NULL)
+    for i, smm in enumerate(entries):
+        img.q(table + 16 * i, smm)
+    return Vmcoreinfo(MS_VI % (PAGE_OFFSET + roots))
+
+
+def test_vmemmap_from_mem_section() -> None:
+    # encoded mem_map = vmemmap (mem_map - start pfn) with flag bits PRESENT|HAS_MEM_MAP|ONLINE|EARLY
+    img = Image()
+    vi = _mem_section(img, [0, VMEMMAP | 0xF, VMEMMAP | 0x3, 0x1])  # section 3: present, no mem_map
+    assert vmemmap_from_mem_section(img.kmem(), vi) == VMEMMAP
+
+
+def test_vmemmap_from_mem_section_refuses_what_does_not_add_up() -> None:
+    cases = [
+        ([0, 1], "no present section"),
+        ([VMEMMAP | 3, (VMEMMAP + (1 << 30)) | 3], "disagree"),
+        ([0x12345000 | 3], "not a kernel address"),
+    ]
+    for entries, why in cases:
+        img = Image()
+        vi = _mem_section(img, entries)
+        with pytest.raises(ValueError, match=why):
+            vmemmap_from_mem_section(img.kmem(), vi)
+    bad = Vmcoreinfo(b"SYMBOL(mem_section)=ffff888000001000\nLENGTH(mem_section)=1048576\nSIZE(mem_section)=16\n"
+                     b"OFFSET(mem_section.section_mem_map)=0\n")  # fmt: skip
+    with pytest.raises(ValueError, match="layout unusable"):
+        vmemmap_from_mem_section(Image().kmem(), bad)
+
+
+def test_tails_and_free_blocks_across_small_windows(monkeypatch) -> None:
+    """Compound pages and buddy blocks straddling the windows the classifier works in (set to 7 pages).
+
+    Expected classes written out by hand from the struct pages planted here.
+    """
+    from progdump.layers.linux import pages as pages_mod
+
+    monkeypatch.setattr(pages_mod, "COVER_WINDOW", 7)
+    img = Image(size=16 << 20)
+    npages = len(img.mem) // PAGE
+    pages = [page() for _ in range(npages)]
+    cache = 0xFFFF888000004000
+    pages[1000] = page(flags=1 << 4, mapping=cache)  # page-cache head of an order-4 compound page
+    for t in range(1001, 1016):
+        pages[t] = page(head=VMEMMAP + 64 * 1000 + 1)  # its 15 tails: cross windows at 1001, 1008, 1015
+    pages[1016] = page(flags=1 << 4, mapping=0xFFFF888000000001)  # anon head, order 1
+    pages[1017] = page(head=VMEMMAP + 64 * 1016 + 1)  # its tail, right after the other run
+    pages[1020] = page(head=VMEMMAP - 64 + 1)  # a tail pointing below vmemmap: left as it was (kernel)
+    pages[2000] = page(mapcount=-129, private=4)  # free block 2000..2015
+    pages[2005] = page(head=VMEMMAP + 64 * 1016 + 1)  # stale tail inside the free block: stays free
+    raw = b"".join(pages)
+    backing = [img.alloc_page() for _ in range(len(raw) // PAGE)]
+    for i, pa in enumerate(backing):
+        img.map(VMEMMAP + i * PAGE, pa)
+        img.put(pa, raw[i * PAGE : (i + 1) * PAGE])
+    k = SimpleNamespace(vi=Vmcoreinfo(VI), snapshot=img.snapshot(), mem=img.kmem())
+    pcm, notes, _ = build_page_classes(k, VMEMMAP)  # type: ignore[arg-type]
+    assert notes == ["1 tail pages point at heads outside memory: left as they were"]
+    assert [pcm.get(p) for p in range(1000, 1016)] == [PageClass.CACHE] * 16
+    assert [pcm.get(p) for p in (1016, 1017, 1018, 1020)] == [PageClass.USER] * 2 + [PageClass.KERNEL] * 2
+    assert [pcm.get(p) for p in range(1999, 2017)] == [PageClass.KERNEL] + [PageClass.FREE] * 16 + [PageClass.KERNEL]
+    counts = pcm.counts()
+    assert counts["cache"] == 16 and counts["user"] == 2 and counts["free"] == 16

@@ -124,3 +124,25 @@ def test_the_raw_artifact_is_a_function_of_the_snapshot_alone() -> None:
     a, b = raw_panic(snap), raw_panic(snap)
     assert [x.data for x in a.artifacts] == [x.data for x in b.artifacts]
     assert b"_ms" not in a.artifacts[0].data
+
+
+def test_plan_raw_kernel_full_recovery_renders_panic_text(tmp_path) -> None:
+    """``raw-kernel``: nothing decoded while writing; recovery renders panic.txt/dmesg.txt from the pages."""
+    _img, snap, _ = panicked_image()
+    path = tmp_path / "dev.img"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+    dev = open_device(str(path))
+    try:
+        res = write_dump(snap, dev, plan="raw-kernel")
+    finally:
+        dev.close()
+    assert res.complete and [lay.name for lay in res.layers] == ["panic", "kernel", "cache", "all"]
+    assert not any("panic.txt" in lay.artifacts or "tasks.txt" in lay.artifacts for lay in res.layers)
+    found = scan(str(path))
+    assert [lay.status for lay in found.layers] == ["complete"] * 4
+    export(found, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "dmesg.txt").read_text() == EXPECTED_DMESG
+    assert "Kernel panic - not syncing: boom" in (tmp_path / "out" / "panic.txt").read_text()
+    total = sum(r.size for r in snap.ranges) // PAGE
+    assert sum(lay.pages for lay in res.layers) == total  # every page of the snapshot, once

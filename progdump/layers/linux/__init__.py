@@ -425,6 +425,12 @@ def _accepts(snapshot: Snapshot) -> str | None:
     return None if snapshot.vmcoreinfo is not None else "no VMCOREINFO note"
 
 
+def _raw_page_classes(snapshot: Snapshot) -> tuple[PageClassMap, list[str]]:
+    from progdump.layers.linux.pages import raw_page_classes  # noqa: PLC0415
+
+    return raw_page_classes(snapshot)
+
+
 register_producer(
     ProducerEntry(
         name="linux",
@@ -439,5 +445,6 @@ register_producer(
             "progdump.layers.linux.kmem",
         ),
         raw_panic=_raw_panic,
+        raw_page_classes=_raw_page_classes,
     )
 )
