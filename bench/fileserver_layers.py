@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from progdump.device import open_device  # noqa: E402
+from progdump.devmodel import open_device  # noqa: E402
+from progdump.elfcore import load_elf_snapshot, save_elf_snapshot  # noqa: E402
 from progdump.snapshot import Snapshot  # noqa: E402
 from progdump.writer import write_dump  # noqa: E402
 
@@ -60,7 +61,7 @@ def capture(mib: int, fill: float, path: Path) -> None:
             s.workload("anon", mib // 32, timeout=3600)
             s.panic("sysrq")
             snap = s.capture()
-            snap.to_elf(path)
+            save_elf_snapshot(snap, path)
             snap.close()
             print(f"{mib} MiB guest: boot {t1 - t0:.1f} s, ARC fill {t2 - t1:.1f} s ({arc}), captured to {path}")
 
@@ -89,7 +90,7 @@ def fmt(xs: list[float]) -> str:
 
 
 def run(snap_path: Path, mib: int, models: list[str], repeat: int, deadlines: dict[str, float]) -> None:
-    snap = Snapshot.from_elf(str(snap_path))
+    snap = load_elf_snapshot(str(snap_path))
     # warm: the first pass over a fresh ELF's pages costs page faults that would land in one writer's times
     for r in snap.ranges:
         bytes(r.buffer[::4096])

@@ -8,7 +8,7 @@ snapshot:
 * the Linux producer: init, ``panic()``, ``tasks()``, ``page_classes()``
   wall times; per-layer artifact bytes (raw and zstd -3), page counts;
 * baseline, same run: ``makedumpfile -d 31 -l`` on the snapshot written as a
-  standard ELF core (``Snapshot.to_elf``): its wall time, its page counts, and
+  standard ELF core (``progdump.elfcore.save_elf_snapshot``): its wall time, its page counts, and
   the exact pfn set it keeps (second bitmap of its kdump output) against our
   layer 2, each difference explained by our page class;
 * ``makedumpfile --dump-dmesg`` against our ``dmesg.txt`` (byte equality);
@@ -42,6 +42,7 @@ import zstandard  # noqa: E402
 
 from harness.controller import GuestSession  # noqa: E402
 from harness.makedumpfile import compare_with_layer2, kdump_kept_pfns, message_counts  # noqa: E402
+from progdump.elfcore import save_elf_snapshot  # noqa: E402
 from progdump.layers import build_layers  # noqa: E402
 from progdump.layers.base import PageClass  # noqa: E402
 from progdump.layers.linux import LinuxProducer  # noqa: E402
@@ -114,8 +115,8 @@ def measure(snap, work: Path, mib: int) -> None:  # type: ignore[no-untyped-def]
     for f in (core, out, dm):
         f.unlink(missing_ok=True)
     t = time.perf_counter()
-    snap.to_elf(core)
-    print(f"baseline input: Snapshot.to_elf {time.perf_counter() - t:.1f} s")
+    save_elf_snapshot(snap, core)
+    print(f"baseline input: save_elf_snapshot {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
     r = subprocess.run(
         ["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(core), str(out)],
@@ -282,7 +283,7 @@ def layer0_line(p: LinuxProducer, t_init: float) -> str:
 def write_and_recover(snap, work: Path, cut_after: int | None):  # type: ignore[no-untyped-def]
     """progdump's writer (unpaced file device) then its reader: (WriteResult, outdir)."""
     from progdump.device import DumpDevice, FileDevice
-    from progdump.reader import recover
+    from progdump.export import recover
     from progdump.writer import write_dump
 
     img = work / "dump.bin"

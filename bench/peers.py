@@ -10,7 +10,7 @@ filled, panicked with sysrq and captured; then, on that one machine state:
 * makedumpfile 1.7.2 (``-d 31 -c``, ``-d 31 -l``, ``-d 1 -l``, ``-d 1 -l
   --num-threads 2``) and progdump (``write`` both plans, ``recover``) as
   child processes on the snapshot saved as an ELF core by progdump's own
-  ELF writer (``Snapshot.to_elf``: QEMU 7.2's own ELF puts its program
+  ELF writer (``progdump.elfcore.save_elf_snapshot``: QEMU 7.2's own ELF puts its program
   headers at 0xc0, which makedumpfile 1.7.2 refuses; a copy in the standard
   layout is what makedumpfile needs, see docs/BENCHMARKS.md);
 * wall time from process start to exit, plus an fsync of the output file
@@ -160,6 +160,7 @@ def _proc_cpu(pid: int) -> float:
 def capture(mem_mib: int, work: Path, repeat: int, elf: Path) -> tuple[dict, list[Run]]:
     """Boot, fill, panic, capture; time QEMU's dumps on the paused guest; save the snapshot ELF."""
     from harness.controller import GuestSession  # noqa: PLC0415
+    from progdump.elfcore import save_elf_snapshot  # noqa: PLC0415
 
     third = max(8, int(mem_mib * (0.6 if mem_mib >= 2048 else 0.5) / 3))
     anon = max(16, mem_mib // 8)
@@ -175,7 +176,7 @@ def capture(mem_mib: int, work: Path, repeat: int, elf: Path) -> tuple[dict, lis
         snap = s.capture()
         try:
             t = time.perf_counter()
-            snap.to_elf(elf)
+            save_elf_snapshot(snap, elf)
             info["to_elf_s"] = round(time.perf_counter() - t, 2)
         finally:
             snap.close()

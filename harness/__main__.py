@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from harness.errors import HarnessError
+from progdump.elfcore import save_elf_snapshot
 
 __all__ = ["main"]
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     if args.out:
                         t1 = time.monotonic()
-                        snap.to_elf(args.out)
+                        save_elf_snapshot(snap, args.out)
                         _say(f"wrote {args.out} in {time.monotonic() - t1:.2f} s")
                 finally:
                     snap.close()

@@ -71,7 +71,7 @@ from harness.trial import (
     warm_file,
     writer_argv,
 )
-from progdump.snapshot import Snapshot
+from progdump.elfcore import load_elf_snapshot, save_elf_snapshot
 
 __all__ = ["run_scenario", "RefRun", "RealPhase", "run_real_phase", "run_replay_phase"]
 
@@ -185,11 +185,11 @@ class RealRun:
         live = self.g.capture()
         self.ph.timed("panic_capture_s", t)
         t = time.monotonic()
-        live.to_elf(elf)
+        save_elf_snapshot(live, elf)
         live.close()
         warm_file(elf)
         self.ph.timed("save_elf_s", t)
-        return Captured(elf, Snapshot.from_elf(elf), dict(self.g.markers or {}))
+        return Captured(elf, load_elf_snapshot(elf), dict(self.g.markers or {}))
 
     def reset(self) -> None:
         t = time.monotonic()
@@ -442,7 +442,7 @@ def _verifier(ref: RefRun, plan: str) -> Callable[[OverlaySource], tuple[bool, l
 
     def verify(ov: OverlaySource) -> tuple[bool, list[str]]:
         if "snap" not in cache:
-            cache["snap"] = Snapshot.from_elf(ref.snapshot_elf)
+            cache["snap"] = load_elf_snapshot(ref.snapshot_elf)
             cache["exp"] = expected_layers(cache["snap"], plan)
         d = tempfile.mkdtemp(prefix="pd-verify-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         try:

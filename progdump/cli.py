@@ -131,9 +131,10 @@ class _Bar:
 
 
 def _run_write(a: argparse.Namespace) -> int:
-    from progdump.device import MIN_DEVICE_SIZE, open_device
+    from progdump.device import MIN_DEVICE_SIZE
+    from progdump.devmodel import open_device
+    from progdump.elfcore import load_elf_snapshot
     from progdump.layers import PLANS
-    from progdump.snapshot import Snapshot
     from progdump.writer import format_durable_line, write_dump
 
     if a.plan not in PLANS:
@@ -142,7 +143,7 @@ def _run_write(a: argparse.Namespace) -> int:
         raise CliError("--deadline must be a number of seconds >= 0")
     if not os.path.exists(a.device):
         raise CliError(f"{a.device}: no such file or device (it must exist and be large enough)")
-    snap = Snapshot.from_elf(a.snapshot)  # SnapshotError names what is wrong with the file
+    snap = load_elf_snapshot(a.snapshot)  # SnapshotError names what is wrong with the file
     # Overlapping, unaligned or duplicate PT_LOADs were clipped or rounded: say so, never silently.
     for w in snap.load_warnings[:8]:
         print(f"progdump: warning: {a.snapshot}: {w}", file=sys.stderr)
@@ -312,7 +313,7 @@ def _run_info(a: argparse.Namespace) -> int:
 
 
 def _run_recover(a: argparse.Namespace) -> int:
-    from progdump.reader import recover
+    from progdump.export import recover
 
     if not os.path.exists(a.device):
         raise CliError(f"{a.device}: no such file or device")

@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 
 from progdump.errors import ProgdumpError
 
-__all__ = ["DeviceError", "MediaError", "DumpDevice", "FileDevice", "open_device", "MIN_DEVICE_SIZE"]
+__all__ = ["DeviceError", "MediaError", "DumpDevice", "FileDevice", "MIN_DEVICE_SIZE"]
 
 
 class DeviceError(ProgdumpError):
@@ -222,33 +222,3 @@ class FileDevice(DumpDevice):
             if self._buf is not None:
                 self._buf.close()
                 self._buf = None
-
-
-def open_device(path: str, model: str | None = None, trace: str | None = None) -> DumpDevice:
-    """Open ``path`` as a FileDevice, wrapped in a modelled device when ``model`` names one.
-
-    ``model`` None or ``"none"``: the plain device (a trace needs a model).
-    The device-model module is imported only when asked for, so the writer
-    works without it.
-    """
-    inner = FileDevice(path)
-    if model is None or model == "none":
-        if trace is not None:
-            inner.close()
-            raise DeviceError("--trace needs a --device-model (the trace is kept by the modelled device)")
-        return inner
-    try:
-        from progdump import devmodel  # noqa: PLC0415
-
-        models = devmodel.load_models()
-    except Exception as e:
-        inner.close()
-        raise DeviceError(f"device models unavailable: {type(e).__name__}: {e}") from None
-    if model not in models:
-        inner.close()
-        raise DeviceError(f"unknown device model {model!r} (known: {', '.join(sorted(models))}, none)")
-    try:
-        return devmodel.ModelledDevice(inner, models[model], trace)
-    except (OSError, DeviceError) as e:
-        inner.close()
-        raise DeviceError(f"{path}: cannot model as {model}: {e}") from None

@@ -66,9 +66,10 @@ from typing import Any
 
 import xxhash
 
-from progdump.device import DeviceError, DumpDevice, MediaError
+from progdump.device import DeviceError, DumpDevice, FileDevice, MediaError
 
 __all__ = [
+    "open_device",
     "DeviceModel",
     "FaultRegion",
     "ModelledDevice",
@@ -468,3 +469,29 @@ class ModelledDevice(DumpDevice):
             self.trace.close()
         self._closed = True
         self.inner.close()
+
+
+def open_device(path: str, model: str | None = None, trace: str | None = None) -> DumpDevice:
+    """Open ``path`` as a FileDevice, wrapped in a modelled device when ``model`` names one.
+
+    ``model`` None or ``"none"``: the plain device (a trace needs a model).
+    """
+    inner = FileDevice(path)
+    if model is None or model == "none":
+        if trace is not None:
+            inner.close()
+            raise DeviceError("--trace needs a --device-model (the trace is kept by the modelled device)")
+        return inner
+    try:
+        models = load_models()
+    except Exception as e:
+        inner.close()
+        raise DeviceError(f"device models unavailable: {type(e).__name__}: {e}") from None
+    if model not in models:
+        inner.close()
+        raise DeviceError(f"unknown device model {model!r} (known: {', '.join(sorted(models))}, none)")
+    try:
+        return ModelledDevice(inner, models[model], trace)
+    except (OSError, DeviceError) as e:
+        inner.close()
+        raise DeviceError(f"{path}: cannot model as {model}: {e}") from None

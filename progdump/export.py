@@ -26,10 +26,10 @@ from progdump.elfcore import ElfCoreWriter, ElfSegment, parse_prstatus, snapshot
 from progdump.errors import ProgdumpError
 from progdump.format import ARTIFACT_NAME_RE, RecordHeader
 from progdump.layers.generic import decode_notes
-from progdump.reader import ScanResult, iter_recovered_pages
+from progdump.reader import ScanResult, iter_recovered_pages, scan
 from progdump.snapshot import PAGE_SIZE, CpuState, Note
 
-__all__ = ["export", "check_outdir", "ExportError", "RESERVED_NAMES", "vmcore_notes"]
+__all__ = ["recover", "export", "check_outdir", "ExportError", "RESERVED_NAMES", "vmcore_notes"]
 
 RESERVED_NAMES = frozenset({"manifest.json", "vmcore", "layers"})
 MAX_JSON_ARTIFACT = 16 << 20
@@ -300,3 +300,19 @@ def _export_into(res: ScanResult, outdir: str) -> dict[str, object]:
     except OSError as e:
         raise ExportError(f"{outdir}: {e.strerror or e}") from None
     return manifest
+
+
+def recover(source: object, outdir: str | os.PathLike[str]) -> ScanResult:
+    """Scan ``source`` and write the recovery output into ``outdir`` (FORMAT.md section 10).
+
+    The source is closed when this returns if it was opened here from a path
+    (the result then answers from what it holds, not from the device).
+    """
+    check_outdir(os.fspath(outdir))  # before a long scan: refuse a non-empty OUTDIR at once
+    res = scan(source)
+    try:
+        if res.found:
+            export(res, os.fspath(outdir))
+        return res
+    finally:
+        res.close()

@@ -60,7 +60,7 @@ from progdump.format import (
 )
 from progdump.snapshot import PAGE_SIZE
 
-__all__ = ["Source", "ScanResult", "LayerStatus", "ReaderError", "scan", "recover", "open_source", "RESYNC_WINDOW"]
+__all__ = ["Source", "ScanResult", "LayerStatus", "ReaderError", "scan", "open_source", "RESYNC_WINDOW"]
 
 MAX_WARNINGS = 50
 MAX_PROBE_ROUNDS = 256  # landings followed per scan (one per hole the writer carried past)
@@ -791,19 +791,3 @@ def iter_recovered_pages(res: ScanResult) -> Iterator[tuple[int, int, int, Recor
         skip = max(0, covered - first)
         yield first, n, skip, h
         covered = end
-
-
-def recover(source: object, outdir: str | os.PathLike[str]) -> ScanResult:
-    """Scan ``source`` and write the recovery output into ``outdir`` (FORMAT.md section 10)."""
-    from progdump.export import check_outdir, export  # noqa: PLC0415
-
-    check_outdir(os.fspath(outdir))  # before a long scan: refuse a non-empty OUTDIR at once
-    src, owned = open_source(source)
-    try:
-        res = _scan(src, RESYNC_WINDOW)
-        if res.found:
-            export(res, os.fspath(outdir))
-        return res
-    finally:
-        if owned:
-            src.close()  # type: ignore[attr-defined]

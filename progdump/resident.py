@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None, stdin: IO[bytes] | None = None, stdout: 
     # Arm: everything a dump needs, before there is anything to dump.
     try:
         import progdump.elfcore  # noqa: F401, PLC0415 - snapshot_from_go needs it: 15-20 ms to import
-        from progdump.device import DeviceError, open_device  # noqa: PLC0415
+        from progdump.device import DeviceError  # noqa: PLC0415
+        from progdump.devmodel import open_device  # noqa: PLC0415
         from progdump.layers import get_plan, preload_producers  # noqa: PLC0415
         from progdump.snapshot import SnapshotError  # noqa: PLC0415
         from progdump.writer import WriterError, _compressor, format_durable_line, write_dump  # noqa: PLC0415

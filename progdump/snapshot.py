@@ -299,19 +299,6 @@ class Snapshot:
             raise
         return snap
 
-    @classmethod
-    def from_elf(cls, path: str | os.PathLike[str]) -> Snapshot:
-        """Load an ELF core (QEMU dump-guest-memory, /proc/vmcore, progdump export)."""
-        from progdump.elfcore import load_elf_snapshot
-
-        return load_elf_snapshot(path)
-
-    def to_elf(self, path: str | os.PathLike[str]) -> None:
-        """Write an ELF core that crash, drgn and gdb open (see progdump.elfcore)."""
-        from progdump.elfcore import save_elf_snapshot
-
-        save_elf_snapshot(self, path)
-
     @property
     def maps_memory(self) -> bool:
         """True when the ranges are views of a mapping this snapshot owns (closing it unmaps them)."""

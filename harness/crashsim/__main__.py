@@ -22,6 +22,7 @@ from harness.crashsim.overlay import BaseImage
 from harness.crashsim.replay import ReplayContext, evaluate, narrow
 from harness.crashsim.states import KINDS, crash_state
 from harness.crashsim.trace import TraceError, read_trace
+from progdump.elfcore import load_elf_snapshot
 
 
 def _ctx(a: argparse.Namespace) -> tuple[ReplayContext, object]:
@@ -96,11 +97,10 @@ def run_replay(a: argparse.Namespace) -> int:
         from harness.scoring import expected_layers, score_recovery
         from progdump import reader
         from progdump.export import export
-        from progdump.snapshot import Snapshot
 
         out = a.out or "replay-recovered"
         export(reader.scan(OverlaySource(ctx.base, ctx.trace, st)), out)
-        with Snapshot.from_elf(a.snapshot) as snap:
+        with load_elf_snapshot(a.snapshot) as snap:
             s = score_recovery(out, snap, expected_layers(snap, a.plan))
         print(
             json.dumps(

@@ -30,6 +30,7 @@ from typing import Any
 from harness.errors import CaptureError, QemuError
 from harness.qemu.hmp import HmpParseError, RamBlock, parse_ram_layout, parse_registers
 from harness.qemu.machine import Machine
+from progdump.elfcore import load_elf_snapshot
 from progdump.snapshot import CpuState, Note, Snapshot, SnapshotError
 
 __all__ = ["CaptureResult", "capture_state", "RAM_BACKEND_ID", "COMPARED_REGS"]
@@ -105,7 +106,7 @@ async def read_notes(m: Machine, workdir: Path) -> tuple[list[Note], list[CpuSta
     try:
         await dump_elf(m, path, begin=0, length=4096, timeout=m.t.qmp_command)
         try:
-            with Snapshot.from_elf(path) as small:
+            with load_elf_snapshot(path) as small:
                 return list(small.notes), [CpuState(c.index, dict(c.regs), c.prstatus) for c in small.cpus]
         except SnapshotError as e:
             raise CaptureError(f"notes dump {path.name}: {e}") from e
@@ -221,7 +222,7 @@ async def capture_state(
             path = workdir / f"dump-{os.getpid()}-{time.monotonic_ns()}.elf"
             try:
                 await dump_elf(m, path)
-                snap = Snapshot.from_elf(path)
+                snap = load_elf_snapshot(path)
             finally:
                 path.unlink(missing_ok=True)
             snap.cpus = cpus

@@ -11,7 +11,7 @@ import pytest
 from dumpkit import make_snapshot, snapshot_pages
 
 from progdump.cli import main
-from progdump.elfcore import load_elf_snapshot
+from progdump.elfcore import load_elf_snapshot, save_elf_snapshot
 from progdump.snapshot import PAGE_SIZE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,7 +22,7 @@ def elf(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     snap = make_snapshot(96, seed=31)
     path = d / "snap.elf"
-    snap.to_elf(str(path))
+    save_elf_snapshot(snap, str(path))
     return path, snapshot_pages(snap)
 
 

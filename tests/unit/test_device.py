@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from progdump.device import DeviceError, FileDevice, open_device
+from progdump.device import DeviceError, FileDevice
+from progdump.devmodel import open_device
 
 
 def test_file_device_writes_in_place_and_flushes(tmp_path):

@@ -555,8 +555,8 @@ def test_many_segments_use_pn_xnum(tmp):
 
 def test_snapshot_methods_delegate(tmp):
     with make_snapshot(tmp) as s:
-        s.to_elf(tmp / "m.elf")
-    with Snapshot.from_elf(tmp / "m.elf") as t:
+        save_elf_snapshot(s, tmp / "m.elf")
+    with load_elf_snapshot(tmp / "m.elf") as t:
         assert t.console_tail.startswith(b"[  1.0] Kernel panic")
 
 

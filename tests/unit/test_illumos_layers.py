@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from progdump.elfcore import load_elf_snapshot, save_elf_snapshot
 from progdump.layers import build_layers, select_producer
 from progdump.layers.illumos import IllumosProducer
 from progdump.layers.illumos.manifest import (
@@ -430,8 +431,8 @@ def test_no_manifest_no_illumos_producer():
 
 def test_manifest_survives_the_elf_core(tmp_path: Path):
     snap = illumos_snapshot(CONSOLE)
-    snap.to_elf(tmp_path / "core.elf")
-    back = Snapshot.from_elf(tmp_path / "core.elf")
+    save_elf_snapshot(snap, tmp_path / "core.elf")
+    back = load_elf_snapshot(tmp_path / "core.elf")
     try:
         assert manifest_from_snapshot(back).symbols["panicbuf"] == PANICBUF  # type: ignore[union-attr]
         assert select_producer(back).name == "illumos"

@@ -14,7 +14,7 @@ import pytest
 from test_linux_image import PAGE, PHYS_BASE, Image
 from test_linux_printk import COUNT_BITS, SIZE_BITS, VI_PRINTK, build_ring
 
-from progdump.device import open_device
+from progdump.devmodel import open_device
 from progdump.export import export
 from progdump.format import LOG_START
 from progdump.layers import build_layers, raw_panic_content

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from progdump import format as F
 from progdump import reader
-from progdump.export import ExportError
+from progdump.export import ExportError, recover
 from progdump.writer import write_dump
 
 DEV = 512 * 1024
@@ -331,13 +331,13 @@ def test_R_EXP_1_no_path_from_the_device(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     os.symlink(tmp_path / "elsewhere", planted / "layers")
     with pytest.raises(ExportError, match="not empty"):  # a non-empty OUTDIR is refused, links and all
-        reader.recover(str(dev), str(planted))
+        recover(str(dev), str(planted))
     assert outside.read_text() == "untouched" and not list((tmp_path / "elsewhere").iterdir())
     os.symlink(tmp_path / "elsewhere", tmp_path / "link")
     with pytest.raises(ExportError, match="symbolic link"):  # OUTDIR itself as a link is refused too
-        reader.recover(str(dev), str(tmp_path / "link"))
+        recover(str(dev), str(tmp_path / "link"))
     out = tmp_path / "out"
-    sr = reader.recover(str(dev), str(out))
+    sr = recover(str(dev), str(out))
     assert sr.found
     assert (out / "ok.txt").read_bytes() == b"DATA" and not (out / "ok.txt").is_symlink()
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
@@ -372,7 +372,7 @@ def test_R_PAG_1_checksum_valid_page_record_with_bad_zero_map_rejected_at_export
     p = tmp_path / "dev.img"
     p.write_bytes(bytes(img))
     out = tmp_path / "o"
-    sr = reader.recover(str(p), str(out))
+    sr = recover(str(p), str(out))
     lay = sr.layers[h.layer]
     assert lay.status == "partial" and any("record" in r for r in lay.reasons)
     from progdump.elfcore import load_elf_snapshot
@@ -419,7 +419,7 @@ def test_R_EXP_2_vmcore_covers_exactly_the_recovered_pages(small, tmp_path):
     p = tmp_path / "dev.img"
     p.write_bytes(img)
     out = tmp_path / "o"
-    sr = reader.recover(str(p), str(out))
+    sr = recover(str(p), str(out))
     assert [lay.status for lay in sr.layers][:3] == ["complete"] * 3
     with load_elf_snapshot(out / "vmcore") as v:
         for pfn, data in pages.items():
@@ -465,7 +465,7 @@ def test_R_RD_7_forged_records_with_valid_checksums_never_crash(small, tmp_path)
             img[r.h.offset : r.h.offset + 128] = hdr
         p = tmp_path / f"f{it % 3}.img"
         p.write_bytes(bytes(img))
-        sr = reader.recover(str(p), str(tmp_path / f"o{it}"))
+        sr = recover(str(p), str(tmp_path / f"o{it}"))
         # R-VER-1..3: a forged field outside version 1's domain makes the dump unsupported (refused,
         # named); anything else is read. Either way it is the writer's dump, never another.
         if sr.found:
@@ -486,7 +486,7 @@ def test_R_EXP_2_zero_memory_costs_no_vmcore_bytes(tmp_path):
     p = tmp_path / "dev.img"
     p.write_bytes(bytes(dev.image))
     out = tmp_path / "o"
-    reader.recover(str(p), str(out))
+    recover(str(p), str(out))
     vm = out / "vmcore"
     assert vm.stat().st_blocks * 512 < 256 * 1024  # 16 MiB of zero memory described
     from elftools.elf.elffile import ELFFile

@@ -22,7 +22,9 @@ from dumpkit import MemDevice, make_snapshot
 import progdump
 from progdump import format as F
 from progdump import reader
+from progdump.elfcore import save_elf_snapshot
 from progdump.errors import ProgdumpError
+from progdump.export import recover
 from progdump.writer import write_dump
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +46,7 @@ def dumped(tmp_path_factory):
     img = d / "dev.img"
     img.write_bytes(bytes(dev.image))
     elf = d / "snap.elf"
-    snap.to_elf(str(elf))
+    save_elf_snapshot(snap, str(elf))
     return img, elf, res
 
 
@@ -300,7 +302,7 @@ def test_R_TYP_6_R_EXP_3_end_layer_and_layer_files(tmp_path, dumped):
     ends = [r for r in writer_records(img.read_bytes()) if r["type"] == F.RecordType.END]
     assert len(ends) == 1 and ends[0]["layer"] == 0
     out = tmp_path / "o"
-    reader.recover(str(img), str(out)).close()
+    recover(str(img), str(out)).close()
     m = json.loads((out / "manifest.json").read_text())
     for lay in m["layers"]:
         assert json.loads((out / "layers" / f"{lay['index']}.json").read_text()) == lay

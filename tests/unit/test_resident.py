@@ -17,7 +17,7 @@ import pytest
 from dumpkit import make_snapshot, snapshot_pages
 
 from progdump.cli import main as cli_main
-from progdump.elfcore import load_elf_snapshot
+from progdump.elfcore import load_elf_snapshot, save_elf_snapshot
 from progdump.resident import GoError, parse_go
 from progdump.snapshot import PAGE_SIZE
 
@@ -81,7 +81,7 @@ def test_ram_go_writes_a_dump_that_recovers(tmp_path):
 def test_elf_go(tmp_path):
     snap = make_snapshot(40, seed=3)
     elf = tmp_path / "s.elf"
-    snap.to_elf(str(elf))
+    save_elf_snapshot(snap, str(elf))
     dev = _dev(tmp_path)
     p, armed = _start(dev, "--plan", "monolithic")
     assert armed["armed"]

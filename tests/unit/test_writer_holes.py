@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from progdump import reader
 from progdump.device import FileDevice
 from progdump.devmodel import DeviceModel, FaultRegion, ModelledDevice
+from progdump.elfcore import save_elf_snapshot
+from progdump.export import recover
 from progdump.format import LANDING, MAX_HOLE
 from progdump.writer import format_durable_line, write_dump
 
@@ -184,7 +186,7 @@ def test_R_WR_7_modelled_device_bad_region_trace_and_recovery(tmp_path):
     assert len(tr.failed_writes) == res.failed_writes
     tr.close()
     out = tmp_path / "out"
-    sr = reader.recover(str(img), out)
+    sr = recover(str(img), out)
     holey = [lay for lay in sr.layers if lay.holes]
     assert holey and all(lay.status == "partial" for lay in holey)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -195,7 +197,7 @@ def test_R_WR_7_modelled_device_bad_region_trace_and_recovery(tmp_path):
 def test_R_WR_7_cli_write_carries_on_and_info_shows_the_hole(tmp_path):
     snap = make_snapshot(3000, seed=28, zero_frac=0.1)
     core = tmp_path / "core.elf"
-    snap.to_elf(str(core))
+    save_elf_snapshot(snap, str(core))
     img = tmp_path / "dump.img"
     with open(img, "wb") as f:
         f.truncate(64 * MIB)

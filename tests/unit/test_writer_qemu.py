@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from progdump.device import FileDevice
 from progdump.elfcore import load_elf_snapshot
-from progdump.reader import recover
-from progdump.snapshot import PAGE_SIZE, Snapshot
+from progdump.export import recover
+from progdump.snapshot import PAGE_SIZE
 from progdump.writer import write_dump
 
 
@@ -14,7 +14,7 @@ def test_qemu_core_round_trip(qemu_elf_core, tmp_path):
     dev = tmp_path / "dev.img"
     with open(dev, "wb") as f:
         f.truncate(qemu_elf_core.mem_bytes + (8 << 20))
-    with Snapshot.from_elf(qemu_elf_core.path) as snap:
+    with load_elf_snapshot(qemu_elf_core.path) as snap:
         with FileDevice(str(dev)) as d:
             res = write_dump(snap, d)
         assert res.stopped == "done" and all(lay.committed for lay in res.layers)

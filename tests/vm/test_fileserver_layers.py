@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from progdump.elfcore import save_elf_snapshot
 from progdump.layers import build_layers
 from progdump.layers.base import PageClass
 from progdump.layers.linux import LinuxProducer
@@ -164,7 +165,7 @@ class CutAfter:
 def recovered_kstruct(fileserver: Any) -> Any:
     """Layers 0-2 of the fileserver plan (panic, tasks, kstruct) written, the rest cut off, recovered."""
     from progdump.device import DumpDevice, FileDevice
-    from progdump.reader import recover
+    from progdump.export import recover
     from progdump.writer import write_dump
 
     snap, _, _, work = fileserver
@@ -182,7 +183,7 @@ def recovered_kstruct(fileserver: Any) -> Any:
     scan = recover(str(img), out)
     assert [lay.status for lay in scan.layers][:3] == ["complete"] * 3
     full = work / "full.elf"
-    snap.to_elf(full)
+    save_elf_snapshot(snap, full)
     return snap, out, full
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from harness.qemu.capture import COMPARED_REGS, dump_elf
+from progdump.elfcore import load_elf_snapshot
 from progdump.snapshot import PAGE_SIZE, Snapshot
 
 pytestmark = pytest.mark.vm
@@ -141,7 +142,7 @@ def test_sysrq_panic_capture(session: Any, tmp_path: Path) -> None:
         # registers and bytes equal to QEMU's own dump-guest-memory ELF
         elf = tmp_path / "full.elf"
         session.call(dump_elf(session.m, elf))
-        with Snapshot.from_elf(elf) as ref:
+        with load_elf_snapshot(elf) as ref:
             assert len(ref.cpus) == len(snap.cpus)
             for a, b in zip(snap.cpus, ref.cpus):
                 for name in COMPARED_REGS:
@@ -403,7 +404,7 @@ def test_two_vcpus_registers_equal_elf_notes(guest_session: Callable[..., Any], 
         check_registers(snap)
         elf = tmp_path / "full.elf"
         s.call(dump_elf(s.m, elf))
-        with Snapshot.from_elf(elf) as ref:
+        with load_elf_snapshot(elf) as ref:
             assert len(ref.cpus) == 2
             for a, b in zip(snap.cpus, ref.cpus):
                 for name in COMPARED_REGS:

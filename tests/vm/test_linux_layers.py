@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from progdump.elfcore import save_elf_snapshot
 from progdump.layers import build_layers, select_producer
 from progdump.layers.base import PageClass
 from progdump.layers.linux import LinuxProducer
@@ -134,7 +135,7 @@ def makedumpfile_dmesg(snap: Snapshot, work: Path) -> bytes:
     if shutil.which("makedumpfile") is None:
         pytest.skip("makedumpfile not installed")
     core, out = work / "core.elf", work / "mdf.dmesg"
-    snap.to_elf(core)
+    save_elf_snapshot(snap, core)
     try:
         r = subprocess.run(["makedumpfile", "--dump-dmesg", str(core), str(out)], capture_output=True, timeout=120)
         assert r.returncode == 0, r.stderr
@@ -161,7 +162,7 @@ def test_layer2_pfns_equal_makedumpfile_d31(panicked: Any) -> None:
     if shutil.which("makedumpfile") is None:
         pytest.skip("makedumpfile not installed")
     core, out = work / "d31-core.elf", work / "d31.kdump"
-    snap.to_elf(core)
+    save_elf_snapshot(snap, core)
     try:
         r = subprocess.run(
             ["makedumpfile", "-d", "31", "-l", "--message-level", "23", str(core), str(out)],
@@ -531,7 +532,7 @@ def drgn_agreement(snap: Snapshot, layers: Any) -> tuple[int, int, list[str]]:
     layer2 = Snapshot(ranges=ranges, cpus=snap.cpus, notes=snap.notes, metadata=dict(snap.metadata))
     with tempfile.TemporaryDirectory(prefix="pd-drgn-") as d:
         core = Path(d) / "layer2.elf"
-        layer2.to_elf(core)
+        save_elf_snapshot(layer2, core)
         prog = drgn.Program()
         prog.set_core_dump(str(core))
         prog.load_debug_info([str(vmlinux)])
@@ -616,7 +617,7 @@ class CutAfter:
 def recovered_layer2(panicked: Any) -> Any:
     """layers 0-2 written by progdump's writer, the rest cut off, recovered by progdump's reader."""
     from progdump.device import DumpDevice, FileDevice
-    from progdump.reader import recover
+    from progdump.export import recover
     from progdump.writer import write_dump
 
     snap, markers, layers, work = panicked
@@ -720,7 +721,7 @@ def test_raw_layer0_alone_renders_dmesg_equal_to_makedumpfile(panicked: Any) -> 
     renders dmesg.txt byte-equal to ``makedumpfile --dump-dmesg`` of the whole snapshot, and a panic.txt
     with the kernel's own Call Trace."""
     from progdump.device import DumpDevice, FileDevice
-    from progdump.reader import recover
+    from progdump.export import recover
     from progdump.writer import write_dump
 
     snap, markers, _, work = panicked

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from harness.guests.linux import LinuxGuest
+from progdump.elfcore import save_elf_snapshot
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -113,7 +114,7 @@ def test_omnios_full_cycle(tmp_path):
         snap = s.capture()
         core = tmp_path / "core.elf"
         try:
-            snap.to_elf(core)
+            save_elf_snapshot(snap, core)
         finally:
             snap.close()
         t0 = time.monotonic()
