@@ -563,9 +563,8 @@ def drgn_agreement(snap: Snapshot, layers: Any) -> tuple[int, int, list[str]]:
         if ours == theirs[int(t["task"], 16)]:
             same += 1
         else:
-            diffs.append(
-                f"{t['pid']} {t['comm']}: ours {[hex(x) for x in ours]} drgn {[hex(x) for x in theirs[int(t['task'], 16)]]}"
-            )
+            drgn = [hex(x) for x in theirs[int(t["task"], 16)]]
+            diffs.append(f"{t['pid']} {t['comm']}: ours {[hex(x) for x in ours]} drgn {drgn}")
     return same, compared, diffs
 
 
@@ -744,3 +743,34 @@ def test_raw_layer0_alone_renders_dmesg_equal_to_makedumpfile(panicked: Any) -> 
     txt = (out / "panic.txt").read_text()
     assert "Kernel panic - not syncing: sysrq triggered crash" in txt and "sysrq_handle_crash+" in txt
     assert "panic-raw.json" in json.loads((out / "manifest.json").read_text())["artifacts"]
+
+
+def test_raw_page_classes_keep_makedumpfile_d31_without_kallsyms(panicked: Any) -> None:
+    """Plan ``raw-kernel`` (issue 13) classifies from VMCOREINFO's mem_section, without kallsyms:
+    its kernel layer keeps every page ``makedumpfile -d 31`` keeps (makedumpfile's own output on the
+    same ELF core), vmemmap agrees with the kallsyms symbol, and the classes equal the producer's."""
+    from harness.makedumpfile import compare_with_layer2, kdump_kept_pfns
+    from progdump.layers.linux.pages import raw_page_classes, vmemmap_from_mem_section
+    from progdump.layers.linux.rawpanic import minimal_memory
+
+    snap, _, _, work = panicked
+    if shutil.which("makedumpfile") is None:
+        pytest.skip("makedumpfile not installed")
+    mem, vi = minimal_memory(snap)
+    k = LinuxProducer(snap).k
+    assert vmemmap_from_mem_section(mem, vi) == k.mem.u64(k.syms.address("vmemmap_base"))
+    raw, _notes = raw_page_classes(snap)
+    core, out = work / "d31-raw-core.elf", work / "d31-raw.kdump"
+    snap.to_elf(core)
+    try:
+        r = subprocess.run(["makedumpfile", "-d", "31", "-l", str(core), str(out)], capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        kept = kdump_kept_pfns(out)
+    finally:
+        core.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+    c = compare_with_layer2(snap, raw, kept)
+    assert not (c.theirs & ~c.ours).any(), "makedumpfile keeps pages the raw-kernel kernel layer leaves out"
+    full = LinuxProducer(snap).page_classes()
+    assert full is not None and bytes(full.classes) == bytes(raw.classes)
