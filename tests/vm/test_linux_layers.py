@@ -761,7 +761,7 @@ def test_raw_page_classes_keep_makedumpfile_d31_without_kallsyms(panicked: Any) 
     assert vmemmap_from_mem_section(mem, vi) == k.mem.u64(k.syms.address("vmemmap_base"))
     raw, _notes = raw_page_classes(snap)
     core, out = work / "d31-raw-core.elf", work / "d31-raw.kdump"
-    snap.to_elf(core)
+    save_elf_snapshot(snap, core)
     try:
         r = subprocess.run(["makedumpfile", "-d", "31", "-l", str(core), str(out)], capture_output=True, text=True,
                            timeout=600)  # fmt: skip
