@@ -48,10 +48,12 @@ endif
 dbg-vmlinux: guest-image
 	$(PYTHON) guest-images/linux/fetch_dbg.py
 
-# ruff's lint and formatter check (configured in pyproject.toml); `ruff format .` applies the format
+# ruff's lint and formatter check, mypy on progdump/ (configured in pyproject.toml);
+# `ruff format .` applies the format
 lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
 
 test: setup lint guest-image dbg-vmlinux
 	$(PYTHON) -m pytest -ra tests/unit tests/vm

@@ -19,6 +19,7 @@ size; consumed snapshot pages are released from the mapping as we go.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -30,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import xxhash
 import zstandard
@@ -39,7 +41,7 @@ from progdump.errors import ProgdumpError
 try:  # optional: finds zero pages without the GIL and without a copy; bytes compares otherwise
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy is present wherever matplotlib is
-    _np = None
+    _np = None  # type: ignore[assignment]  # the module or None: every use checks
 
 from progdump.device import DeviceError, DumpDevice, MediaError
 from progdump.format import (
@@ -63,7 +65,7 @@ from progdump.format import (
     payload_checksum,
     record_span,
 )
-from progdump.layers.base import LayerContent, Producer
+from progdump.layers.base import LayerContent, Producer, ProducerLike
 from progdump.layers.plan import LayerSpec
 from progdump.snapshot import PAGE_SIZE, Snapshot
 
@@ -481,7 +483,8 @@ def _zero_flags(data: bytes | memoryview, npages: int) -> tuple[list[bool], byte
         arr = _np.frombuffer(data, dtype=_np.uint64).reshape(npages, PAGE_SIZE // 8)
         zero = ~arr.any(axis=1)
         zmap = _np.packbits(zero, bitorder="little").tobytes().ljust(maplen, b"\0")
-        return zero.tolist(), zmap
+        flags = cast(list[bool], zero.tolist())  # a 1-d array: a list (the stubs allow a 0-d scalar)
+        return flags, zmap
     b = data if isinstance(data, bytes) else bytes(data)
     flags = [b.startswith(ZERO_PAGE, i * PAGE_SIZE) for i in range(npages)]
     bits = 0
@@ -570,9 +573,12 @@ def write_dump(
     if producer is None:
         preload_producers()
     t_start = device.clock()
-    if producer is None:  # a raw layer 0 needs no producer yet: chosen when a later layer asks (issue 13)
+    prod: ProducerLike
+    if producer is not None:
+        prod = producer
+    else:  # a raw layer 0 needs no producer yet: chosen when a later layer asks (issue 13)
         raw_first = specs[0].parts[:1] == ("panic-raw",)
-        producer = LazyProducer(snapshot) if raw_first else select_producer(snapshot)  # type: ignore[assignment]
+        prod = LazyProducer(snapshot) if raw_first else select_producer(snapshot)
 
     # R-WR-1, R-ID-1: fresh per dump. Fixed values only for golden test images (tests/testdata/dumps).
     if dump_id is None:
@@ -583,7 +589,7 @@ def write_dump(
     info = {
         "plan": plan,
         "layers": [s.name for s in specs],
-        "producer": producer.name,
+        "producer": prod.name,
         "writer": VERSION,
         "snapshot": {
             "bytes": snapshot.total_bytes,
@@ -594,7 +600,7 @@ def write_dump(
         },
     }
     layers = [LayerResult(s.index, s.name) for s in specs]
-    res = WriteResult(dump_id.hex(), plan, producer.name, layers, snapshot_bytes=snapshot.total_bytes)
+    res = WriteResult(dump_id.hex(), plan, prod.name, layers, snapshot_bytes=snapshot.total_bytes)
     pages_total = snapshot.total_pages
 
     def emit(kind: str, layer: LayerResult | None = None, message: str = "") -> None:
@@ -626,15 +632,15 @@ def write_dump(
                 except MediaError as e:
                     res.failed_writes += 1
                     emit("write-error", None, f"header copy {copy}: {e}")
-            for spec, content in iter_layers(snapshot, specs, producer):
+            for spec, content in iter_layers(snapshot, specs, prod):
                 lay = layers[spec.index]
                 if past_deadline():
                     raise _Stop("deadline")
                 lay.started = True
                 emit("layer-start", lay)
                 pend = _write_layer(
-                    log, spec, content, lay, specs, producer, snapshot, written, pool, nthreads, past_deadline,
-                    pages_done, lambda lay=lay: emit("pages", lay),
+                    log, spec, content, lay, specs, prod, snapshot, written, pool, nthreads, past_deadline,
+                    pages_done, functools.partial(emit, "pages", lay),
                 )  # fmt: skip
                 for h in lay.holes:
                     emit(
@@ -662,7 +668,11 @@ def write_dump(
             res.error = str(e)
         # END record (R-WR-2/3): best effort; a failure here loses nothing committed.
         try:
-            end_info = {"reason": res.stopped, "committed": sorted(committed), "error": res.error[:512]}
+            end_info: dict[str, object] = {
+                "reason": res.stopped,
+                "committed": sorted(committed),
+                "error": res.error[:512],
+            }
             if log.failures:
                 end_info["failed_writes"] = len(log.failures)
                 end_info["holes"] = [f.to_json() for f in log.failures[:16]]
@@ -689,7 +699,7 @@ def write_dump(
 
 def _write_layer(
     log: _Log, spec: LayerSpec, content: LayerContent, lay: LayerResult, specs: tuple[LayerSpec, ...],
-    producer: Producer, snapshot: Snapshot,
+    producer: ProducerLike, snapshot: Snapshot,
     written: _Written, pool: ThreadPoolExecutor, nthreads: int, past_deadline: Callable[[], bool],
     pages_done: list[int], tick: Callable[[], None],
 ) -> _PendingCommit | None:  # fmt: skip
@@ -786,8 +796,8 @@ def _write_layer(
             for ri, first, k, boff in written.take(pfn, n, CHUNK_PAGES):
                 if past_deadline():
                     raise _Stop("deadline")
-                data = snapshot.ranges[ri].buffer[boff : boff + k * PAGE_SIZE]
-                inflight.append((pool.submit(_encode_pages, first, data, k, spec.zstd_level), ri, boff))
+                view = snapshot.ranges[ri].buffer[boff : boff + k * PAGE_SIZE]
+                inflight.append((pool.submit(_encode_pages, first, view, k, spec.zstd_level), ri, boff))
                 while len(inflight) > 2 * nthreads:
                     finish_one()
         while inflight:

@@ -7,11 +7,12 @@ layer 2 needs (page classification).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
-from progdump.layers.base import Artifact, LayerContent, PageClass, PageClassMap, Producer
+from progdump.layers.base import Artifact, KernelMap, LayerContent, PageClass, PageClassMap, Producer, ProducerLike
 from progdump.layers.generic import GenericProducer, core_artifacts
 from progdump.layers.plan import (
     BULK_MARK,
@@ -144,6 +145,15 @@ class LazyProducer:
             self._p.degraded[:0] = [d for d in self._degraded if d not in self._p.degraded]
         return self._p
 
+    def panic(self) -> LayerContent:
+        return self.get().panic()
+
+    def tasks(self) -> LayerContent:
+        return self.get().tasks()
+
+    def kernel_map(self, classes: PageClassMap) -> KernelMap | None:
+        return self.get().kernel_map(classes)
+
     def page_classes(self) -> PageClassMap | None:
         """Page classes without selecting the producer when its registry entry offers them raw
         (Linux: from VMCOREINFO, no kallsyms); else, or when that fails, through the producer."""
@@ -182,7 +192,7 @@ def raw_panic_content(snapshot: Snapshot) -> tuple[LayerContent, list[str]]:
     return GenericProducer(snapshot).panic(), reasons
 
 
-def _safe(producer: Producer, what: str) -> tuple[LayerContent, list[str]]:
+def _safe(producer: ProducerLike, what: str) -> tuple[LayerContent, list[str]]:
     """Call producer.panic()/tasks(); on failure fall back to the generic producer."""
     try:
         return getattr(producer, what)(), []
@@ -193,23 +203,29 @@ def _safe(producer: Producer, what: str) -> tuple[LayerContent, list[str]]:
         return getattr(GenericProducer(producer.snapshot), what)(), [reason]
 
 
+def _chain_runs(runs: tuple[Callable[[], Iterable[tuple[int, int]]], ...]) -> Iterator[tuple[int, int]]:
+    """One layer's page runs: each part's runs in turn, each computed when the writer gets to it."""
+    return itertools.chain.from_iterable(r() for r in runs)
+
+
 def iter_layers(
-    snapshot: Snapshot, plan: str | tuple[LayerSpec, ...] = "progressive", producer: Producer | None = None
+    snapshot: Snapshot, plan: str | tuple[LayerSpec, ...] = "progressive", producer: ProducerLike | None = None
 ) -> Iterator[tuple[LayerSpec, LayerContent]]:
     """Yield ``(spec, content)`` per layer of ``plan``, computing each on demand."""
     specs = get_plan(plan) if isinstance(plan, str) else plan
-    if producer is None:
-        producer = (
-            LazyProducer(snapshot) if specs and specs[0].parts[:1] == ("panic-raw",) else select_producer(snapshot)
-        )
+    prod: ProducerLike = (
+        producer
+        if producer is not None
+        else (LazyProducer(snapshot) if specs and specs[0].parts[:1] == ("panic-raw",) else select_producer(snapshot))
+    )
     classes: list[PageClassMap | None] = []  # computed once, lazily
 
     def page_classes() -> PageClassMap | None:
         if not classes:
             try:
-                classes.append(producer.page_classes())
+                classes.append(prod.page_classes())
             except Exception as e:
-                producer.degraded.append(f"{producer.name} page classification failed: {type(e).__name__}: {e}")
+                prod.degraded.append(f"{prod.name} page classification failed: {type(e).__name__}: {e}")
                 classes.append(None)
         return classes[0]
 
@@ -222,9 +238,9 @@ def iter_layers(
             kmap = None
             if pcm is not None:
                 try:
-                    kmap = producer.kernel_map(pcm)
+                    kmap = prod.kernel_map(pcm)
                 except Exception as e:
-                    producer.degraded.append(f"{producer.name} kernel map failed: {type(e).__name__}: {e}")
+                    prod.degraded.append(f"{prod.name} kernel map failed: {type(e).__name__}: {e}")
             if pcm is None or kmap is None:
                 splits[rule] = (None, [])
             else:
@@ -232,7 +248,7 @@ def iter_layers(
                     splits[rule] = split_kernel(kmap, pcm, rule)
                     splits[rule][1][:0] = kmap.notes
                 except Exception as e:  # noqa: BLE001 - a bad map degrades to the plain kernel part
-                    producer.degraded.append(f"kernel split failed: {type(e).__name__}: {e}")
+                    prod.degraded.append(f"kernel split failed: {type(e).__name__}: {e}")
                     splits[rule] = (None, [])
         return splits[rule]
 
@@ -241,14 +257,14 @@ def iter_layers(
     for spec in specs:
         artifacts: list[Artifact] = []
         notes: list[str] = []
-        runs = []
+        runs: list[Callable[[], Iterable[tuple[int, int]]]] = []
         if first:
             artifacts += core_artifacts(snapshot)
-            notes.append(f"producer: {producer.name}")
+            notes.append(f"producer: {prod.name}")
             first = False
         for part in spec.parts:
             if part in ("panic", "tasks", "panic-raw"):
-                content, extra = raw_panic_content(snapshot) if part == "panic-raw" else _safe(producer, part)
+                content, extra = raw_panic_content(snapshot) if part == "panic-raw" else _safe(prod, part)
                 artifacts += content.artifacts
                 notes += content.notes + extra
                 runs.append(content.page_runs)
@@ -258,41 +274,37 @@ def iter_layers(
                 pcm = page_classes()
                 split, snotes = kernel_split(spec.bulk or DEFAULT_BULK)
                 if pcm is None:
-                    notes.append(
-                        f"{part}: no page classification ({producer.name} producer); pages go to the last layer"
-                    )
+                    notes.append(f"{part}: no page classification ({prod.name} producer); pages go to the last layer")
                 elif split is None:
                     if part == "kstruct":
-                        notes.append(f"kstruct: no kernel map ({producer.name} producer): every kernel page")
+                        notes.append(f"kstruct: no kernel map ({prod.name} producer): every kernel page")
                         wanted = PART_PAGE_CLASSES["kernel"]
-                        runs.append(lambda pcm=pcm, wanted=wanted: pcm.runs(wanted, snapshot))
+                        runs.append(functools.partial(pcm.runs, wanted, snapshot))
                     else:
                         notes.append("bulk: no kernel map: nothing here (bulk pages are in kstruct)")
                 else:
                     if part == "kstruct":
                         notes += snotes
                         vals = frozenset({int(PageClass.KERNEL), int(PageClass.UNKNOWN)})
-                        runs.append(lambda s=split, v=vals: s.runs_of_values(v, snapshot, True))
+                        runs.append(functools.partial(split.runs_of_values, vals, snapshot, True))
                     else:
-                        runs.append(lambda s=split: s.runs_of_values(frozenset({BULK_MARK}), snapshot, False))
+                        runs.append(functools.partial(split.runs_of_values, frozenset({BULK_MARK}), snapshot, False))
             elif part in PART_PAGE_CLASSES:
                 pcm = page_classes()
                 if pcm is None:
-                    notes.append(
-                        f"{part}: no page classification ({producer.name} producer); pages go to the last layer"
-                    )
+                    notes.append(f"{part}: no page classification ({prod.name} producer); pages go to the last layer")
                 else:
                     wanted = PART_PAGE_CLASSES[part]
-                    runs.append(lambda pcm=pcm, wanted=wanted: pcm.runs(wanted, snapshot))
+                    runs.append(functools.partial(pcm.runs, wanted, snapshot))
             else:
                 raise ValueError(f"unknown layer part {part!r}")
-        for d in producer.degraded:
+        for d in prod.degraded:
             if d not in reported:
                 reported.add(d)
                 notes.append(f"degraded: {d}")
         content = LayerContent(
             artifacts=artifacts,
-            page_runs=lambda runs=tuple(runs): itertools.chain.from_iterable(r() for r in runs),
+            page_runs=functools.partial(_chain_runs, tuple(runs)),
             notes=notes,
         )
         yield spec, content

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Protocol
 
 from progdump.format import ARTIFACT_NAME_RE  # the format's rule (R-TYP-2), re-exported
 from progdump.snapshot import Snapshot
@@ -237,6 +238,30 @@ class PageClassMap:
             if hi > inside_hi and outside:
                 start = max(inside_hi, lo)
                 yield self.base_pfn + start, hi - start
+
+
+class ProducerLike(Protocol):
+    """What the writer and :func:`progdump.layers.iter_layers` ask of a producer.
+
+    A :class:`Producer`, or ``progdump.layers.LazyProducer`` standing in for
+    one until a layer needs it (a raw layer 0 needs none).
+    """
+
+    snapshot: Snapshot
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def degraded(self) -> list[str]: ...
+
+    def panic(self) -> LayerContent: ...
+
+    def tasks(self) -> LayerContent: ...
+
+    def page_classes(self) -> PageClassMap | None: ...
+
+    def kernel_map(self, classes: PageClassMap) -> KernelMap | None: ...
 
 
 class Producer(ABC):
