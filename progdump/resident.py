@@ -203,13 +203,13 @@ def main(argv: list[str] | None = None, stdin: IO[bytes] | None = None, stdout: 
         from progdump.devmodel import open_device  # noqa: PLC0415
         from progdump.layers import get_plan, preload_producers  # noqa: PLC0415
         from progdump.snapshot import SnapshotError  # noqa: PLC0415
-        from progdump.writer import WriterError, _compressor, format_durable_line, write_dump  # noqa: PLC0415
+        from progdump.writer import WriterError, compressor, format_durable_line, write_dump  # noqa: PLC0415
 
         get_plan(a.plan)
         preload_producers()
         for spec in get_plan(a.plan):  # compressor contexts of this thread (layer-info records)
             if spec.zstd_level > 0:
-                _compressor(spec.zstd_level).compress(b"warm" * 64)
+                compressor(spec.zstd_level).compress(b"warm" * 64)
         if not a.no_warm:
             _warm(a.plan)
         if not os.path.exists(a.device):

@@ -441,7 +441,8 @@ class _Written:
 _tls = threading.local()
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
+def compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor at ``level`` (a context is not thread-safe; each thread keeps its own)."""
     cache = getattr(_tls, "c", None)
     if cache is None:
         cache = _tls.c = {}
@@ -454,7 +455,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 def _compress(raw: bytes | bytearray, level: int) -> tuple[bytes | bytearray, Compression]:
     if level == 0 or len(raw) < 64:  # 0: store; negative: zstd fast levels
         return raw, Compression.NONE
-    out = _compressor(level).compress(raw)
+    out = compressor(level).compress(raw)
     if len(out) >= len(raw):
         return raw, Compression.NONE
     return out, Compression.ZSTD
@@ -522,7 +523,7 @@ def _encode_pages(pfn: int, data: memoryview, npages: int, level: int) -> _Chunk
     if level != 0:
         # one-shot: zstd's single-call path costs about 15 % less CPU than streaming the runs
         # (measured on the issue-13 mix); the join is one 1 MiB copy, in this worker thread
-        out = _compressor(level).compress(b"".join([zmap, *runs]))
+        out = compressor(level).compress(b"".join([zmap, *runs]))
         if len(out) < raw_len:
             return _Chunk(pfn, npages, False, nz, out, raw_len, Compression.ZSTD, payload_checksum(out))
     raw = b"".join([zmap, *runs])

@@ -120,7 +120,7 @@ def run_narrow(a: argparse.Namespace) -> int:
     return 0
 
 
-def _guard(fn):  # type: ignore[no-untyped-def]
+def guard_errors(fn):  # type: ignore[no-untyped-def]
     def run(a: argparse.Namespace) -> int:
         try:
             return fn(a)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     add_state_args(sub.add_parser("replay", help="replay one crash state exactly"), True)
     add_state_args(sub.add_parser("narrow", help="narrow a failing state to the write that breaks it"), False)
     a = ap.parse_args(argv)
-    return _guard({"info": run_info, "replay": run_replay, "narrow": run_narrow}[a.cmd])(a)
+    return guard_errors({"info": run_info, "replay": run_replay, "narrow": run_narrow}[a.cmd])(a)
 
 
 if __name__ == "__main__":

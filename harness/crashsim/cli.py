@@ -12,18 +12,18 @@ from collections.abc import Callable
 
 
 def register_cli(register: Callable[..., None]) -> None:
-    from harness.crashsim.__main__ import _guard, add_state_args, run_info, run_narrow, run_replay
+    from harness.crashsim.__main__ import add_state_args, guard_errors, run_info, run_narrow, run_replay
 
     register(
         "replay",
         "replay one crash state of a write trace exactly (trace, t, kind, seed)",
         lambda p: add_state_args(p, True),
-        _guard(run_replay),
+        guard_errors(run_replay),
     )
     register(
         "narrow",
         "narrow a failing crash state to the write that breaks it",
         lambda p: add_state_args(p, False),
-        _guard(run_narrow),
+        guard_errors(run_narrow),
     )
-    register("trace-info", "summarise a write trace", lambda p: p.add_argument("trace"), _guard(run_info))
+    register("trace-info", "summarise a write trace", lambda p: p.add_argument("trace"), guard_errors(run_info))

@@ -117,7 +117,7 @@ class LinuxProducer(Producer):
         text = format_records(records)
         # panic message: the kernel's own line in the log, else the console
         msg, src = None, None
-        start = _panic_record(records)
+        start = panic_record_index(records)
         if start is not None:
             msg = records[start].text[len(PANIC_PREFIX) :].decode("utf-8", "replace").strip()
             src = "the kernel log"
@@ -231,15 +231,15 @@ class LinuxProducer(Producer):
         # log and console
         d["log_records"] = len(records)
         d["log_bytes"] = len(text.encode())
-        d["log_tail"] = _tail(text, LOG_TAIL_BYTES)
-        d["console_tail"] = _tail(
+        d["log_tail"] = tail_utf8(text, LOG_TAIL_BYTES)
+        d["console_tail"] = tail_utf8(
             self.snapshot.console_tail[-CONSOLE_TAIL_MAX:].decode("utf-8", "replace"), CONSOLE_IN_PANIC_TXT
         )
         d["log_notes"] = lnotes
         panic_txt = render_panic(d).encode()
         dj = dict(d)
-        dj["log_tail"] = _tail(text, JSON_LOG_TAIL_BYTES)
-        dj["console_tail"] = _tail(d["console_tail"], CONSOLE_IN_PANIC_JSON)
+        dj["log_tail"] = tail_utf8(text, JSON_LOG_TAIL_BYTES)
+        dj["console_tail"] = tail_utf8(d["console_tail"], CONSOLE_IN_PANIC_JSON)
         panic_json = json.dumps(dj, indent=1).encode()
         dmesg = text.encode()
         core = sum(len(a.data) for a in core_artifacts(self.snapshot))  # the plan adds these to layer 0
@@ -265,7 +265,7 @@ class LinuxProducer(Producer):
         came first), the last report before it, from its header line
         (``BUG:``, ``Oops:``, ``general protection fault`` ...) on.
         """
-        start = _panic_record(records)
+        start = panic_record_index(records)
         if start is None:
             return []
         after = [r.text.decode("utf-8", "replace").rstrip() for r in records[start : start + MAX_CALL_TRACE_LINES]]
@@ -387,7 +387,7 @@ class LinuxProducer(Producer):
         return km
 
 
-def _panic_record(records: list[LogRecord]) -> int | None:
+def panic_record_index(records: list[LogRecord]) -> int | None:
     """Index of the last record that is panic()'s own line."""
     for i in range(len(records) - 1, -1, -1):
         if records[i].text.startswith(PANIC_PREFIX):
@@ -395,7 +395,7 @@ def _panic_record(records: list[LogRecord]) -> int | None:
     return None
 
 
-def _tail(text: str, nbytes: int) -> str:
+def tail_utf8(text: str, nbytes: int) -> str:
     """The last whole lines of ``text`` within ``nbytes`` bytes."""
     b = text.encode()
     if len(b) <= nbytes:

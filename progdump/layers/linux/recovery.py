@@ -14,7 +14,7 @@ memory (guest memory is untrusted); returns what it could render and notes.
 from __future__ import annotations
 
 from progdump.layers.generic import CONSOLE_TAIL_MAX, find_panic_message
-from progdump.layers.linux import LOG_TAIL_BYTES, PANIC_PREFIX, LinuxProducer, _panic_record, _tail
+from progdump.layers.linux import LOG_TAIL_BYTES, PANIC_PREFIX, LinuxProducer, panic_record_index, tail_utf8
 from progdump.layers.linux.printk import PrintkError, format_records, read_log
 from progdump.layers.linux.rawpanic import RawPanicError, minimal_memory
 from progdump.layers.linux.render import render_panic
@@ -40,7 +40,7 @@ def render_from_pages(snapshot: Snapshot) -> tuple[dict[str, bytes], list[str]]:
     if records:
         out["dmesg.txt"] = text.encode()
     msg, src = None, None
-    start = _panic_record(records)
+    start = panic_record_index(records)
     if start is not None:
         msg, src = records[start].text[len(PANIC_PREFIX) :].decode("utf-8", "replace").strip(), "the kernel log"
     if msg is None:
@@ -65,8 +65,8 @@ def render_from_pages(snapshot: Snapshot) -> tuple[dict[str, bytes], list[str]]:
                   "regs": {k: f"{v:#x}" for k, v in c.regs.items()}} for c in snapshot.cpus],
         "backtrace": {"log": LinuxProducer._log_call_trace(records), "orc": {"end": "needs ORC tables (a later layer)"},
                       "scan": {"end": "needs kallsyms (a later layer)"}},
-        "log_records": len(records), "log_bytes": len(text.encode()), "log_tail": _tail(text, LOG_TAIL_BYTES),
-        "console_tail": _tail(snapshot.console_tail[-CONSOLE_TAIL_MAX:].decode("utf-8", "replace"), CONSOLE_IN_PANIC_TXT),
+        "log_records": len(records), "log_bytes": len(text.encode()), "log_tail": tail_utf8(text, LOG_TAIL_BYTES),
+        "console_tail": tail_utf8(snapshot.console_tail[-CONSOLE_TAIL_MAX:].decode("utf-8", "replace"), CONSOLE_IN_PANIC_TXT),
     }  # fmt: skip
     out["panic.txt"] = render_panic(d).encode()
     return out, notes
