@@ -106,6 +106,33 @@ def percentiles(values: Iterable[float]) -> dict[str, float | None]:
     return {"p50": round(rank(0.50), 3), "p95": round(rank(0.95), 3), "max": round(v[-1], 3), "n": len(v)}
 
 
+def _counts(rs: list[Row]) -> dict[str, object]:
+    """Trial counts, false accepts, committed layers lost and agreement over ``rs``."""
+    real = [r for r in rs if r.source == "real"]
+    return {
+        "real_trials": len(real),
+        "replayed_states": sum(1 for r in rs if r.source == "replay"),
+        "false_accepts": sum(r.false_accept for r in rs),
+        "committed_layers_lost": sum(r.committed_lost for r in rs),
+        "agreement": {
+            "agree": sum(1 for r in real if r.agreement == "agree"),
+            "disagree": sum(1 for r in real if r.agreement == "disagree"),
+        },
+    }
+
+
+def _merge_models(
+    src: dict[str, dict[str, dict[str, list[float]]]], models: list[str]
+) -> dict[str, dict[str, list[float]]]:
+    """``src[model][plan][layer]`` times pooled over ``models``: ``[plan][layer]``."""
+    merged: dict[str, dict[str, list[float]]] = {}
+    for m in models:
+        for plan, d in src.get(m, {}).items():
+            for k, v in d.items():
+                merged.setdefault(plan, {}).setdefault(k, []).extend(v)
+    return merged
+
+
 def summarize(
     rows: list[Row],
     *,
@@ -146,30 +173,17 @@ def summarize(
     models = sorted({r.device_model for r in rows} | set(durable_ms))
     first = next(iter(plans), None)
 
-    def counts(rs: list[Row]) -> dict[str, object]:
-        real = [r for r in rs if r.source == "real"]
-        return {
-            "real_trials": len(real),
-            "replayed_states": sum(1 for r in rs if r.source == "replay"),
-            "false_accepts": sum(r.false_accept for r in rs),
-            "committed_layers_lost": sum(r.committed_lost for r in rs),
-            "agreement": {
-                "agree": sum(1 for r in real if r.agreement == "agree"),
-                "disagree": sum(1 for r in real if r.agreement == "disagree"),
-            },
-        }
-
     def block(
         rs: list[Row],
         dur: dict[str, dict[str, list[float]]],
         aft: dict[str, dict[str, list[float]]],
         ev: dict[str, list[float]],
     ) -> dict[str, object]:
-        out = counts(rs)
+        out = _counts(rs)
         by_plan: dict[str, object] = {}
         for plan, names in plans.items():
             d, a = dur.get(plan, {}), aft.get(plan, {})
-            pb = counts([r for r in rs if r.plan == plan])
+            pb = _counts([r for r in rs if r.plan == plan])
             pb["layers"] = [
                 {
                     "index": i,
@@ -186,14 +200,6 @@ def summarize(
         out["layer_durable_after_event_ms"] = {n: percentiles(ev.get(n, [])) for n in ev_names if ev}
         return out
 
-    def merge(src: dict[str, dict[str, dict[str, list[float]]]]) -> dict[str, dict[str, list[float]]]:
-        merged: dict[str, dict[str, list[float]]] = {}
-        for m in models:
-            for plan, d in src.get(m, {}).items():
-                for k, v in d.items():
-                    merged.setdefault(plan, {}).setdefault(k, []).extend(v)
-        return merged
-
     ev_all: dict[str, list[float]] = {}
     for m in sorted(evm):
         for k, v in evm[m].items():
@@ -203,7 +209,7 @@ def summarize(
         for m in models
     }
     top: dict[str, object] = {"scenario": scenario, "guest": guest, "device_model": ",".join(models)}
-    top.update(block(rows, merge(durable_ms), merge(cli), ev_all))
+    top.update(block(rows, _merge_models(durable_ms, models), _merge_models(cli, models), ev_all))
     top["layer_durable_after_event_plan"] = event_plan[0] if event_plan and evm else None
     top["plan_names"] = list(plans)
     top["device_models"] = models
