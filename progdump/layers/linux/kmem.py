@@ -30,7 +30,8 @@ comes from the frozen guest and what it publishes, no debug info:
 * ``mem_map``: the physical pages behind ``vmemmap`` for present pfns.
 * per-CPU: the first chunk, ``pcpu_base_addr`` for ``pcpu_nr_units *
   pcpu_unit_size`` bytes (later chunks are vmalloc areas, owner
-  ``pcpu_*``).
+  ``pcpu_*``), marked after stacks and vmalloc areas: each unit's unused
+  tail goes back to the page allocator, and stacks land there.
 
 Work is vectorised (numpy over raw ``struct page`` bytes and over each
 area's page array); every list walk is bounded and a broken piece becomes a
@@ -202,16 +203,6 @@ def build_kernel_map(
         cache_ids[sel[slab_head]] = cache_ids[hi[slab_head]]
     if unknown_cache:
         notes.append(f"{unknown_cache} slab pages point at no listed kmem_cache: cache unknown")
-    # -- per-CPU areas ----------------------------------------------------------------------
-    try:
-        base = k.mem.u64(_sym(k, "pcpu_base_addr"))
-        unit = k.mem.s32(_sym(k, "pcpu_unit_size"))
-        units = k.mem.s32(_sym(k, "pcpu_nr_units"))
-        if not (0 < unit and 0 < units and unit * units <= PERCPU_MAX):
-            raise ValueError(f"per-CPU first chunk {units} x {unit} bytes")
-        _mark_va(np, k, kinds, base_pfn, base, unit * units, KernelKind.PERCPU)
-    except (FaultError, ValueError) as e:
-        notes.append(f"per-CPU areas unknown: {e}")
     t2 = time.perf_counter()
     # -- task stacks, modules, vmalloc areas --------------------------------------------------
     stack_n = 0
@@ -225,6 +216,19 @@ def build_kernel_map(
         owners = _vmalloc(np, k, kinds, base_pfn, vmemmap, pf.size, notes)
     except (BtfError, FaultError, ValueError) as e:
         notes.append(f"vmalloc areas unknown: {e}")
+    # -- per-CPU areas, after stacks and vmalloc areas ----------------------------------------
+    # The embedding allocator gives each unit's unused tail back to the page allocator
+    # (mm/percpu.c, pcpu_embed_first_chunk), so kernel stacks and vmalloc pages can sit inside
+    # the first chunk's span; marking it first called those stacks per-CPU memory.
+    try:
+        base = k.mem.u64(_sym(k, "pcpu_base_addr"))
+        unit = k.mem.s32(_sym(k, "pcpu_unit_size"))
+        units = k.mem.s32(_sym(k, "pcpu_nr_units"))
+        if not (0 < unit and 0 < units and unit * units <= PERCPU_MAX):
+            raise ValueError(f"per-CPU first chunk {units} x {unit} bytes")
+        _mark_va(np, k, kinds, base_pfn, base, unit * units, KernelKind.PERCPU)
+    except (FaultError, ValueError) as e:
+        notes.append(f"per-CPU areas unknown: {e}")
     # the kernel image last, section by section: its freed parts (init, alignment gaps) are
     # reused by the page allocator, and what reuses them was marked above
     image_n = 0
