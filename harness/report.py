@@ -518,7 +518,8 @@ def write_report_md(
         f"{summary['agreement']['agree']} agree, {summary['agreement']['disagree']} disagree",  # type: ignore[index]
         "- durable times are ms from the writer opening the device to the flush that made the layer's commit durable;"
         " `cli-ev` is the same moment counted from the panic event (QEMU's GUEST_PANICKED timestamp): it includes"
-        " the snapshot's ELF save and the `progdump write` process start",
+        " the snapshot's ELF save and the `progdump write` process start (first plan only: the scenario's other"
+        " plans dump the same panic after it)",
         "- from the panic event: dumps by a writer armed before the panic (`progdump.resident`), handed the guest's"
         " shared RAM and registers when the controller received GUEST_PANICKED; ms from that reception"
         " (host CLOCK_MONOTONIC) to the completion of the flush that made the layer's commit durable",
