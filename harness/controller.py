@@ -31,12 +31,21 @@ from harness.qemu.accel import PROBE_SECONDS, choose_accel
 from harness.qemu.argv import DiskSpec, MachineConfig
 from harness.qemu.capture import capture_state, read_layout, read_notes, read_registers
 from harness.qemu.cmdchan import CommandResult
-from harness.qemu.console import first_match
+from harness.qemu.console import Pattern, first_match
 from harness.qemu.machine import Machine, RunDir
 from harness.timeouts import Timeouts, timeouts_for
 from progdump.snapshot import Snapshot
 
-__all__ = ["GuestSession", "BootResult", "PanicResult", "CommandResult", "Handoff", "probe_kvm"]
+__all__ = [
+    "GuestSession",
+    "BootResult",
+    "PanicResult",
+    "CommandResult",
+    "Handoff",
+    "probe_kvm",
+    "event_time_ns",
+    "stop_after_panic",
+]
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -64,6 +73,47 @@ class PanicResult:
     event_rx_ns: int = 0  # the same instant on CLOCK_REALTIME (event_rx_ns - event_ns: QMP delivery)
     #: at_event panics: ms from reception to the stop returning, the registers read, the go line handed over
     handoff_ms: dict[str, float] = field(default_factory=dict)
+
+
+def event_time_ns(ev: dict[str, Any], fallback_ns: int) -> int:
+    """QEMU's own timestamp of a QMP event (CLOCK_REALTIME ns); ``fallback_ns`` when it has none."""
+    ts = ev.get("timestamp") or {}
+    try:
+        return int(ts["seconds"]) * 1_000_000_000 + int(ts["microseconds"]) * 1000
+    except (KeyError, TypeError, ValueError):
+        return fallback_ns
+
+
+async def stop_after_panic(
+    m: Machine, trigger: str, trigger_ns: int, event_ns: int, t0: float, t_ev: float, cursor: int,
+    start_pat: Pattern, end_pat: Pattern, console_timeout: float, rx_mono_ns: int = 0, rx_ns: int = 0,
+) -> PanicResult:  # fmt: skip
+    """After GUEST_PANICKED: let the console print the panic's last line (bounded), stop the VM, report.
+
+    Shared by every way a panic is induced (the controller's triggers, a scenario setup's stall),
+    so each measures the same instants: ``t0`` trigger sent, ``t_ev`` event received (monotonic s).
+    """
+    complete = True
+    try:
+        await m.console.wait_for([end_pat], since=cursor, timeout=console_timeout)
+    except (TimeoutError, EOFError):
+        complete = False
+    await m.stop()
+    t_stop = time.monotonic()
+    hit = first_match(m.console.buffer.lines_since(cursor), [start_pat])
+    status = await m.status()
+    return PanicResult(
+        trigger=trigger,
+        trigger_ns=trigger_ns,
+        event_ns=event_ns,
+        event_latency_ms=(t_ev - t0) * 1000,
+        stop_ms=(t_stop - t_ev) * 1000,
+        panic_string=hit.group(1) if hit else "",
+        console_complete=complete,
+        status=status,
+        event_rx_monotonic_ns=rx_mono_ns,
+        event_rx_ns=rx_ns,
+    )
 
 
 @dataclass(frozen=True)
@@ -506,11 +556,7 @@ class GuestSession:
         rx_mono_ns = time.monotonic_ns()
         rx_ns = time.time_ns()
         t_ev = rx_mono_ns / 1e9
-        ts = ev.get("timestamp") or {}
-        try:
-            event_ns = int(ts["seconds"]) * 1_000_000_000 + int(ts["microseconds"]) * 1000
-        except (KeyError, TypeError, ValueError):
-            event_ns = rx_ns
+        event_ns = event_time_ns(ev, rx_ns)
         if at_event is not None:
             assert handoff is not None
             try:
@@ -520,27 +566,10 @@ class GuestSession:
                 )  # fmt: skip
             finally:
                 await m.execute("set-action", {"panic": m.config.panic_action})
-        complete = True
-        try:
-            await m.console.wait_for([end_pat], since=cursor, timeout=self.t.panic_console)
-        except (TimeoutError, EOFError):
-            complete = False
-        await m.stop()
-        t_stop = time.monotonic()
-        hit = first_match(m.console.buffer.lines_since(cursor), [start_pat])
-        status = await m.status()
-        return PanicResult(
-            trigger=trigger,
-            trigger_ns=trigger_ns,
-            event_ns=event_ns,
-            event_latency_ms=(t_ev - t0) * 1000,
-            stop_ms=(t_stop - t_ev) * 1000,
-            panic_string=hit.group(1) if hit else "",
-            console_complete=complete,
-            status=status,
-            event_rx_monotonic_ns=rx_mono_ns,
-            event_rx_ns=rx_ns,
-        )
+        return await stop_after_panic(
+            m, trigger, trigger_ns, event_ns, t0, t_ev, cursor, start_pat, end_pat, self.t.panic_console,
+            rx_mono_ns, rx_ns,
+        )  # fmt: skip
 
     async def _hand_over(
         self,

@@ -186,8 +186,7 @@ class IscsiSetup(ScenarioSetup):
         return self._stall_panic(session)
 
     def _stall_panic(self, session: Any) -> Any:
-        from harness.controller import PanicResult
-        from harness.qemu.console import first_match
+        from harness.controller import PanicResult, event_time_ns, stop_after_panic
 
         assert self.target is not None
         self._run(
@@ -216,28 +215,9 @@ class IscsiSetup(ScenarioSetup):
                 finally:
                     t_ev = time.monotonic()
             self.target.resume()  # before `stop`: QEMU drains in-flight I/O
-            ts = ev.get("timestamp") or {}
-            try:
-                event_ns = int(ts["seconds"]) * 1_000_000_000 + int(ts["microseconds"]) * 1000
-            except (KeyError, TypeError, ValueError):
-                event_ns = time.time_ns()
-            complete = True
-            try:
-                await m.console.wait_for([end_pat], since=cursor, timeout=session.t.panic_console)
-            except (TimeoutError, EOFError):
-                complete = False
-            await m.stop()
-            t_stop = time.monotonic()
-            hit = first_match(m.console.buffer.lines_since(cursor), [start_pat])
-            return PanicResult(
-                trigger="stall",
-                trigger_ns=trigger_ns,
-                event_ns=event_ns,
-                event_latency_ms=(t_ev - t0) * 1000,
-                stop_ms=(t_stop - t_ev) * 1000,
-                panic_string=hit.group(1) if hit else "",
-                console_complete=complete,
-                status=await m.status(),
+            event_ns = event_time_ns(ev, time.time_ns())
+            return await stop_after_panic(
+                m, "stall", trigger_ns, event_ns, t0, t_ev, cursor, start_pat, end_pat, session.t.panic_console
             )
 
         try:
