@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -317,6 +318,31 @@ def cmd_list() -> int:
     return 0
 
 
+def precheck_setup(sc: Any, guest_triggers: tuple[str, ...] | list[str]) -> None:
+    """Refuse in one line, before a results directory or a work directory exists.
+
+    The trigger may be the guest's own or one the scenario's setup performs
+    itself (iscsi's ``stall``); the setup's parameters are validated and its
+    ``check()`` (missing tools, guest-image pieces) runs here, so a missing
+    piece never leaves an empty ``latest`` behind. The runner checks again.
+    """
+    from harness.errors import HarnessError
+    from harness.setups import get_setup
+
+    triggers = tuple(guest_triggers)
+    if sc.setup:
+        try:
+            setup_cls = get_setup(sc.setup)
+            triggers += setup_cls.triggers
+            with tempfile.TemporaryDirectory(prefix="pdcheck-") as tmp:
+                setup_cls(sc, Path(tmp) / "setup", sc.setup_params, log=lambda _line: None).check()
+        except HarnessError as e:
+            raise ScenarioError(f"{sc.name} (setup {sc.setup}): {e}") from None
+    if sc.trigger not in triggers:
+        whose = f"guest {sc.guest}'s" + (f" or setup {sc.setup}'s" if sc.setup else "")
+        raise ScenarioError(f"{sc.name}: trigger {sc.trigger!r} is not one of {whose} ({', '.join(triggers)})")
+
+
 def cmd_run(name: str, results_root: str | None = None) -> tuple[int, dict | None]:
     sc = find_scenario(name).with_env()
     from harness.errors import HarnessError
@@ -327,10 +353,7 @@ def cmd_run(name: str, results_root: str | None = None) -> tuple[int, dict | Non
         prof.check_image()
     except HarnessError as e:
         raise ScenarioError(f"{sc.name} (guest {sc.guest}): {e}") from None
-    if sc.trigger not in prof.triggers:
-        raise ScenarioError(
-            f"{sc.name}: trigger {sc.trigger!r} is not one of guest {sc.guest}'s ({', '.join(prof.triggers)})"
-        )
+    precheck_setup(sc, prof.triggers)
     from harness.trials import run_scenario
 
     root = results_root or os.environ.get("RESULTS") or str(ROOT / "results")

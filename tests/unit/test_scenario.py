@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from harness.scenario import ScenarioError, compare, list_scenarios, load_scenario, main
@@ -188,3 +190,58 @@ def test_compare_fails_when_an_event_dumps_layer_0_alone_missed_the_console():
     assert not ok and any("layer 0 alone" in ln and "FAIL" in ln for ln in lines)
     assert not compare(ev(0, checked=0), _summary())[0]  # nothing checked proves nothing
     assert not compare(ev(10, full="complete/partial", rec=1), _summary())[0]
+
+
+def test_every_shipped_scenarios_trigger_is_its_guests_or_its_setups(monkeypatch):
+    """iscsi-hang's ``stall`` is performed by its setup, not the guest profile.
+
+    The setups' own ``check()`` (root, tgtd, the guest image's pieces) is
+    replaced by a no-op here: this test is about which triggers are accepted,
+    and runs without the host tools; the VM tests exercise the real check.
+    """
+    from harness.guests import get_profile
+    from harness.scenario import precheck_setup
+    from harness.setups import get_setup
+
+    for s in list_scenarios():
+        if s.setup:
+            monkeypatch.setattr(get_setup(s.setup), "check", lambda self: None)
+        precheck_setup(s, get_profile(s.guest).triggers)  # raises on a refused trigger
+    hang = load_scenario("scenarios/iscsi-hang.toml")
+    assert hang.trigger == "stall" and "stall" not in get_profile("linux").triggers
+    with pytest.raises(ScenarioError, match=r"trigger 'stall' is not one of guest linux's \("):
+        precheck_setup(dataclasses.replace(load_scenario("scenarios/sysrq-panic.toml"), trigger="stall"), ("sysrq",))
+
+
+def test_a_missing_setup_piece_stops_the_run_before_anything_is_made(tmp_path, monkeypatch, capsys):
+    """A setup whose check() names a missing tool stops ``run`` in one line: no results dir,
+    no work dir, the runner never called. The setup is a test-only class (registry plumbing)."""
+    import harness.scenario as scenario_mod
+    import harness.trials as trials_mod
+    from harness.errors import MissingTool
+    from harness.setups import ScenarioSetup, register_setup
+
+    started = []
+
+    @register_setup("unit-test-missing")
+    class _Missing(ScenarioSetup):
+        def check(self) -> None:
+            raise MissingTool("tgtd not found (Debian package tgt)")
+
+        def start(self):  # pragma: no cover - must never run
+            started.append(1)
+            raise AssertionError("start() after a failed check")
+
+    (tmp_path / "scen").mkdir()
+    (tmp_path / "scen" / "needs-tgt.toml").write_text(
+        'guest="linux"\nmemory_mib=256\ntrigger="sysrq"\ndevice_models=["hdd"]\nsetup="unit-test-missing"\n'
+        '[workload]\ncommands=["true"]\n'
+    )
+    monkeypatch.setattr(scenario_mod, "find_scenario", lambda name: load_scenario(tmp_path / "scen" / f"{name}.toml"))
+    monkeypatch.setattr(trials_mod, "run_scenario", lambda *a, **k: started.append(2) or {})
+    monkeypatch.setenv("RESULTS", str(tmp_path / "results"))
+    rc = main(["run", "needs-tgt"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and not started
+    assert len(err) == 1 and "tgtd not found (Debian package tgt)" in err[0], err
+    assert not (tmp_path / "results").exists()
