@@ -33,6 +33,7 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 from harness.errors import GuestFailure, HarnessError
 from harness.paths import repo_root
