@@ -55,7 +55,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="capture: write the snapshot as an ELF core here")
     ap.add_argument("--markers", type=Path, help="write the guest's ground-truth markers (JSON) here")
     ap.add_argument("--dump-disk", type=Path, help="raw image attached as the guest's dump disk")
-    ap.add_argument("--workdir", type=Path, help="logs (console.log, qemu.log); default /tmp/progdump-<pid>")
+    ap.add_argument(
+        "--workdir", type=Path, help="logs (console.log, qemu.log); default a private new directory (mkdtemp)"
+    )
     ap.add_argument(
         "--knob", action="append", default=[], metavar="K=V", help="guest setting, e.g. panic_print=0x1 (repeatable)"
     )

@@ -118,7 +118,9 @@ class FileDevice(DumpDevice):
         self.is_block = _stat.S_ISBLK(st.st_mode)
         self.direct = False
         self._fd = -1
-        flags = _os.O_RDWR | getattr(_os, "O_CLOEXEC", 0)
+        # O_NONBLOCK: a FIFO swapped in after the stat above must not block the open;
+        # what was opened is checked again below with fstat.
+        flags = _os.O_RDWR | getattr(_os, "O_CLOEXEC", 0) | getattr(_os, "O_NONBLOCK", 0)
         if direct and hasattr(_os, "O_DIRECT"):
             try:
                 self._fd = _os.open(self.path, flags | _os.O_DIRECT)
@@ -132,6 +134,18 @@ class FileDevice(DumpDevice):
             except OSError as e:
                 raise DeviceError(f"{self.path}: {e.strerror or e}") from None
         try:
+            st = _os.fstat(self._fd)
+        except OSError as e:
+            _os.close(self._fd)
+            raise DeviceError(f"{self.path}: {e.strerror or e}") from None
+        if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISBLK(st.st_mode)):
+            _os.close(self._fd)
+            raise DeviceError(f"{self.path}: not a regular file or block device (replaced while opening)")
+        try:
+            if hasattr(_os, "O_NONBLOCK"):
+                import fcntl
+
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_os.O_NONBLOCK)
             self.size = _os.lseek(self._fd, 0, _os.SEEK_END)
             self.sector_size = 512
             if self.is_block:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import MissingTool, SetupError
-from harness.qemu.machine import set_pdeathsig
+from harness.qemu.machine import open_log, set_pdeathsig
 
 __all__ = [
     "TGT_IPC_DIR",
@@ -245,7 +245,7 @@ class Target:
         for _ in range(5):  # a port taken between the check and tgtd's bind: try another
             self.control_port = free_control_port(rng)
             self.port = free_port(rng)
-            logf = open(self.workdir / "tgtd.log", "ab")
+            logf = open_log(self.workdir / "tgtd.log")  # never through a planted link
             try:
                 self.proc = subprocess.Popen(
                     tgtd_argv(self.control_port, PORTALS[0], self.port),

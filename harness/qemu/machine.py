@@ -98,7 +98,7 @@ class RunDir:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _open_log(path: Path) -> Any:
+def open_log(path: Path) -> Any:
     """Open a log for appending, never through a symbolic link (O_NOFOLLOW) and private (0600).
 
     Why: logs live in a work directory; a link planted there must not make
@@ -147,8 +147,8 @@ class Machine:
     async def launch(self) -> None:
         """Start QEMU (paused, -S), connect QMP, console and command channel."""
         try:
-            self._qemu_log_file = _open_log(self.qemu_log_path)
-            self._console_file = _open_log(self.console_log_path)
+            self._qemu_log_file = open_log(self.qemu_log_path)
+            self._console_file = open_log(self.console_log_path)
             self.log(f"launch: {self.config.accel}, {self.config.mem_mib} MiB, {self.config.smp} vCPU")
             self.proc = subprocess.Popen(
                 self.argv,

@@ -338,10 +338,10 @@ def test_truncated_at_every_length_never_tracebacks(tmp):
     path = tmp / "t.elf"
     for n in list(range(0, 700)) + list(range(700, len(good), 97)):
         path.write_bytes(good[:n])
-        try:
+        # every cut loses part of the header, the program headers or the last
+        # segment's bytes: each must be refused as a SnapshotError, nothing else
+        with pytest.raises(SnapshotError):
             load_elf_snapshot(path).close()
-        except SnapshotError:
-            pass
 
 
 def test_random_header_corruption_never_tracebacks(tmp):

@@ -306,3 +306,41 @@ def test_R_TYP_6_R_EXP_3_end_layer_and_layer_files(tmp_path, dumped):
     m = json.loads((out / "manifest.json").read_text())
     for lay in m["layers"]:
         assert json.loads((out / "layers" / f"{lay['index']}.json").read_text()) == lay
+
+
+def test_a_fifo_swapped_in_after_the_writers_stat_neither_blocks_nor_is_written(tmp_path, monkeypatch):
+    """The race the writer's first check cannot see: the path passes ``stat`` as a
+    regular file and is a FIFO by the time it is opened. ``stat`` is faked here
+    (this test's only fake) to stand for the moment before the swap; the open
+    must not wait for a reader and must refuse what it got."""
+    import stat as stat_mod
+
+    from progdump import device as device_mod
+
+    fifo = _fifo(tmp_path)
+    real_stat = os.stat
+    as_file = os.stat_result((stat_mod.S_IFREG | 0o600,) + tuple(real_stat(fifo))[1:])
+    monkeypatch.setattr(
+        device_mod._os, "stat", lambda p, *a, **k: as_file if os.fspath(p) == str(fifo) else real_stat(p)
+    )
+    outcome: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            device_mod.FileDevice(str(fifo)).close()
+            outcome.append(None)
+        except BaseException as e:  # handed to the test's thread
+            outcome.append(e)
+
+    import threading
+
+    t = threading.Thread(target=open_it, daemon=True)
+    t.start()
+    t.join(10)
+    if not outcome:  # a blocked writer-side open waits for a reader: give it one (never blocks itself)
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        t.join(5)
+        os.close(fd)
+    assert outcome, "opening a FIFO blocked"
+    assert isinstance(outcome[0], device_mod.DeviceError), outcome
+    assert "not a regular file or block device" in str(outcome[0])

@@ -72,8 +72,16 @@ def test_close_is_idempotent(tmp_path):
     f = tmp_path / "ram.bin"
     f.write_bytes(bytes(PAGE_SIZE))
     s = Snapshot.from_file_ranges(f, [(0, 0, PAGE_SIZE)])
+
+    def mapped() -> bool:  # the kernel's own list of this process's mappings, not the snapshot's state
+        with open("/proc/self/maps") as m:
+            return any(line.rstrip().endswith(str(f)) for line in m)
+
+    assert mapped()
     s.close()
-    s.close()
+    assert not mapped()
+    s.close()  # a second close neither raises nor maps anything again
+    assert not mapped()
 
 
 def _rss_file_kib() -> int:

@@ -100,7 +100,7 @@ def test_omnios_full_cycle(tmp_path):
 
     dump = tmp_path / "dump.img"
     with open(dump, "wb") as f:
-        f.truncate(256 << 20)
+        f.truncate((2048 + 256) << 20)  # larger than guest RAM, as for Linux: a full dump must fit
     prof = OmniosGuest(run_dir=tmp_path / "run")
     with GuestSession(profile=prof, dump_disk=dump, workdir=tmp_path / "w", mem_mib=2048) as s:
         b = s.boot()
