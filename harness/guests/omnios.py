@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -191,6 +192,15 @@ class SshPin:
             self.pin_file.write_text(f"{key_type} {key_b64}\n")
             return True
         return False
+
+
+def nmi_action_from_mdb(text: str) -> str | None:
+    """The enum name ``mdb -k`` prints for ``nmi_action::print`` (``NMI_ACTION_PANIC``), or None.
+
+    Untrusted console text: only a bounded ``NMI_ACTION_[A-Z]+`` token is taken.
+    """
+    m = re.search(r"\b(NMI_ACTION_[A-Z]{1,16})\b", text[:4096])
+    return m.group(1) if m else None
 
 
 @register_profile("omnios")
@@ -395,11 +405,17 @@ class OmniosGuest(GuestProfile):
         if res.status != 0:
             raise PanicError(f"dumpadm -d none failed (status {res.status}): {res.text[-300:]}")
         if name == "nmi":
-            res = await self.run_command(machine, "cat /boot/conf.d/nmi", machine.t.command)
-            if "nmi=panic" not in res.text:
+            # The running kernel's setting, not the loader file: the seed writes
+            # /boot/conf.d/nmi on the first boot and the loader reads it on the next.
+            # mlsetup() sets nmi_action from the ``nmi`` boot property; an unset or
+            # kmdb action panics only when no debugger is loaded (apic NMI handler).
+            res = await self.run_command(machine, "echo 'nmi_action::print' | mdb -k", machine.t.command)
+            action = nmi_action_from_mdb(res.text) if res.status == 0 else None
+            if action != "NMI_ACTION_PANIC":
                 raise PanicError(
-                    "nmi trigger: /boot/conf.d/nmi does not say nmi=panic (the seed writes it on the "
-                    "first boot; it takes effect after a reboot)"
+                    f"nmi trigger: the running kernel's nmi_action is {action or 'unreadable'} "
+                    f"(mdb -k status {res.status}), not NMI_ACTION_PANIC: the seed's /boot/conf.d/nmi "
+                    "(nmi=panic) takes effect after a reboot"
                 )
 
     async def trigger(self, name: str, machine: Machine) -> None:

@@ -248,3 +248,62 @@ def test_fetch_verifies_the_published_hash(tmp_path):
     assert not dest.exists() and not list(out.glob("*.part"))
     with pytest.raises(omfetch.FetchError, match="cannot fetch"):
         omfetch.fetch("r151056", out, f"file://{tmp_path / 'media'}", log=lambda s: None)
+
+
+class _Cmds:
+    """A test-only stand-in for the SSH command runner: records each command and answers from a table."""
+
+    def __init__(self, answers: dict[str, tuple[int, str]]) -> None:
+        self.answers = answers
+        self.ran: list[str] = []
+
+    async def __call__(self, machine, cmd, timeout):
+        from harness.qemu.cmdchan import CommandResult
+
+        self.ran.append(cmd)
+        status, text = self.answers.get(cmd, (127, "not found"))
+        return CommandResult(status, text.encode(), 0.0)
+
+
+def _prepare(answers: dict[str, tuple[int, str]], trigger: str) -> tuple[list[str], BaseException | None]:
+    import asyncio
+    from types import SimpleNamespace
+
+    prof = om.OmniosGuest()
+    cmds = _Cmds(answers)
+    prof.run_command = cmds  # type: ignore[method-assign]
+    machine = SimpleNamespace(t=SimpleNamespace(command=30.0))
+    try:
+        asyncio.run(prof.prepare_trigger(trigger, machine))
+        return cmds.ran, None
+    except Exception as e:  # noqa: BLE001 - returned for the test to check
+        return cmds.ran, e
+
+
+MDB_NMI = "echo 'nmi_action::print' | mdb -k"
+
+
+def test_the_guests_own_dump_is_turned_off_before_every_trigger():
+    for trig in ("uadmin", "dtrace"):
+        ran, err = _prepare({"dumpadm -d none": (0, "")}, trig)
+        assert err is None and ran == ["dumpadm -d none"]
+    ran, err = _prepare({"dumpadm -d none": (1, "dumpadm: permission denied")}, "uadmin")
+    assert isinstance(err, om.PanicError) and "dumpadm -d none failed" in str(err) and "permission denied" in str(err)
+
+
+def test_nmi_needs_the_running_kernel_to_panic_on_nmi():
+    ok = {"dumpadm -d none": (0, ""), MDB_NMI: (0, "NMI_ACTION_PANIC\n")}
+    ran, err = _prepare(ok, "nmi")
+    assert err is None and ran == ["dumpadm -d none", MDB_NMI]
+    # first boot: the loader file is written but the kernel still has the default
+    ran, err = _prepare({"dumpadm -d none": (0, ""), MDB_NMI: (0, "NMI_ACTION_UNSET\n")}, "nmi")
+    assert isinstance(err, om.PanicError) and "NMI_ACTION_UNSET" in str(err) and "after a reboot" in str(err)
+    ran, err = _prepare({"dumpadm -d none": (0, ""), MDB_NMI: (1, "mdb: failed to open kmem")}, "nmi")
+    assert isinstance(err, om.PanicError) and "unreadable" in str(err)
+
+
+def test_nmi_action_parser_takes_only_the_enum_name():
+    assert om.nmi_action_from_mdb("NMI_ACTION_PANIC\n") == "NMI_ACTION_PANIC"
+    assert om.nmi_action_from_mdb("0t2 (NMI_ACTION_KMDB)") == "NMI_ACTION_KMDB"
+    assert om.nmi_action_from_mdb("mdb: no symbol nmi_action") is None
+    assert om.nmi_action_from_mdb("x" * 10000 + "NMI_ACTION_PANIC") is None  # bounded read
