@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -555,7 +556,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def unwind_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM (kill, a CI timeout) unwinds like Ctrl-C: the run's ExitStack stops tgtd and QEMU and
+    removes their sockets; without this the process died with only PR_SET_PDEATHSIG to clean up."""
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, unwind_on_sigterm)
     if sys.argv[1:2] in (["run"], ["regress"], ["fidelity"]):
         # run on one frozen copy of the code (harness.pin); returns here only when already pinned or PIN=none
         reexec_pinned("harness.scenario", sys.argv[1:], ROOT / ".cache" / "pinned")

@@ -245,3 +245,25 @@ def test_a_missing_setup_piece_stops_the_run_before_anything_is_made(tmp_path, m
     assert rc != 0 and not started
     assert len(err) == 1 and "tgtd not found (Debian package tgt)" in err[0], err
     assert not (tmp_path / "results").exists()
+
+
+def test_sigterm_unwinds_the_run_like_ctrl_c(tmp_path):
+    """A killed runner (kill, a CI timeout) still runs its cleanup: the handler turns SIGTERM into SystemExit."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, signal, sys, time\n"
+        "from harness.scenario import unwind_on_sigterm\n"
+        "signal.signal(signal.SIGTERM, unwind_on_sigterm)\n"
+        "with contextlib.ExitStack() as st:\n"
+        "    st.callback(lambda: print('cleaned up', flush=True))\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=30)
+    assert out.strip() == "cleaned up" and p.returncode == 128 + signal.SIGTERM
