@@ -497,3 +497,19 @@ def test_R_EXP_2_zero_memory_costs_no_vmcore_bytes(tmp_path):
     with load_elf_snapshot(vm) as v:
         assert v.total_bytes == 4096 * 4096
         assert v.read_phys(0, 4096) == bytes(4096) and v.read_phys((1 << 32) + 4096 * 100, 4096) == bytes(4096)
+
+
+def test_R_LIM_1_only_the_first_frame_counts_and_bytes_after_it_are_ignored():
+    """The rule as FORMAT.md states it, on payloads built here by hand (not by our writer)."""
+    import zstandard
+
+    from progdump.format import Compression
+
+    def h(raw_len):  # the two header fields the decoder reads
+        return type("H", (), {"compression": Compression.ZSTD, "raw_len": raw_len})()
+
+    a = zstandard.ZstdCompressor().compress(b"a" * 5000)
+    b = zstandard.ZstdCompressor().compress(b"b" * 5000)
+    assert reader._decompress(a + b"\x00garbage", h(5000)) == b"a" * 5000  # bytes after the frame: ignored
+    assert reader._decompress(a + b, h(10000)) is None  # a second frame is not read: 5000 bytes != raw
+    assert reader._decompress(a, h(4999)) is None  # more than raw: invalid
