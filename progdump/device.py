@@ -115,7 +115,6 @@ class FileDevice(DumpDevice):
             raise DeviceError(f"{self.path}: {e.strerror or e}") from None
         if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISBLK(st.st_mode)):
             raise DeviceError(f"{self.path}: not a regular file or block device")
-        self.is_block = _stat.S_ISBLK(st.st_mode)
         self.direct = False
         self._fd = -1
         # O_NONBLOCK: a FIFO swapped in after the stat above must not block the open;
@@ -141,6 +140,7 @@ class FileDevice(DumpDevice):
         if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISBLK(st.st_mode)):
             _os.close(self._fd)
             raise DeviceError(f"{self.path}: not a regular file or block device (replaced while opening)")
+        self.is_block = _stat.S_ISBLK(st.st_mode)  # of what was opened, not of the name a moment before
         try:
             if hasattr(_os, "O_NONBLOCK"):
                 import fcntl
